@@ -1,0 +1,1 @@
+//! Boot side (see the boot issue).

@@ -1,0 +1,1 @@
+//! The libp2p swarm (see the swarm issue).
