@@ -1,1 +1,111 @@
-fn main() {}
+//! `plasmd`: the Phase swarm boot daemon and command line.
+//!
+//! A thin layer over the libraries: `phase-content` (chunks, manifests,
+//! signatures), `phase-swarm` (libp2p) and `phase-boot` (cmdline, kexec,
+//! initramfs). Run as PID 1 it is the init of the boot initramfs.
+
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod fetch;
+mod init;
+mod keys;
+mod mkinitramfs;
+mod serve;
+mod swarm_serve;
+mod verify;
+
+/// Network boot as a peer-to-peer swarm.
+#[derive(Debug, Parser)]
+#[command(name = "plasmd", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a publisher key; prints the public key.
+    Keygen(keys::KeygenArgs),
+    /// Chunk and sign DIR/CHANNEL/ARCH/{kernel,initramfs[,cmdline][,dtb]} into a store.
+    Publish(keys::PublishArgs),
+    /// Publish a directory and seed it: HTTP plus the swarm.
+    Serve(serve::Args),
+    /// Check a signed manifest, and optionally artifact files against it.
+    Verify(verify::Args),
+    /// Fetch a channel/arch from the swarm, verify it and write the artifacts.
+    Fetch(fetch::Args),
+    /// Build the boot initramfs with plasmd as /init.
+    Mkinitramfs(mkinitramfs::Args),
+    /// Run the boot sequence as if PID 1 (for tests; PID 1 does this by itself).
+    #[command(hide = true)]
+    Init,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// The default state directory: `$PLASMD_STATE`, else `$XDG_STATE_HOME/plasmd`,
+/// else `~/.local/state/plasmd`.
+pub(crate) fn default_state_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PLASMD_STATE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(p).join("plasmd");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/plasmd"),
+        None => PathBuf::from("/var/lib/plasmd"),
+    }
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        // As init there is nobody to return to: init::run never exits.
+        init_tracing();
+        if let Err(e) = init::run() {
+            eprintln!("plasmd init: {e:#}");
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Keygen(a) => keys::keygen(a),
+        Command::Publish(a) => keys::publish(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Mkinitramfs(a) => mkinitramfs::run(a),
+        Command::Init => init::run(),
+        Command::Serve(a) => runtime().and_then(|rt| rt.block_on(serve::run(a))),
+        Command::Fetch(a) => runtime().and_then(|rt| rt.block_on(fetch::run(a))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plasmd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! `plasmd serve`: publish a directory, then seed it over HTTP and the swarm.
+//!
+//! HTTP is the bootstrap: the signed manifest, the seed's libp2p addresses,
+//! chunks by hash (the fallback source when no peer has one), and the raw
+//! artifacts at `/CHANNEL/ARCH/NAME` so a plain wget-based init still boots.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use phase_content::publish::{PublishOptions, publish_dir};
+use phase_content::{
+    Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
+};
+
+use crate::swarm_serve::{self, SwarmInfo, SwarmOptions};
+
+/// Requests served at once; more wait in the accept queue.
+const MAX_CONCURRENT_REQUESTS: usize = 256;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Directory holding CHANNEL/ARCH/{kernel,initramfs[,cmdline][,dtb]}.
+    #[arg(short = 'a', long)]
+    artifacts: PathBuf,
+    /// HTTP port (0 picks a free one; the banner says which).
+    #[arg(short = 'p', long, default_value_t = 8080)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Publisher key file; without it, STATE/publisher.key is created on first run and reused.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// State directory (key, chunk store, libp2p identity). Default: $PLASMD_STATE,
+    /// $XDG_STATE_HOME/plasmd or ~/.local/state/plasmd.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Chunk size in bytes for newly published manifests.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// libp2p TCP port for the swarm (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    p2p_port: u16,
+}
+
+pub(crate) struct AppState {
+    store: FsStore,
+    manifests: BTreeMap<(String, String), SignedManifest>,
+    swarm: SwarmInfo,
+}
+
+/// The host's architecture in the names manifests use.
+pub(crate) fn host_arch() -> &'static str {
+    std::env::consts::ARCH
+}
+
+fn load_key(a: &Args, state: &std::path::Path) -> anyhow::Result<SecretKey> {
+    if let Some(k) = &a.key {
+        return Ok(SecretKey::read(k)?);
+    }
+    let path = state.join("publisher.key");
+    if path.exists() {
+        return Ok(SecretKey::read(&path)?);
+    }
+    let key = SecretKey::generate();
+    key.write_new(&path)?;
+    eprintln!("plasmd serve: created publisher key {}", path.display());
+    Ok(key)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let state_dir = a.state.clone().unwrap_or_else(crate::default_state_dir);
+    // Bind first: a port in use should fail before any publishing work.
+    let addr = SocketAddr::new(a.bind, a.port);
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another server holds it; pick another with -p)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
+    })?;
+    let local = listener.local_addr()?;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let key = load_key(&a, &state_dir)?;
+    eprintln!("plasmd serve: publisher public key {}", key.public());
+
+    let store = FsStore::open(state_dir.join("store"))?;
+    let started = Instant::now();
+    let published = {
+        let (store, dir) = (store.clone(), a.artifacts.clone());
+        let opts = PublishOptions::default()
+            .with_chunk_size(a.chunk_size)
+            .with_bump_if_unchanged(false);
+        tokio::task::spawn_blocking(move || publish_dir(&key, &dir, &store, &opts))
+            .await?
+            .with_context(|| format!("publishing {}", a.artifacts.display()))?
+    };
+    let mut manifests = BTreeMap::new();
+    for p in published {
+        let m = p.manifest.manifest();
+        let bytes: u64 = m.artifacts.iter().map(|a| a.size).sum();
+        eprintln!(
+            "plasmd serve: {} {}/{} sequence {} root {} ({} bytes)",
+            if p.changed { "published" } else { "unchanged" },
+            m.channel,
+            m.arch,
+            m.sequence,
+            p.manifest.root(),
+            bytes
+        );
+        manifests.insert((m.channel.clone(), m.arch.clone()), p.manifest);
+    }
+    eprintln!(
+        "plasmd serve: publishing took {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let swarm = swarm_serve::start(
+        store.clone(),
+        manifests.values().cloned().collect(),
+        SwarmOptions {
+            port: a.p2p_port,
+            state_dir: Some(state_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .context("starting the swarm node")?;
+    for addr in &swarm.addrs {
+        eprintln!("plasmd serve: swarm listening on {addr}");
+    }
+
+    let state = Arc::new(AppState {
+        store,
+        manifests,
+        swarm,
+    });
+    eprintln!("plasmd serve: serving http://{local}");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("HTTP server")?;
+    Ok(())
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/manifest.json", get(default_manifest))
+        .route("/swarm", get(swarm_info))
+        .route("/chunks/{hash}", get(chunk))
+        .route("/{channel}/{arch}/{name}", get(artifact))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
+        .with_state(state)
+}
+
+fn not_found(what: String) -> Response {
+    (StatusCode::NOT_FOUND, format!("{what}\n")).into_response()
+}
+
+async fn index(State(s): State<Arc<AppState>>) -> String {
+    let mut out = String::from("plasmd seed\n");
+    for ((c, a), m) in &s.manifests {
+        out.push_str(&format!(
+            "/{c}/{a}/manifest.json sequence {} root {}\n",
+            m.manifest().sequence,
+            m.root()
+        ));
+        for art in &m.manifest().artifacts {
+            out.push_str(&format!("/{c}/{a}/{} {} bytes\n", art.name, art.size));
+        }
+    }
+    out
+}
+
+#[derive(serde::Deserialize)]
+struct Select {
+    channel: Option<String>,
+    arch: Option<String>,
+}
+
+fn manifest_response(s: &AppState, channel: &str, arch: &str) -> Response {
+    match s.manifests.get(&(channel.to_owned(), arch.to_owned())) {
+        Some(m) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Bytes::copy_from_slice(m.envelope()),
+        )
+            .into_response(),
+        None => not_found(format!("no manifest for {channel}/{arch}")),
+    }
+}
+
+async fn default_manifest(State(s): State<Arc<AppState>>, Query(q): Query<Select>) -> Response {
+    let channel = q.channel.as_deref().unwrap_or("stable");
+    let arch = q.arch.as_deref().unwrap_or(host_arch());
+    manifest_response(&s, channel, arch)
+}
+
+async fn swarm_info(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(s.swarm.clone()).into_response()
+}
+
+async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Response {
+    let Ok(hash) = hash.parse::<Hash>() else {
+        return (StatusCode::BAD_REQUEST, "not a chunk hash\n").into_response();
+    };
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.get(&hash)).await {
+        Ok(Ok(Some(data))) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            data,
+        )
+            .into_response(),
+        Ok(Ok(None)) => not_found(format!("no chunk {hash}")),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reading chunk");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// A byte range request, resolved against a length: `start..end` (exclusive).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RangeReq {
+    /// No usable Range header: the whole body.
+    Full,
+    /// One satisfiable range.
+    Part(u64, u64),
+    /// A range outside the body.
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header for one range; several ranges are served as the
+/// whole body, which RFC 9110 allows.
+pub(crate) fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
+    let Some(spec) = h
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return RangeReq::Full;
+    };
+    if spec.contains(',') {
+        return RangeReq::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeReq::Unsatisfiable;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.is_empty(), b.is_empty()) {
+        (true, false) => b
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| (len.saturating_sub(n), len)),
+        (false, true) => a.parse::<u64>().ok().map(|s| (s, len)),
+        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => Some((s, e.saturating_add(1).min(len))),
+            _ => None,
+        },
+        (true, true) => None,
+    };
+    match parsed {
+        Some((s, e)) if s < len && s < e => RangeReq::Part(s, e),
+        _ => RangeReq::Unsatisfiable,
+    }
+}
+
+async fn artifact(
+    State(s): State<Arc<AppState>>,
+    Path((channel, arch, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if name == "manifest.json" {
+        return manifest_response(&s, &channel, &arch);
+    }
+    let Some(m) = s.manifests.get(&(channel.clone(), arch.clone())) else {
+        return not_found(format!("no manifest for {channel}/{arch}"));
+    };
+    if name == "cmdline" {
+        return match &m.manifest().cmdline {
+            Some(c) => format!("{c}\n").into_response(),
+            None => not_found(format!("{channel}/{arch} has no cmdline")),
+        };
+    }
+    let Some(art) = m.manifest().artifact(&name) else {
+        return not_found(format!("{channel}/{arch} has no {name}"));
+    };
+    let len = art.size;
+    let (start, end, status) = match parse_range(headers.get(header::RANGE), len) {
+        RangeReq::Full => (0, len, StatusCode::OK),
+        RangeReq::Part(s, e) => (s, e, StatusCode::PARTIAL_CONTENT),
+        RangeReq::Unsatisfiable => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response();
+        }
+    };
+    let body = Body::from_stream(range_stream(s.store.clone(), art.clone(), start, end));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", art.hash)) {
+        h.insert(header::ETAG, etag);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    resp
+}
+
+/// Streams `start..end` of an artifact chunk by chunk from the store. Every
+/// chunk is verified on read; a bad one ends the stream with an error, so the
+/// client sees a short body rather than wrong bytes.
+fn range_stream(
+    store: FsStore,
+    art: Artifact,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, phase_content::Error>> + Send + 'static {
+    let cs = u64::from(art.chunk_size);
+    let first = (start / cs) as usize;
+    futures_util::stream::unfold(
+        (store, art, first, start),
+        move |(store, art, idx, pos)| async move {
+            if pos >= end {
+                return None;
+            }
+            let hash = *art.chunks.get(idx)?;
+            let st = store.clone();
+            let got = tokio::task::spawn_blocking(move || st.get(&hash))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(phase_content::Error::BadManifest {
+                        reason: format!("chunk reader failed: {e}"),
+                    })
+                });
+            let data = match got {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    let e = phase_content::Error::MissingChunk {
+                        artifact: art.name.clone(),
+                        index: idx,
+                        hash,
+                    };
+                    tracing::error!(error = %e, "serving artifact");
+                    return Some((Err(e), (store, art, usize::MAX, end)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "serving artifact");
+                    return Some((Err(e), (store, art, usize::MAX, end)));
+                }
+            };
+            let chunk_start = idx as u64 * cs;
+            let lo = (pos - chunk_start) as usize;
+            let hi = ((end - chunk_start).min(data.len() as u64)) as usize;
+            let piece = data.slice(lo..hi);
+            let next = chunk_start + hi as u64;
+            Some((Ok(piece), (store, art, idx + 1, next)))
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str, len: u64) -> RangeReq {
+        parse_range(Some(&HeaderValue::from_str(s).expect("header")), len)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), RangeReq::Full);
+        assert_eq!(r("bytes=0-3", 10), RangeReq::Part(0, 4));
+        assert_eq!(r("bytes=5-", 10), RangeReq::Part(5, 10));
+        assert_eq!(r("bytes=-3", 10), RangeReq::Part(7, 10));
+        assert_eq!(r("bytes=-30", 10), RangeReq::Part(0, 10));
+        assert_eq!(r("bytes=8-100", 10), RangeReq::Part(8, 10));
+        assert_eq!(r("bytes=10-", 10), RangeReq::Unsatisfiable);
+        assert_eq!(r("bytes=4-2", 10), RangeReq::Unsatisfiable);
+        assert_eq!(r("bytes=x-2", 10), RangeReq::Unsatisfiable);
+        assert_eq!(r("bytes=0-1,4-5", 10), RangeReq::Full);
+        assert_eq!(r("items=0-1", 10), RangeReq::Full);
+    }
+}
