@@ -223,11 +223,9 @@ async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Resp
     };
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
-        Ok(Ok(Some(data))) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            data,
-        )
-            .into_response(),
+        Ok(Ok(Some(data))) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
+        }
         Ok(Ok(None)) => not_found(format!("no chunk {hash}")),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading chunk");
