@@ -1,0 +1,905 @@
+//! kexec: decide, plan, load, execute.
+//!
+//! - [`Preflight`] holds what the kernel says about kexec
+//!   (`/proc/sys/kernel/kexec_load_disabled`, `/sys/kernel/security/lockdown`);
+//!   [`Preflight::read`] is the only place that reads them.
+//! - [`plan_arm64`] is pure: from an `Image`, an initrd, the running DTB, a
+//!   command line, the memory map and some entropy it builds the segments of
+//!   a `kexec_load` (kernel, initrd, patched DTB, entry trampoline).
+//! - [`Kexec`] is the syscall boundary: [`Syscalls`] is the real one,
+//!   [`DryRun`] records calls and answers with scripted errors.
+//! - [`load`] ties them: `kexec_file_load` first, `kexec_load` only when the
+//!   kernel lacks or refuses the file interface for a format reason (ENOSYS,
+//!   EINVAL, ENOEXEC, ENOTSUP), never on a policy refusal (EPERM,
+//!   EKEYREJECTED, ENOKEY).
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::Error;
+use crate::dtb::{self, ChosenPatch};
+
+/// Page size used to align segments.
+pub const PAGE: u64 = 4096;
+const MIB2: u64 = 2 << 20;
+/// The largest kernel image we decompress.
+pub const MAX_IMAGE: u64 = 256 << 20;
+
+/// Target CPU architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Arch {
+    /// x86_64: bzImage through `kexec_file_load`.
+    X86_64,
+    /// arm64: `Image` through `kexec_file_load`, or `kexec_load` with a DTB.
+    Aarch64,
+}
+
+impl Arch {
+    /// The architecture this binary was built for.
+    pub fn current() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::X86_64),
+            "aarch64" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+
+    /// `(kexec_load, kexec_file_load)` syscall numbers.
+    pub fn syscall_numbers(self) -> (i64, i64) {
+        match self {
+            Arch::X86_64 => (246, 320),
+            Arch::Aarch64 => (104, 294),
+        }
+    }
+}
+
+/// What the running kernel says about kexec, read before loading.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Preflight {
+    /// `kernel.kexec_load_disabled`; `None` if the file is absent (no CONFIG_KEXEC_CORE sysctl).
+    pub load_disabled: Option<bool>,
+    /// The active lockdown mode (`none`, `integrity`, `confidentiality`), if the LSM is present.
+    pub lockdown: Option<String>,
+}
+
+impl Preflight {
+    /// Reads the two files.
+    pub fn read() -> Preflight {
+        Self::read_from(
+            Path::new("/proc/sys/kernel/kexec_load_disabled"),
+            Path::new("/sys/kernel/security/lockdown"),
+        )
+    }
+
+    /// Reads the two files from explicit paths.
+    pub fn read_from(disabled: &Path, lockdown: &Path) -> Preflight {
+        let load_disabled = std::fs::read_to_string(disabled)
+            .ok()
+            .map(|s| s.trim() != "0");
+        let lockdown = std::fs::read_to_string(lockdown)
+            .ok()
+            .and_then(|s| parse_lockdown(&s));
+        Preflight {
+            load_disabled,
+            lockdown,
+        }
+    }
+
+    /// Refuses early when kexec cannot work at all.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.load_disabled == Some(true) {
+            return Err(Error::KexecDisabled);
+        }
+        Ok(())
+    }
+
+    /// Whether lockdown forbids the unsigned `kexec_load` path.
+    pub fn locked_down(&self) -> bool {
+        matches!(
+            self.lockdown.as_deref(),
+            Some("integrity" | "confidentiality")
+        )
+    }
+}
+
+/// The active mode in `[brackets]` of `/sys/kernel/security/lockdown`.
+pub fn parse_lockdown(s: &str) -> Option<String> {
+    let start = s.find('[')? + 1;
+    let end = start + s[start..].find(']')?;
+    Some(s[start..end].to_owned())
+}
+
+/// One `kexec_load` segment: bytes and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// What it is (for logs and tests).
+    pub what: &'static str,
+    /// The bytes (`bufsz` = len).
+    pub buf: Vec<u8>,
+    /// Physical destination, page aligned.
+    pub mem: u64,
+    /// Destination size, page aligned, >= `buf.len()`.
+    pub memsz: u64,
+}
+
+/// Everything `kexec_load` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KexecPlan {
+    /// Physical entry point.
+    pub entry: u64,
+    /// Segments, non-overlapping.
+    pub segments: Vec<Segment>,
+}
+
+/// A physical RAM range `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// The top-level `System RAM` ranges of `/proc/iomem` (must be read as root:
+/// others see zeros).
+pub fn parse_iomem(text: &str) -> Vec<Range> {
+    text.lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            let (range, name) = l.split_once(" : ")?;
+            if name.trim() != "System RAM" {
+                return None;
+            }
+            let (a, b) = range.trim().split_once('-')?;
+            let start = u64::from_str_radix(a, 16).ok()?;
+            let last = u64::from_str_radix(b, 16).ok()?;
+            (last > start).then_some(Range {
+                start,
+                end: last + 1,
+            })
+        })
+        .collect()
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// Decompresses a gzip'd kernel (`Image.gz`); passes anything else through.
+pub fn maybe_gunzip(kernel: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, Error> {
+    if kernel.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(kernel)
+            .take(MAX_IMAGE + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::Image {
+                reason: format!("gzip'd kernel does not decompress: {e}"),
+            })?;
+        if out.len() as u64 > MAX_IMAGE {
+            return Err(Error::Image {
+                reason: format!("decompressed kernel exceeds {MAX_IMAGE} bytes"),
+            });
+        }
+        return Ok(out.into());
+    }
+    Ok(kernel.into())
+}
+
+/// The fields of an arm64 `Image` header we need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arm64Header {
+    /// Offset from a 2 MiB aligned base.
+    pub text_offset: u64,
+    /// Bytes the kernel occupies once running (including BSS).
+    pub image_size: u64,
+}
+
+/// Parses the arm64 Image header (Documentation/arch/arm64/booting.rst).
+pub fn arm64_header(image: &[u8]) -> Result<Arm64Header, Error> {
+    let bad = |reason: String| Error::Image { reason };
+    if image.len() < 64 || image[56..60] != *b"ARM\x64" {
+        return Err(bad(
+            "not an arm64 Image (no ARM\\x64 magic at offset 56); pass the raw or gzip'd Image"
+                .into(),
+        ));
+    }
+    let le = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&image[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (text_offset, image_size) = (le(8), le(16));
+    // Kernels before 3.17 leave image_size 0: assume the historical layout.
+    let (text_offset, image_size) = if image_size == 0 {
+        (0x80000, align_up(image.len() as u64, MIB2) + MIB2)
+    } else {
+        (text_offset, image_size)
+    };
+    if image_size < image.len() as u64 {
+        return Err(bad(format!(
+            "Image header says {image_size} bytes but the file has {}",
+            image.len()
+        )));
+    }
+    Ok(Arm64Header {
+        text_offset,
+        image_size,
+    })
+}
+
+/// The arm64 entry trampoline: `x0` = DTB address, `x1..x3` = 0, jump to
+/// the kernel. The kernel's own kexec code enters it with the MMU off.
+pub fn arm64_trampoline(kernel: u64, dtb: u64) -> Vec<u8> {
+    let insns: [u32; 6] = [
+        0x5800_00c4, // ldr x4, .+24  (kernel)
+        0x5800_00e0, // ldr x0, .+28  (dtb)
+        0xaa1f_03e1, // mov x1, xzr
+        0xaa1f_03e2, // mov x2, xzr
+        0xaa1f_03e3, // mov x3, xzr
+        0xd61f_0080, // br  x4
+    ];
+    let mut out: Vec<u8> = insns.iter().flat_map(|i| i.to_le_bytes()).collect();
+    out.extend_from_slice(&kernel.to_le_bytes());
+    out.extend_from_slice(&dtb.to_le_bytes());
+    out
+}
+
+/// Inputs of [`plan_arm64`] besides the artifacts.
+#[derive(Debug, Clone)]
+pub struct Arm64Inputs<'a> {
+    /// The running kernel's DTB (`/sys/firmware/fdt`).
+    pub dtb: &'a [u8],
+    /// System RAM ranges.
+    pub memory: &'a [Range],
+    /// Fresh randomness: 8 bytes for `kaslr-seed`, the rest for `rng-seed`.
+    pub entropy: &'a [u8],
+}
+
+/// Plans an arm64 `kexec_load`: kernel at the lowest 2 MiB aligned RAM base
+/// plus `text_offset`, then initrd, DTB and trampoline, each 2 MiB aligned so
+/// no segment shares a block mapping with another.
+pub fn plan_arm64(
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+    inputs: &Arm64Inputs<'_>,
+) -> Result<KexecPlan, Error> {
+    let image = maybe_gunzip(kernel)?;
+    let hdr = arm64_header(&image)?;
+    let kaslr_seed = inputs
+        .entropy
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    let rng_seed = inputs
+        .entropy
+        .get(8..)
+        .filter(|r| !r.is_empty())
+        .map(<[u8]>::to_vec);
+
+    // A conservative DTB reservation: the patch adds well under 1 MiB.
+    let dtb_room = dtb::MAX_DTB as u64;
+    let initrd_len = initrd.map_or(0, |i| i.len() as u64);
+    let need = |base: u64| -> (u64, u64, u64, u64, u64) {
+        let kernel_at = base + hdr.text_offset;
+        let initrd_at = align_up(kernel_at + hdr.image_size, MIB2);
+        let dtb_at = align_up(initrd_at + initrd_len, MIB2);
+        let tramp_at = align_up(dtb_at + dtb_room, MIB2);
+        let end = tramp_at + PAGE;
+        (kernel_at, initrd_at, dtb_at, tramp_at, end)
+    };
+    let (kernel_at, initrd_at, dtb_at, tramp_at) = inputs
+        .memory
+        .iter()
+        .find_map(|r| {
+            let base = align_up(r.start, MIB2);
+            let (k, i, d, t, end) = need(base);
+            (end <= r.end).then_some((k, i, d, t))
+        })
+        .ok_or_else(|| Error::NoRoom {
+            need: need(0).4,
+            ranges: inputs.memory.len(),
+        })?;
+
+    let initrd_range = initrd.map(|i| (initrd_at, initrd_at + i.len() as u64));
+    let dtb = dtb::patch_chosen(
+        inputs.dtb,
+        &ChosenPatch {
+            bootargs: cmdline,
+            initrd: initrd_range,
+            kaslr_seed,
+            rng_seed,
+        },
+    )?;
+    let seg = |what, buf: Vec<u8>, mem: u64, memsz: u64| Segment {
+        what,
+        memsz: align_up(memsz.max(buf.len() as u64), PAGE),
+        buf,
+        mem,
+    };
+    let mut segments = vec![seg("kernel", image.into_owned(), kernel_at, hdr.image_size)];
+    if let Some(i) = initrd {
+        segments.push(seg("initrd", i.to_vec(), initrd_at, i.len() as u64));
+    }
+    segments.push(seg("dtb", dtb, dtb_at, 0));
+    segments.push(seg(
+        "trampoline",
+        arm64_trampoline(kernel_at, dtb_at),
+        tramp_at,
+        PAGE,
+    ));
+    Ok(KexecPlan {
+        entry: tramp_at,
+        segments,
+    })
+}
+
+/// The kernel interface, so the decision logic runs without a kernel.
+pub trait Kexec {
+    /// `kexec_file_load(kernel_fd, initrd_fd, cmdline, flags)`.
+    fn file_load(
+        &mut self,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+    ) -> Result<(), Error>;
+    /// `kexec_load(entry, segments, KEXEC_ARCH_DEFAULT)`.
+    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error>;
+    /// `reboot(LINUX_REBOOT_CMD_KEXEC)`: returns only on failure.
+    fn exec(&mut self) -> Error;
+}
+
+/// Which syscall loaded the image, and why that one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// `kexec_file_load` or `kexec_load`.
+    pub path: &'static str,
+    /// Why (for the console).
+    pub reason: String,
+}
+
+/// What [`load`] needs besides the artifacts.
+#[derive(Debug, Clone)]
+pub struct LoadContext<'a> {
+    /// Target architecture.
+    pub arch: Arch,
+    /// What the kernel said.
+    pub preflight: &'a Preflight,
+    /// For the arm64 `kexec_load` fallback; read lazily by the caller.
+    pub arm64: Option<Arm64Inputs<'a>>,
+}
+
+fn falls_back(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOSYS | libc::EINVAL | libc::ENOEXEC | libc::EOPNOTSUPP
+    )
+}
+
+/// Loads the target: `kexec_file_load` first, `kexec_load` when the kernel
+/// lacks or refuses the file interface for a format reason.
+pub fn load(
+    k: &mut dyn Kexec,
+    ctx: &LoadContext<'_>,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+) -> Result<Loaded, Error> {
+    ctx.preflight.check()?;
+    let kernel_for_file: std::borrow::Cow<'_, [u8]> = match ctx.arch {
+        // arm64's kexec_file_load takes only a raw Image.
+        Arch::Aarch64 => maybe_gunzip(kernel)?,
+        Arch::X86_64 => kernel.into(),
+    };
+    let first = match k.file_load(&kernel_for_file, initrd, cmdline) {
+        Ok(()) => {
+            return Ok(Loaded {
+                path: "kexec_file_load",
+                reason: format!(
+                    "preferred; kexec_load_disabled={} lockdown={}",
+                    fmt_opt(ctx.preflight.load_disabled.map(u8::from)),
+                    ctx.preflight.lockdown.as_deref().unwrap_or("absent")
+                ),
+            });
+        }
+        Err(e) => e,
+    };
+    let errno = first.errno().unwrap_or(0);
+    if !falls_back(errno) {
+        return Err(first);
+    }
+    if ctx.preflight.locked_down() {
+        return Err(Error::LockedDown {
+            mode: ctx.preflight.lockdown.clone().unwrap_or_default(),
+            first: Box::new(first),
+        });
+    }
+    let why = format!("kexec_file_load failed with {}", errno_name(errno));
+    match (ctx.arch, &ctx.arm64) {
+        (Arch::Aarch64, Some(inputs)) => {
+            let plan = plan_arm64(kernel, initrd, cmdline, inputs)?;
+            k.load(&plan)?;
+            Ok(Loaded {
+                path: "kexec_load",
+                reason: why,
+            })
+        }
+        (Arch::Aarch64, None) => Err(Error::Unsupported {
+            reason: format!("{why}, and no DTB/memory map was supplied for kexec_load"),
+        }),
+        (Arch::X86_64, _) => Err(Error::Unsupported {
+            reason: format!(
+                "{why}; the x86_64 kexec_load path (bzImage boot protocol) is not implemented: \
+                 use a kernel with CONFIG_KEXEC_FILE"
+            ),
+        }),
+    }
+}
+
+fn fmt_opt(v: Option<u8>) -> String {
+    v.map_or_else(|| "absent".into(), |v| v.to_string())
+}
+
+/// The symbolic name of an errno value.
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EBADF => "EBADF",
+        libc::ENOMEM => "ENOMEM",
+        libc::EBUSY => "EBUSY",
+        libc::EINVAL => "EINVAL",
+        libc::ENOEXEC => "ENOEXEC",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "ENOTSUP",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EKEYREJECTED => "EKEYREJECTED",
+        libc::ENOKEY => "ENOKEY",
+        libc::EFBIG => "EFBIG",
+        libc::E2BIG => "E2BIG",
+        _ => "E?",
+    }
+}
+
+/// The real syscalls.
+#[derive(Debug)]
+pub struct Syscalls {
+    arch: Arch,
+}
+
+impl Syscalls {
+    /// For the running architecture.
+    pub fn new() -> Result<Syscalls, Error> {
+        let arch = Arch::current().ok_or_else(|| Error::Unsupported {
+            reason: format!("kexec on {} is not supported", std::env::consts::ARCH),
+        })?;
+        Ok(Syscalls { arch })
+    }
+}
+
+fn memfd(name: &str, data: &[u8]) -> Result<std::fs::File, Error> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::Unsupported {
+        reason: "memfd name has a NUL".into(),
+    })?;
+    // SAFETY: cname is a valid C string; the returned fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io(
+            "memfd_create",
+            name,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned by memfd_create and is not owned elsewhere.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(data)
+        .map_err(|e| Error::io("write memfd", name, e))?;
+    Ok(f)
+}
+
+const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
+
+#[repr(C)]
+struct RawSegment {
+    buf: *const libc::c_void,
+    bufsz: libc::size_t,
+    mem: *const libc::c_void,
+    memsz: libc::size_t,
+}
+
+impl Kexec for Syscalls {
+    fn file_load(
+        &mut self,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+    ) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        let kfd = memfd("kernel", kernel)?;
+        let ifd = initrd.map(|i| memfd("initrd", i)).transpose()?;
+        let c = std::ffi::CString::new(cmdline).map_err(|_| Error::Unsupported {
+            reason: "command line contains a NUL byte".into(),
+        })?;
+        let len = c.as_bytes_with_nul().len();
+        let flags = if ifd.is_some() {
+            0
+        } else {
+            KEXEC_FILE_NO_INITRAMFS
+        };
+        let ifd_raw = ifd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let nr = self.arch.syscall_numbers().1;
+        // SAFETY: fds are open, the cmdline pointer/len describe a live C string.
+        let r = unsafe {
+            libc::syscall(
+                nr as libc::c_long,
+                kfd.as_raw_fd(),
+                ifd_raw,
+                len as libc::c_ulong,
+                c.as_ptr(),
+                flags,
+            )
+        };
+        if r != 0 {
+            return Err(Error::Syscall {
+                call: format!(
+                    "SYS_kexec_file_load({}, {}, {}, {:?}, {:#x})",
+                    kfd.as_raw_fd(),
+                    ifd_raw,
+                    len,
+                    cmdline,
+                    flags
+                ),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
+        let raw: Vec<RawSegment> = plan
+            .segments
+            .iter()
+            .map(|s| RawSegment {
+                buf: s.buf.as_ptr().cast(),
+                bufsz: s.buf.len(),
+                mem: s.mem as usize as *const libc::c_void,
+                memsz: s.memsz as usize,
+            })
+            .collect();
+        let nr = self.arch.syscall_numbers().0;
+        // SAFETY: raw points at plan.segments' live buffers for the call's duration.
+        let r = unsafe {
+            libc::syscall(
+                nr as libc::c_long,
+                plan.entry as libc::c_ulong,
+                raw.len() as libc::c_ulong,
+                raw.as_ptr(),
+                0 as libc::c_ulong,
+            )
+        };
+        if r != 0 {
+            let segs: Vec<String> = plan
+                .segments
+                .iter()
+                .map(|s| format!("{}@{:#x}+{:#x}", s.what, s.mem, s.memsz))
+                .collect();
+            return Err(Error::Syscall {
+                call: format!(
+                    "SYS_kexec_load({:#x}, {}, [{}], 0x0)",
+                    plan.entry,
+                    raw.len(),
+                    segs.join(", ")
+                ),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn exec(&mut self) -> Error {
+        // SAFETY: plain syscalls; on success reboot does not return.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
+        }
+        Error::Syscall {
+            call: "reboot(LINUX_REBOOT_CMD_KEXEC)".into(),
+            source: std::io::Error::last_os_error(),
+        }
+    }
+}
+
+/// A recorded call of [`DryRun`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// `kexec_file_load` with the sizes and command line.
+    FileLoad {
+        /// Kernel bytes.
+        kernel: usize,
+        /// Initrd bytes.
+        initrd: Option<usize>,
+        /// Command line.
+        cmdline: String,
+    },
+    /// `kexec_load` with the plan.
+    Load(KexecPlan),
+    /// `reboot(LINUX_REBOOT_CMD_KEXEC)`.
+    Exec,
+}
+
+/// Records calls; answers `file_load`/`load` with the scripted errno (0 = success).
+#[derive(Debug, Default)]
+pub struct DryRun {
+    /// What was called, in order.
+    pub calls: Vec<Call>,
+    /// errno for `file_load` (0: succeed).
+    pub file_load_errno: i32,
+    /// errno for `load` (0: succeed).
+    pub load_errno: i32,
+}
+
+fn scripted(call: &str, errno: i32) -> Result<(), Error> {
+    if errno == 0 {
+        return Ok(());
+    }
+    Err(Error::Syscall {
+        call: format!("{call} (dry run)"),
+        source: std::io::Error::from_raw_os_error(errno),
+    })
+}
+
+impl Kexec for DryRun {
+    fn file_load(
+        &mut self,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+    ) -> Result<(), Error> {
+        self.calls.push(Call::FileLoad {
+            kernel: kernel.len(),
+            initrd: initrd.map(<[u8]>::len),
+            cmdline: cmdline.to_owned(),
+        });
+        scripted("SYS_kexec_file_load", self.file_load_errno)
+    }
+
+    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
+        self.calls.push(Call::Load(plan.clone()));
+        scripted("SYS_kexec_load", self.load_errno)
+    }
+
+    fn exec(&mut self) -> Error {
+        self.calls.push(Call::Exec);
+        Error::Syscall {
+            call: "reboot(LINUX_REBOOT_CMD_KEXEC) (dry run)".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSYS),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_image(len: usize, image_size: u64) -> Vec<u8> {
+        let mut img = vec![0u8; len];
+        img[8..16].copy_from_slice(&0u64.to_le_bytes());
+        img[16..24].copy_from_slice(&image_size.to_le_bytes());
+        img[56..60].copy_from_slice(b"ARM\x64");
+        img
+    }
+
+    const IOMEM: &str = "\
+09000000-09000fff : pl011@9000000
+  09000000-09000fff : 9000000.pl011 pl011@9000000
+40000000-5fffffff : System RAM
+  40210000-41b0ffff : Kernel code
+  48000000-483fffff : reserved
+";
+
+    fn ctx_inputs<'a>(dtb: &'a [u8], mem: &'a [Range], entropy: &'a [u8]) -> Arm64Inputs<'a> {
+        Arm64Inputs {
+            dtb,
+            memory: mem,
+            entropy,
+        }
+    }
+
+    #[test]
+    fn parses_iomem_and_lockdown() {
+        assert_eq!(
+            parse_iomem(IOMEM),
+            vec![Range {
+                start: 0x4000_0000,
+                end: 0x6000_0000
+            }]
+        );
+        assert_eq!(
+            parse_lockdown("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(parse_lockdown("garbage"), None);
+    }
+
+    #[test]
+    fn trampoline_encodes_ldr_and_br() {
+        let t = arm64_trampoline(0x4020_0000, 0x4a00_0000);
+        assert_eq!(t.len(), 40);
+        assert_eq!(&t[24..32], &0x4020_0000u64.to_le_bytes());
+        assert_eq!(&t[32..40], &0x4a00_0000u64.to_le_bytes());
+        // ldr x4 literal at pc+24 and ldr x0 literal at pc(4)+28 both hit their words.
+        let word = |i: usize| u32::from_le_bytes(t[i * 4..i * 4 + 4].try_into().expect("4"));
+        assert_eq!((word(0) >> 5 & 0x7ffff) * 4, 24);
+        assert_eq!(4 + (word(1) >> 5 & 0x7ffff) * 4, 32);
+        assert_eq!(word(5), 0xd61f_0080);
+    }
+
+    #[test]
+    fn plans_arm64_segments_in_ram_aligned_and_disjoint() {
+        let mem = parse_iomem(IOMEM);
+        let dtb = crate::dtb::tests::synthetic();
+        let entropy = [7u8; 40];
+        let img = fake_image(3 << 20, 5 << 20);
+        let initrd = vec![1u8; 12345];
+        let plan = plan_arm64(
+            &img,
+            Some(&initrd),
+            "console=ttyAMA0 t=1",
+            &ctx_inputs(&dtb, &mem, &entropy),
+        )
+        .expect("plan");
+        let names: Vec<_> = plan.segments.iter().map(|s| s.what).collect();
+        assert_eq!(names, ["kernel", "initrd", "dtb", "trampoline"]);
+        let k = &plan.segments[0];
+        assert_eq!(k.mem, 0x4000_0000);
+        assert_eq!(k.memsz, 5 << 20);
+        let mut prev_end = 0;
+        for s in &plan.segments {
+            assert_eq!(s.mem % PAGE, 0, "{}", s.what);
+            assert_eq!(s.memsz % PAGE, 0, "{}", s.what);
+            assert!(s.buf.len() as u64 <= s.memsz);
+            assert!(s.mem >= prev_end, "{} overlaps", s.what);
+            assert!(s.mem + s.memsz <= 0x6000_0000);
+            prev_end = s.mem + s.memsz;
+        }
+        assert_eq!(plan.entry, plan.segments[3].mem);
+        let d = crate::dtb::Fdt::parse(&plan.segments[2].buf).expect("dtb");
+        let c = d.node("/chosen").expect("chosen");
+        let ir = plan.segments[1].mem;
+        assert_eq!(c.prop("linux,initrd-start"), Some(&ir.to_be_bytes()[..]));
+        assert_eq!(
+            c.prop("linux,initrd-end"),
+            Some(&(ir + initrd.len() as u64).to_be_bytes()[..])
+        );
+        assert_eq!(c.prop("kaslr-seed"), Some(&[7u8; 8][..]));
+        assert_eq!(c.prop("rng-seed"), Some(&[7u8; 32][..]));
+        assert_eq!(
+            plan.segments[3].buf,
+            arm64_trampoline(0x4000_0000, plan.segments[2].mem)
+        );
+    }
+
+    #[test]
+    fn plan_gunzips_and_reports_no_room() {
+        use std::io::Write;
+        let img = fake_image(1 << 20, 2 << 20);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&img).expect("gz");
+        let gz = gz.finish().expect("gz");
+        let dtb = crate::dtb::tests::synthetic();
+        let mem = [Range {
+            start: 0x4000_0000,
+            end: 0x4000_0000 + (64 << 20),
+        }];
+        let plan = plan_arm64(&gz, None, "x", &ctx_inputs(&dtb, &mem, &[])).expect("plan");
+        assert_eq!(plan.segments[0].buf, img);
+        assert_eq!(plan.segments.len(), 3);
+        let small = [Range {
+            start: 0x4000_0000,
+            end: 0x4000_0000 + (4 << 20),
+        }];
+        let e = plan_arm64(&img, None, "x", &ctx_inputs(&dtb, &small, &[])).expect_err("no room");
+        assert!(matches!(e, Error::NoRoom { .. }), "{e}");
+        assert!(plan_arm64(b"not an image", None, "x", &ctx_inputs(&dtb, &mem, &[])).is_err());
+    }
+
+    fn run(arch: Arch, pre: &Preflight, k: &mut DryRun) -> Result<Loaded, Error> {
+        let dtb = crate::dtb::tests::synthetic();
+        let mem = parse_iomem(IOMEM);
+        let ctx = LoadContext {
+            arch,
+            preflight: pre,
+            arm64: Some(ctx_inputs(&dtb, &mem, &[1; 16])),
+        };
+        load(k, &ctx, &fake_image(1 << 20, 2 << 20), Some(b"initrd"), "c")
+    }
+
+    #[test]
+    fn file_load_first() {
+        let mut k = DryRun::default();
+        let l = run(Arch::Aarch64, &Preflight::default(), &mut k).expect("loads");
+        assert_eq!(l.path, "kexec_file_load");
+        assert_eq!(k.calls.len(), 1);
+    }
+
+    #[test]
+    fn falls_back_only_on_format_errors() {
+        for errno in [libc::ENOSYS, libc::EINVAL, libc::ENOEXEC, libc::EOPNOTSUPP] {
+            let mut k = DryRun {
+                file_load_errno: errno,
+                ..DryRun::default()
+            };
+            let l = run(Arch::Aarch64, &Preflight::default(), &mut k).expect("falls back");
+            assert_eq!(l.path, "kexec_load");
+            assert!(l.reason.contains(errno_name(errno)), "{}", l.reason);
+            assert!(matches!(k.calls[1], Call::Load(_)));
+        }
+        for errno in [libc::EPERM, libc::EKEYREJECTED, libc::ENOKEY] {
+            let mut k = DryRun {
+                file_load_errno: errno,
+                ..DryRun::default()
+            };
+            let e = run(Arch::Aarch64, &Preflight::default(), &mut k).expect_err("no fallback");
+            assert_eq!(e.errno(), Some(errno));
+            assert_eq!(k.calls.len(), 1, "kexec_load must not be tried");
+            assert!(e.to_string().contains("SYS_kexec_file_load"), "{e}");
+        }
+    }
+
+    #[test]
+    fn disabled_kexec_is_one_clear_error_before_any_syscall() {
+        let pre = Preflight {
+            load_disabled: Some(true),
+            lockdown: Some("none".into()),
+        };
+        let mut k = DryRun::default();
+        let e = run(Arch::X86_64, &pre, &mut k).expect_err("disabled");
+        assert!(matches!(e, Error::KexecDisabled));
+        let msg = e.to_string();
+        assert!(msg.contains("kexec_load_disabled=1"), "{msg}");
+        assert!(msg.contains("reboot"), "names a remedy: {msg}");
+        assert!(k.calls.is_empty());
+    }
+
+    #[test]
+    fn lockdown_blocks_the_unsigned_fallback() {
+        let pre = Preflight {
+            load_disabled: Some(false),
+            lockdown: Some("integrity".into()),
+        };
+        let mut k = DryRun {
+            file_load_errno: libc::ENOSYS,
+            ..DryRun::default()
+        };
+        let e = run(Arch::Aarch64, &pre, &mut k).expect_err("locked down");
+        assert!(matches!(e, Error::LockedDown { .. }), "{e}");
+        assert_eq!(k.calls.len(), 1);
+    }
+
+    #[test]
+    fn x86_64_has_no_kexec_load_fallback() {
+        let mut k = DryRun {
+            file_load_errno: libc::ENOSYS,
+            ..DryRun::default()
+        };
+        let e = run(Arch::X86_64, &Preflight::default(), &mut k).expect_err("unsupported");
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    }
+
+    #[test]
+    fn preflight_reads_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, "1\n").expect("write");
+        std::fs::write(&b, "[none] integrity confidentiality\n").expect("write");
+        let p = Preflight::read_from(&a, &b);
+        assert_eq!(p.load_disabled, Some(true));
+        assert_eq!(p.lockdown.as_deref(), Some("none"));
+        assert!(!p.locked_down());
+        let p = Preflight::read_from(&d.path().join("x"), &d.path().join("y"));
+        assert_eq!(p, Preflight::default());
+    }
+}
