@@ -1,1 +1,37 @@
-//! The libp2p swarm (see the swarm issue).
+//! The libp2p swarm of Phase swarm boot: who has the bytes and how they move.
+//!
+//! One [`Node`] per process owns a libp2p `Swarm` (TCP + noise + yamux,
+//! Kademlia in server mode, mDNS, identify and the chunk protocol of
+//! [`protocol`]) inside one event loop; a cloneable [`Handle`] talks to it over
+//! a bounded channel. A node seeds the manifests it holds completely, serves
+//! whatever verified chunks it holds while fetching, and announces a manifest
+//! root on the DHT as soon as it holds the first verified chunk. Which chunks a
+//! peer holds travels peer to peer as a have-map.
+//!
+//! Which chunk to ask which peer for is decided by the sans-I/O
+//! [`scheduler::Scheduler`], which the event loop drives and which a simulator
+//! can drive too.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use phase_content::MemStore;
+//! use phase_swarm::{Node, NodeConfig};
+//!
+//! # async fn demo() -> Result<(), phase_swarm::Error> {
+//! let store = Arc::new(MemStore::new());
+//! let handle = Node::spawn(NodeConfig::default(), store)?;
+//! println!("listening on {:?}", handle.listen_addrs().await?);
+//! # Ok(()) }
+//! ```
+
+mod codec;
+mod error;
+mod node;
+pub mod protocol;
+pub mod scheduler;
+
+pub use error::Error;
+pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use node::{
+    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, load_or_create_key,
+};

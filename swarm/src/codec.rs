@@ -1,0 +1,190 @@
+//! The length-prefixed bincode codec of the chunk protocol.
+
+use std::io;
+
+use futures::prelude::*;
+use libp2p::StreamProtocol;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::protocol::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Request, Response};
+
+/// The codec: a 4-byte big-endian length, then one bincode value.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChunkCodec;
+
+/// Standard bincode with a decode limit, so a claimed length inside a
+/// message cannot make the decoder allocate more than a frame can hold.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_RESPONSE_BYTES }>()
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T, max: usize) -> io::Result<Vec<u8>> {
+    let body = bincode::serde::encode_to_vec(v, config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if body.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {} bytes over the {max}-byte limit", body.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> io::Result<T> {
+    let (v, used) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if used != body.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "trailing bytes after the message",
+        ));
+    }
+    Ok(v)
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        // Refused before allocating anything for it.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {len} bytes over the {max}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+impl libp2p::request_response::Codec for ChunkCodec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        decode(&read_frame(io, MAX_REQUEST_BYTES).await?)
+    }
+
+    async fn read_response<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
+    }
+
+    async fn write_request<T>(&mut self, _: &Self::Protocol, io: &mut T, req: Request) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode(&req, MAX_REQUEST_BYTES)?).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(&mut self, _: &Self::Protocol, io: &mut T, res: Response) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode(&res, MAX_RESPONSE_BYTES)?).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::protocol::Piece;
+    use libp2p::request_response::Codec;
+    use proptest::prelude::*;
+
+    fn proto() -> StreamProtocol {
+        StreamProtocol::new(crate::protocol::PROTOCOL)
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (any::<[u8; 32]>(), any::<u32>()).prop_map(|(root, index)| Request::Chunk { root, index }),
+            (any::<[u8; 32]>(), any::<u32>(), any::<u32>())
+                .prop_map(|(root, start, count)| Request::Range { root, start, count }),
+            any::<[u8; 32]>().prop_map(|root| Request::HaveMap { root }),
+            any::<[u8; 32]>().prop_map(|root| Request::Manifest { root }),
+            (".{0,20}", ".{0,20}").prop_map(|(channel, arch)| Request::Latest { channel, arch }),
+        ]
+    }
+
+    fn arb_response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            proptest::collection::vec(
+                (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..2000))
+                    .prop_map(|(index, data)| Piece { index, data }),
+                0..4
+            )
+            .prop_map(Response::Chunks),
+            Just(Response::DoNotHave),
+            Just(Response::Busy),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..100))
+                .prop_map(|(chunks, bits)| Response::HaveMap { chunks, bits }),
+            proptest::collection::vec(any::<u8>(), 0..500).prop_map(Response::Manifest),
+            ".{0,30}".prop_map(Response::Refused),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trip(req in arb_request()) {
+            let bytes = encode(&req, MAX_REQUEST_BYTES).unwrap();
+            let back: Request = futures::executor::block_on(
+                ChunkCodec.read_request(&proto(), &mut &bytes[..])).unwrap();
+            prop_assert_eq!(back, req);
+        }
+
+        #[test]
+        fn response_round_trip(res in arb_response()) {
+            let bytes = encode(&res, MAX_RESPONSE_BYTES).unwrap();
+            let back: Response = futures::executor::block_on(
+                ChunkCodec.read_response(&proto(), &mut &bytes[..])).unwrap();
+            prop_assert_eq!(back, res);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]));
+            let _ = futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..]));
+        }
+    }
+
+    #[test]
+    fn oversize_length_refused_before_reading() {
+        // Claims 4 GiB; only the prefix exists. Must fail fast, not allocate.
+        let bytes = [0xff, 0xff, 0xff, 0xff];
+        let e = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
+            .unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        let e = futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..]))
+            .unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn oversize_message_not_written() {
+        let big = Request::Latest { channel: "x".repeat(MAX_REQUEST_BYTES), arch: String::new() };
+        assert!(encode(&big, MAX_REQUEST_BYTES).is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_refused() {
+        let mut bytes = encode(&Response::Busy, MAX_RESPONSE_BYTES).unwrap();
+        bytes.push(0);
+        let n = (bytes.len() - 4) as u32;
+        bytes[..4].copy_from_slice(&n.to_be_bytes());
+        assert!(futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..])).is_err());
+    }
+}

@@ -1,0 +1,1303 @@
+//! The node: one event loop that owns the libp2p `Swarm`, the serving state
+//! and the running fetch; a cloneable [`Handle`] sends it commands.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, RecordKey};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
+use phase_content::{ChunkStore, Hash, PublicKey, SignedManifest};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::Error;
+use crate::codec::ChunkCodec;
+use crate::protocol::{
+    MAX_NAME, MAX_RANGE_BYTES, MAX_RANGE_CHUNKS, PROTOCOL, Piece, Request, Response, Root,
+    pack_bits, unpack_bits,
+};
+use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+
+/// Configuration of a [`Node`]. `Default` listens on all IPv4 addresses on
+/// an ephemeral TCP port with mDNS on.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The libp2p identity; a fresh one if `None`.
+    pub keypair: Option<Keypair>,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub peers: Vec<Multiaddr>,
+    /// Discover LAN peers with mDNS.
+    pub mdns: bool,
+    /// Inbound requests being answered at once, over all peers, before the
+    /// node answers "busy".
+    pub max_serving: usize,
+    /// Inbound requests being answered at once for one peer before "busy".
+    pub per_peer_serving: usize,
+    /// Inbound requests outstanding from one peer beyond which it is
+    /// flooding: disconnected and blocked.
+    pub flood_limit: usize,
+    /// How long a flooding or malformed-message peer stays blocked.
+    pub block_time: Duration,
+    /// Timeout of one request-response exchange.
+    pub request_timeout: Duration,
+    /// How often provider records are re-announced.
+    pub provide_interval: Duration,
+    /// How often the DHT is asked for providers while fetching.
+    pub lookup_interval: Duration,
+    /// The fetch scheduler's tunables.
+    pub scheduler: SchedulerConfig,
+    /// Seed of the scheduler's random choices.
+    pub rng_seed: u64,
+    /// Test only: corrupt every chunk served.
+    #[cfg(feature = "test-liar")]
+    pub liar: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            keypair: None,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
+            peers: Vec::new(),
+            mdns: true,
+            max_serving: 64,
+            per_peer_serving: 8,
+            flood_limit: 64,
+            block_time: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(20),
+            provide_interval: Duration::from_secs(10),
+            lookup_interval: Duration::from_secs(2),
+            scheduler: SchedulerConfig::default(),
+            rng_seed: rand::random(),
+            #[cfg(feature = "test-liar")]
+            liar: false,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Sets the identity.
+    pub fn with_keypair(mut self, k: Keypair) -> Self {
+        self.keypair = Some(k);
+        self
+    }
+    /// Sets the listen addresses.
+    pub fn with_listen(mut self, l: Vec<Multiaddr>) -> Self {
+        self.listen = l;
+        self
+    }
+    /// Sets the peers dialed at start.
+    pub fn with_peers(mut self, p: Vec<Multiaddr>) -> Self {
+        self.peers = p;
+        self
+    }
+    /// Turns mDNS on or off.
+    pub fn with_mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+    /// Sets the global serving cap.
+    pub fn with_max_serving(mut self, n: usize) -> Self {
+        self.max_serving = n.max(1);
+        self
+    }
+    /// Sets the scheduler's tunables.
+    pub fn with_scheduler(mut self, s: SchedulerConfig) -> Self {
+        self.scheduler = s;
+        self
+    }
+}
+
+/// Reads the libp2p identity from `path`, or creates one there (mode 0600).
+pub fn load_or_create_key(path: &Path) -> Result<Keypair, Error> {
+    let err = |reason: String| Error::Key {
+        path: path.to_owned(),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = Keypair::generate_ed25519();
+            let bytes = k.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            }
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|e| err(e.to_string()))?;
+                f.write_all(&bytes).map_err(|e| err(e.to_string()))?;
+            }
+            std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+            Ok(k)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// A chunk source of last resort (the HTTP seed). Called on a blocking thread.
+pub trait Fallback: Send + Sync + 'static {
+    /// The name used in statistics, e.g. `http-seed`.
+    fn name(&self) -> String;
+    /// The bytes of the chunk with `hash` (verified by the caller).
+    fn get(&self, hash: &Hash) -> Result<Vec<u8>, String>;
+}
+
+/// Bytes and chunks received from one source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerStats {
+    /// Verified bytes.
+    pub bytes: u64,
+    /// Verified chunks.
+    pub chunks: u64,
+}
+
+/// The outcome of a completed fetch.
+#[derive(Debug, Clone, Default)]
+pub struct FetchReport {
+    /// From start to the last chunk.
+    pub wall: Duration,
+    /// Verified bytes received (duplicates included).
+    pub bytes: u64,
+    /// Per source (peer id, or the fallback's name).
+    pub peers: BTreeMap<String, PeerStats>,
+    /// Peers banned for bad bytes.
+    pub banned: Vec<String>,
+}
+
+/// Progress of a running fetch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Per artifact: name, verified bytes held, size.
+    pub artifacts: Vec<(String, u64, u64)>,
+    /// Chunks held.
+    pub held: usize,
+    /// Chunks in the manifest.
+    pub total: usize,
+    /// Peers connected.
+    pub peers: usize,
+}
+
+enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr, oneshot::Sender<Result<(), Error>>),
+    Seed(Box<SignedManifest>, oneshot::Sender<Result<(), Error>>),
+    FindManifest {
+        channel: String,
+        arch: String,
+        pinned: PublicKey,
+        wait: Duration,
+        reply: oneshot::Sender<Result<SignedManifest, Error>>,
+    },
+    Fetch {
+        manifest: Box<SignedManifest>,
+        fallback: Option<Arc<dyn Fallback>>,
+        progress: Option<watch::Sender<FetchProgress>>,
+        reply: oneshot::Sender<Result<FetchReport, Error>>,
+    },
+    Peers(oneshot::Sender<Vec<PeerId>>),
+}
+
+/// A cloneable handle to a running node.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl Handle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(f(tx)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// The addresses the node listens on (waits for the first listener).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Dials `addr` (with or without `/p2p/`).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), Error> {
+        self.ask(|r| Command::Dial(addr, r)).await?
+    }
+
+    /// Seeds `manifest`, whose chunks must all be in the node's store.
+    pub async fn seed(&self, manifest: SignedManifest) -> Result<(), Error> {
+        self.ask(|r| Command::Seed(Box::new(manifest), r)).await?
+    }
+
+    /// Asks connected (and later connecting) peers for the newest manifest of
+    /// `channel`/`arch` that verifies against `pinned`; waits up to `wait`.
+    pub async fn find_manifest(
+        &self,
+        channel: &str,
+        arch: &str,
+        pinned: PublicKey,
+        wait: Duration,
+    ) -> Result<SignedManifest, Error> {
+        let (channel, arch) = (channel.to_owned(), arch.to_owned());
+        self.ask(|reply| Command::FindManifest {
+            channel,
+            arch,
+            pinned,
+            wait,
+            reply,
+        })
+        .await?
+    }
+
+    /// Fetches every chunk of `manifest` into the store, verifying each, and
+    /// serves them onward as they arrive. Chunks no peer holds come from
+    /// `fallback`. Returns when every chunk is held.
+    pub async fn fetch(
+        &self,
+        manifest: SignedManifest,
+        fallback: Option<Arc<dyn Fallback>>,
+        progress: Option<watch::Sender<FetchProgress>>,
+    ) -> Result<FetchReport, Error> {
+        self.ask(|reply| Command::Fetch {
+            manifest: Box::new(manifest),
+            fallback,
+            progress,
+            reply,
+        })
+        .await?
+    }
+
+    /// The peers connected now.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, Error> {
+        self.ask(Command::Peers).await
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    rr: request_response::Behaviour<ChunkCodec>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// A manifest this node holds chunks of.
+struct Held {
+    manifest: SignedManifest,
+    hashes: Vec<Hash>,
+    lens: Vec<u64>,
+    /// (name, first chunk, chunk count, size) per artifact.
+    artifacts: Vec<(String, usize, usize, u64)>,
+    have: Vec<bool>,
+    count: usize,
+    announced: bool,
+}
+
+impl Held {
+    fn new(manifest: SignedManifest) -> Self {
+        let mut hashes = Vec::new();
+        let mut lens = Vec::new();
+        let mut artifacts = Vec::new();
+        for a in &manifest.manifest().artifacts {
+            artifacts.push((a.name.clone(), hashes.len(), a.chunks.len(), a.size));
+            for (i, h) in a.chunks.iter().enumerate() {
+                hashes.push(*h);
+                lens.push(a.chunk_len(i));
+            }
+        }
+        let n = hashes.len();
+        Held {
+            manifest,
+            hashes,
+            lens,
+            artifacts,
+            have: vec![false; n],
+            count: 0,
+            announced: false,
+        }
+    }
+
+    fn progress(&self, peers: usize) -> FetchProgress {
+        FetchProgress {
+            artifacts: self
+                .artifacts
+                .iter()
+                .map(|(name, first, n, size)| {
+                    let done = (*first..first + n)
+                        .filter(|i| self.have[*i])
+                        .map(|i| self.lens[i])
+                        .sum();
+                    (name.clone(), done, *size)
+                })
+                .collect(),
+            held: self.count,
+            total: self.hashes.len(),
+            peers,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Src {
+    Peer(PeerId),
+    Fallback,
+}
+
+struct Fetch {
+    root: Root,
+    sched: Scheduler<Src>,
+    start: Instant,
+    stats: HashMap<Src, PeerStats>,
+    bytes: u64,
+    fallback: Option<Arc<dyn Fallback>>,
+    progress: Option<watch::Sender<FetchProgress>>,
+    reply: Option<oneshot::Sender<Result<FetchReport, Error>>>,
+    last_lookup: Instant,
+}
+
+struct Find {
+    channel: String,
+    arch: String,
+    pinned: PublicKey,
+    deadline: Instant,
+    asked: HashSet<PeerId>,
+    outstanding: usize,
+    best: Option<SignedManifest>,
+    reply: oneshot::Sender<Result<SignedManifest, Error>>,
+}
+
+enum Outbound {
+    Chunk { root: Root, index: u32 },
+    HaveMap { root: Root },
+    Latest,
+}
+
+/// The node. Start one with [`Node::spawn`].
+pub struct Node {
+    swarm: Swarm<Behaviour>,
+    store: Arc<dyn ChunkStore>,
+    cfg: NodeConfig,
+    rx: mpsc::Receiver<Command>,
+    held: HashMap<Root, Held>,
+    fetch: Option<Fetch>,
+    find: Option<Find>,
+    outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
+    inbound: HashMap<request_response::InboundRequestId, PeerId>,
+    serving: HashMap<PeerId, usize>,
+    serving_total: usize,
+    connected: HashSet<PeerId>,
+    banned: HashSet<PeerId>,
+    blocked: HashMap<PeerId, Instant>,
+    listen: Vec<Multiaddr>,
+    listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    fb_tx: mpsc::Sender<(Root, u32, Result<Vec<u8>, String>)>,
+    fb_rx: mpsc::Receiver<(Root, u32, Result<Vec<u8>, String>)>,
+    last_provide: Instant,
+    epoch: Instant,
+}
+
+fn root_key(root: &Root) -> RecordKey {
+    RecordKey::new(root)
+}
+
+fn latest_key(channel: &str, arch: &str) -> RecordKey {
+    RecordKey::new(&format!("phase/latest/{channel}/{arch}"))
+}
+
+impl Node {
+    /// Builds the swarm, starts listening and dialing, and spawns the event
+    /// loop on the current tokio runtime.
+    pub fn spawn(cfg: NodeConfig, store: Arc<dyn ChunkStore>) -> Result<Handle, Error> {
+        let key = cfg
+            .keypair
+            .clone()
+            .unwrap_or_else(Keypair::generate_ed25519);
+        let peer_id = key.public().to_peer_id();
+        let rr_cfg = request_response::Config::default()
+            .with_request_timeout(cfg.request_timeout)
+            .with_max_concurrent_streams(cfg.flood_limit);
+        let mdns_on = cfg.mdns;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| Error::Transport(e.to_string()))?
+            .with_behaviour(|key| {
+                let local = key.public().to_peer_id();
+                let mut kcfg = kad::Config::new(StreamProtocol::new("/phase/kad/1"));
+                kcfg.set_query_timeout(Duration::from_secs(10));
+                kcfg.set_provider_record_ttl(Some(Duration::from_secs(300)));
+                kcfg.set_provider_publication_interval(None);
+                let mut kad = kad::Behaviour::with_config(
+                    local,
+                    kad::store::MemoryStore::new(local),
+                    kcfg,
+                );
+                kad.set_mode(Some(kad::Mode::Server));
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    rr: request_response::Behaviour::with_codec(
+                        ChunkCodec,
+                        [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
+                        rr_cfg,
+                    ),
+                    kad,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/phase/id/1".into(),
+                        key.public(),
+                    )),
+                    mdns: Toggle::from(mdns),
+                })
+            })
+            .map_err(|e| Error::Transport(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+        for addr in &cfg.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        for addr in &cfg.peers {
+            swarm.dial(addr.clone()).map_err(|e| Error::Dial {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        let (tx, rx) = mpsc::channel(32);
+        let (fb_tx, fb_rx) = mpsc::channel(32);
+        let node = Node {
+            swarm,
+            store,
+            cfg,
+            rx,
+            held: HashMap::new(),
+            fetch: None,
+            find: None,
+            outbound: HashMap::new(),
+            inbound: HashMap::new(),
+            serving: HashMap::new(),
+            serving_total: 0,
+            connected: HashSet::new(),
+            banned: HashSet::new(),
+            blocked: HashMap::new(),
+            listen: Vec::new(),
+            listen_waiters: Vec::new(),
+            fb_tx,
+            fb_rx,
+            last_provide: Instant::now(),
+            epoch: Instant::now(),
+        };
+        tokio::spawn(node.run());
+        Ok(Handle { tx, peer_id })
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                cmd = self.rx.recv(), if commands_open => match cmd {
+                    Some(c) => self.on_command(c),
+                    // Every handle dropped: keep serving what we hold.
+                    None => commands_open = false,
+                },
+                Some((root, index, res)) = self.fb_rx.recv() => self.on_fallback(root, index, res),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::ListenAddrs(r) => {
+                if self.listen.is_empty() {
+                    self.listen_waiters.push(r);
+                } else {
+                    let _ = r.send(self.listen.clone());
+                }
+            }
+            Command::Dial(addr, r) => {
+                let res = self.swarm.dial(addr.clone()).map_err(|e| Error::Dial {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                });
+                let _ = r.send(res);
+            }
+            Command::Seed(m, r) => {
+                let _ = r.send(self.seed(*m));
+            }
+            Command::FindManifest {
+                channel,
+                arch,
+                pinned,
+                wait,
+                reply,
+            } => {
+                if channel.len() > MAX_NAME || arch.len() > MAX_NAME {
+                    let _ = reply.send(Err(Error::NoManifest {
+                        what: format!("{channel}/{arch}"),
+                    }));
+                    return;
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(latest_key(&channel, &arch));
+                let mut find = Find {
+                    channel,
+                    arch,
+                    pinned,
+                    deadline: Instant::now() + wait,
+                    asked: HashSet::new(),
+                    outstanding: 0,
+                    best: None,
+                    reply,
+                };
+                for p in self.connected.clone() {
+                    self.ask_latest(&mut find, p);
+                }
+                self.find = Some(find);
+            }
+            Command::Fetch {
+                manifest,
+                fallback,
+                progress,
+                reply,
+            } => self.start_fetch(*manifest, fallback, progress, reply),
+            Command::Peers(r) => {
+                let _ = r.send(self.connected.iter().copied().collect());
+            }
+        }
+    }
+
+    fn seed(&mut self, m: SignedManifest) -> Result<(), Error> {
+        let root = *m.root().as_bytes();
+        let mut held = Held::new(m);
+        for (i, h) in held.hashes.iter().enumerate() {
+            if self.store.has(h) {
+                held.have[i] = true;
+                held.count += 1;
+            }
+        }
+        if held.count < held.hashes.len() {
+            return Err(Error::Fetch {
+                root: Hash::from_bytes(root).to_hex(),
+                reason: format!(
+                    "cannot seed: the store holds {} of {} chunks",
+                    held.count,
+                    held.hashes.len()
+                ),
+            });
+        }
+        self.held.insert(root, held);
+        self.announce(root);
+        Ok(())
+    }
+
+    fn announce(&mut self, root: Root) {
+        let Some(h) = self.held.get_mut(&root) else {
+            return;
+        };
+        h.announced = true;
+        let m = h.manifest.manifest();
+        let latest = latest_key(&m.channel, &m.arch);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if let Err(e) = kad.start_providing(root_key(&root)) {
+            tracing::warn!(error = %e, "cannot announce provider record");
+        }
+        let _ = kad.start_providing(latest);
+        tracing::debug!(root = %Hash::from_bytes(root), "announced");
+    }
+
+    fn start_fetch(
+        &mut self,
+        m: SignedManifest,
+        fallback: Option<Arc<dyn Fallback>>,
+        progress: Option<watch::Sender<FetchProgress>>,
+        reply: oneshot::Sender<Result<FetchReport, Error>>,
+    ) {
+        if self.fetch.is_some() {
+            let _ = reply.send(Err(Error::Fetch {
+                root: m.root().to_hex(),
+                reason: "another fetch is running on this node".into(),
+            }));
+            return;
+        }
+        let root = *m.root().as_bytes();
+        let held = self.held.entry(root).or_insert_with(|| Held::new(m));
+        let mut sched = Scheduler::new(
+            held.hashes.len(),
+            self.cfg.scheduler.clone(),
+            self.cfg.rng_seed,
+        );
+        if fallback.is_some() {
+            sched = sched.with_fallback(Src::Fallback);
+        }
+        let mut any = false;
+        for (i, h) in held.hashes.iter().enumerate() {
+            if held.have[i] || self.store.has(h) {
+                if !held.have[i] {
+                    held.have[i] = true;
+                    held.count += 1;
+                }
+                sched.mark_held(i as u32);
+                any = true;
+            }
+        }
+        let need_announce = any && !held.announced;
+        self.swarm.behaviour_mut().kad.get_providers(root_key(&root));
+        self.fetch = Some(Fetch {
+            root,
+            sched,
+            start: Instant::now(),
+            stats: HashMap::new(),
+            bytes: 0,
+            fallback,
+            progress,
+            reply: Some(reply),
+            last_lookup: Instant::now(),
+        });
+        if need_announce {
+            self.announce(root);
+        }
+        let peers: Vec<Src> = self
+            .connected
+            .iter()
+            .filter(|p| !self.banned.contains(p))
+            .map(|p| Src::Peer(*p))
+            .collect();
+        self.drive(Input::ProvidersFound(peers));
+    }
+
+    /// Feeds the scheduler and carries out its actions.
+    fn drive(&mut self, input: Input<Src>) {
+        let now = self.now();
+        let Some(f) = self.fetch.as_mut() else {
+            return;
+        };
+        let actions = f.sched.handle(input, now);
+        let root = f.root;
+        for a in actions {
+            match a {
+                Action::Request {
+                    peer: Src::Peer(p),
+                    chunk,
+                } => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_request(&p, Request::Chunk { root, index: chunk });
+                    self.outbound
+                        .insert(id, (p, Outbound::Chunk { root, index: chunk }));
+                }
+                Action::Request {
+                    peer: Src::Fallback,
+                    chunk,
+                } => {
+                    let Some(f) = self.fetch.as_ref() else { return };
+                    let (Some(fb), Some(h)) = (
+                        f.fallback.clone(),
+                        self.held.get(&root).and_then(|h| h.hashes.get(chunk as usize)),
+                    ) else {
+                        continue;
+                    };
+                    let (hash, tx) = (*h, self.fb_tx.clone());
+                    tokio::spawn(async move {
+                        let res = tokio::task::spawn_blocking(move || fb.get(&hash))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                        let _ = tx.send((root, chunk, res)).await;
+                    });
+                }
+                Action::AskHaveMap(Src::Peer(p)) => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_request(&p, Request::HaveMap { root });
+                    self.outbound.insert(id, (p, Outbound::HaveMap { root }));
+                }
+                Action::AskHaveMap(Src::Fallback) => {}
+                Action::Ban(Src::Peer(p)) => {
+                    tracing::warn!(peer = %p, "banned: sent a chunk that failed verification");
+                    self.banned.insert(p);
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                Action::Ban(Src::Fallback) => {
+                    tracing::warn!("the HTTP seed sent a chunk that failed verification");
+                }
+                Action::Done => self.finish_fetch(),
+            }
+        }
+    }
+
+    fn finish_fetch(&mut self) {
+        let Some(mut f) = self.fetch.take() else {
+            return;
+        };
+        let fb_name = f.fallback.as_ref().map(|fb| fb.name());
+        let name = |s: &Src| match s {
+            Src::Peer(p) => p.to_string(),
+            Src::Fallback => fb_name.clone().unwrap_or_else(|| "fallback".into()),
+        };
+        let report = FetchReport {
+            wall: f.start.elapsed(),
+            bytes: f.bytes,
+            peers: f.stats.iter().map(|(s, st)| (name(s), *st)).collect(),
+            banned: f.sched.banned().iter().map(name).collect(),
+        };
+        if let (Some(p), Some(h)) = (&f.progress, self.held.get(&f.root)) {
+            let _ = p.send(h.progress(self.connected.len()));
+        }
+        if let Some(r) = f.reply.take() {
+            let _ = r.send(Ok(report));
+        }
+    }
+
+    fn on_fallback(&mut self, root: Root, index: u32, res: Result<Vec<u8>, String>) {
+        match res {
+            Ok(data) => self.on_chunk(Src::Fallback, root, index, Some(data)),
+            Err(e) => {
+                tracing::debug!(index, error = %e, "fallback chunk failed");
+                if self.fetch.as_ref().is_some_and(|f| f.root == root) {
+                    self.drive(Input::ChunkFailed {
+                        peer: Src::Fallback,
+                        chunk: index,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A chunk arrived from `src` (`None`: the answer was not a chunk at all).
+    fn on_chunk(&mut self, src: Src, root: Root, index: u32, data: Option<Vec<u8>>) {
+        let Some(held) = self.held.get_mut(&root) else {
+            return;
+        };
+        let i = index as usize;
+        let ok = match &data {
+            Some(d) => {
+                i < held.hashes.len()
+                    && d.len() as u64 == held.lens[i]
+                    && Hash::of(d) == held.hashes[i]
+            }
+            None => false,
+        };
+        let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
+        if !ok {
+            if fetching {
+                self.drive(Input::ChunkBad {
+                    peer: src,
+                    chunk: index,
+                });
+            }
+            return;
+        }
+        let data = data.unwrap_or_default();
+        if !held.have[i] {
+            if let Err(e) = self.store.put(&held.hashes[i], &data) {
+                tracing::warn!(error = %e, "cannot store chunk");
+                if fetching {
+                    self.drive(Input::ChunkFailed {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
+            }
+            held.have[i] = true;
+            held.count += 1;
+        }
+        let first = !held.announced;
+        let progress = held.progress(self.connected.len());
+        if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
+            let st = f.stats.entry(src.clone()).or_default();
+            st.bytes += data.len() as u64;
+            st.chunks += 1;
+            f.bytes += data.len() as u64;
+            if let Some(p) = &f.progress {
+                let _ = p.send(progress);
+            }
+        }
+        if first {
+            // Announce as soon as the first verified chunk is held.
+            self.announce(root);
+        }
+        if fetching {
+            self.drive(Input::ChunkOk {
+                peer: src,
+                chunk: index,
+            });
+        }
+    }
+
+    fn ask_latest(&mut self, find: &mut Find, p: PeerId) {
+        if self.banned.contains(&p) || !find.asked.insert(p) {
+            return;
+        }
+        let id = self.swarm.behaviour_mut().rr.send_request(
+            &p,
+            Request::Latest {
+                channel: find.channel.clone(),
+                arch: find.arch.clone(),
+            },
+        );
+        find.outstanding += 1;
+        self.outbound.insert(id, (p, Outbound::Latest));
+    }
+
+    fn find_check(&mut self) {
+        let Some(f) = self.find.as_ref() else { return };
+        let timed_out = Instant::now() >= f.deadline;
+        if (f.best.is_some() && f.outstanding == 0) || timed_out {
+            let Some(f) = self.find.take() else { return };
+            let what = format!("{}/{}", f.channel, f.arch);
+            let _ = f.reply.send(f.best.ok_or(Error::NoManifest { what }));
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.blocked.retain(|_, until| *until > now);
+        if self.fetch.is_some() {
+            self.drive(Input::Tick);
+        }
+        let lookup = self
+            .fetch
+            .as_ref()
+            .filter(|f| f.last_lookup.elapsed() >= self.cfg.lookup_interval)
+            .map(|f| f.root);
+        if let Some(root) = lookup {
+            if let Some(f) = self.fetch.as_mut() {
+                f.last_lookup = now;
+            }
+            self.swarm.behaviour_mut().kad.get_providers(root_key(&root));
+        }
+        if self.last_provide.elapsed() >= self.cfg.provide_interval {
+            self.last_provide = now;
+            let roots: Vec<Root> = self
+                .held
+                .iter()
+                .filter(|(_, h)| h.announced)
+                .map(|(r, _)| *r)
+                .collect();
+            for r in roots {
+                self.announce(r);
+            }
+        }
+        self.find_check();
+    }
+
+    fn block(&mut self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, why, "dropping peer");
+        self.blocked
+            .insert(peer, Instant::now() + self.cfg.block_time);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address
+                    .clone()
+                    .with_p2p(*self.swarm.local_peer_id())
+                    .unwrap_or(address.clone());
+                tracing::info!(addr = %full, "listening");
+                self.listen.push(address);
+                for w in self.listen_waiters.drain(..) {
+                    let _ = w.send(self.listen.clone());
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if self.banned.contains(&peer_id) || self.blocked.contains_key(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if endpoint.is_dialer() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    self.connected.insert(peer_id);
+                    tracing::debug!(peer = %peer_id, "connected");
+                    if let Some(mut f) = self.find.take() {
+                        self.ask_latest(&mut f, peer_id);
+                        self.find = Some(f);
+                    }
+                    self.drive(Input::PeerFound(Src::Peer(peer_id)));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    self.drive(Input::PeerGone(Src::Peer(peer_id)));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if self.banned.contains(&peer) || self.blocked.contains_key(&peer) {
+                        continue;
+                    }
+                    tracing::debug!(%peer, %addr, "mDNS discovered");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.connected.contains(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(
+                kad::Event::OutboundQueryProgressed {
+                    result:
+                        kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                            providers,
+                            ..
+                        })),
+                    ..
+                },
+            )) => {
+                let me = *self.swarm.local_peer_id();
+                for p in providers {
+                    if p == me || self.banned.contains(&p) || self.blocked.contains_key(&p) {
+                        continue;
+                    }
+                    if self.connected.contains(&p) {
+                        self.drive(Input::PeerFound(Src::Peer(p)));
+                    } else {
+                        // The query still knows its addresses: dial now.
+                        let _ = self.swarm.dial(p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<Request, Response>) {
+        use request_response::{Event, InboundFailure, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request_id,
+                        request,
+                        channel,
+                    },
+                ..
+            } => {
+                if self.banned.contains(&peer) || self.blocked.contains_key(&peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
+                let n = self.serving.entry(peer).or_default();
+                *n += 1;
+                let n = *n;
+                self.serving_total += 1;
+                self.inbound.insert(request_id, peer);
+                if n > self.cfg.flood_limit {
+                    self.block(peer, "request flood");
+                    return;
+                }
+                let busy = n > self.cfg.per_peer_serving
+                    || self.serving_total > self.cfg.max_serving;
+                let resp = self.answer(peer, request, busy);
+                self.respond(channel, resp);
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, what)) = self.outbound.remove(&request_id) else {
+                    return;
+                };
+                self.on_response(peer, what, response);
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let Some((_, what)) = self.outbound.remove(&request_id) else {
+                    return;
+                };
+                tracing::debug!(%peer, %error, "request failed");
+                match what {
+                    Outbound::Chunk { root, index } => {
+                        if self.fetch.as_ref().is_some_and(|f| f.root == root) {
+                            self.drive(Input::ChunkFailed {
+                                peer: Src::Peer(peer),
+                                chunk: index,
+                            });
+                        }
+                    }
+                    Outbound::HaveMap { .. } => {}
+                    Outbound::Latest => {
+                        if let Some(f) = self.find.as_mut() {
+                            f.outstanding = f.outstanding.saturating_sub(1);
+                        }
+                        self.find_check();
+                    }
+                }
+            }
+            Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.inbound_done(request_id);
+                if let InboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.block(peer, "malformed or oversize message");
+                }
+            }
+            Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),
+        }
+    }
+
+    fn inbound_done(&mut self, id: request_response::InboundRequestId) {
+        if let Some(peer) = self.inbound.remove(&id) {
+            self.serving_total = self.serving_total.saturating_sub(1);
+            if let Some(n) = self.serving.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.serving.remove(&peer);
+                }
+            }
+        }
+    }
+
+    fn respond(&mut self, ch: ResponseChannel<Response>, r: Response) {
+        let _ = self.swarm.behaviour_mut().rr.send_response(ch, r);
+    }
+
+    fn read_chunk(&self, held: &Held, i: usize) -> Option<Vec<u8>> {
+        if !held.have[i] {
+            return None;
+        }
+        match self.store.get(&held.hashes[i]) {
+            Ok(Some(b)) => {
+                #[allow(unused_mut)]
+                let mut v = b.to_vec();
+                #[cfg(feature = "test-liar")]
+                if self.cfg.liar
+                    && let Some(x) = v.first_mut()
+                {
+                    *x ^= 0xff;
+                }
+                Some(v)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read chunk");
+                None
+            }
+        }
+    }
+
+    fn answer(&mut self, peer: PeerId, req: Request, busy: bool) -> Response {
+        let refused = |s: &str| Response::Refused(s.to_owned());
+        match req {
+            Request::HaveMap { root } => match self.held.get(&root) {
+                Some(h) => Response::HaveMap {
+                    chunks: h.have.len() as u32,
+                    bits: pack_bits(&h.have),
+                },
+                None => Response::DoNotHave,
+            },
+            Request::Manifest { root } => match self.held.get(&root) {
+                Some(h) => Response::Manifest(h.manifest.envelope().to_vec()),
+                None => Response::DoNotHave,
+            },
+            Request::Latest { channel, arch } => self
+                .held
+                .values()
+                .filter(|h| {
+                    let m = h.manifest.manifest();
+                    m.channel == channel && m.arch == arch
+                })
+                .max_by_key(|h| h.manifest.manifest().sequence)
+                .map_or(Response::DoNotHave, |h| {
+                    Response::Manifest(h.manifest.envelope().to_vec())
+                }),
+            Request::Chunk { .. } | Request::Range { .. } if busy => Response::Busy,
+            Request::Chunk { root, index } => {
+                let Some(h) = self.held.get(&root) else {
+                    return Response::DoNotHave;
+                };
+                let i = index as usize;
+                if i >= h.hashes.len() {
+                    tracing::debug!(%peer, index, "chunk index out of range");
+                    return refused("chunk index out of range");
+                }
+                match self.read_chunk(h, i) {
+                    Some(data) => Response::Chunks(vec![Piece { index, data }]),
+                    None => Response::DoNotHave,
+                }
+            }
+            Request::Range { root, start, count } => {
+                let Some(h) = self.held.get(&root) else {
+                    return Response::DoNotHave;
+                };
+                let end = (start as usize)
+                    .saturating_add(count.min(MAX_RANGE_CHUNKS) as usize)
+                    .min(h.hashes.len());
+                let mut out = Vec::new();
+                let mut bytes = 0usize;
+                for i in start as usize..end {
+                    if bytes + h.lens[i] as usize > MAX_RANGE_BYTES {
+                        break;
+                    }
+                    let Some(data) = self.read_chunk(h, i) else {
+                        break;
+                    };
+                    bytes += data.len();
+                    out.push(Piece {
+                        index: i as u32,
+                        data,
+                    });
+                }
+                if out.is_empty() {
+                    Response::DoNotHave
+                } else {
+                    Response::Chunks(out)
+                }
+            }
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, what: Outbound, resp: Response) {
+        match what {
+            Outbound::Chunk { root, index } => {
+                let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
+                let src = Src::Peer(peer);
+                match resp {
+                    Response::Chunks(mut pieces) if pieces.len() == 1 => {
+                        let p = pieces.remove(0);
+                        let data = (p.index == index).then_some(p.data);
+                        self.on_chunk(src, root, index, data);
+                    }
+                    Response::Chunks(_) => self.on_chunk(src, root, index, None),
+                    Response::DoNotHave if fetching => self.drive(Input::DoNotHave {
+                        peer: src,
+                        chunk: index,
+                    }),
+                    Response::Busy if fetching => self.drive(Input::Busy {
+                        peer: src,
+                        chunk: index,
+                    }),
+                    _ if fetching => self.drive(Input::ChunkFailed {
+                        peer: src,
+                        chunk: index,
+                    }),
+                    _ => {}
+                }
+            }
+            Outbound::HaveMap { root } => {
+                let Some(n) = self.held.get(&root).map(|h| h.hashes.len()) else {
+                    return;
+                };
+                match resp {
+                    Response::HaveMap { chunks, bits } if chunks as usize == n => {
+                        if let Some(have) = unpack_bits(chunks, &bits) {
+                            self.drive(Input::HaveMap {
+                                peer: Src::Peer(peer),
+                                have,
+                            });
+                        }
+                    }
+                    Response::DoNotHave => self.drive(Input::HaveMap {
+                        peer: Src::Peer(peer),
+                        have: vec![false; n],
+                    }),
+                    _ => {}
+                }
+            }
+            Outbound::Latest => {
+                if let Some(f) = self.find.as_mut() {
+                    f.outstanding = f.outstanding.saturating_sub(1);
+                    if let Response::Manifest(bytes) = resp {
+                        match SignedManifest::verify(&bytes, &f.pinned) {
+                            Ok(m)
+                                if m.manifest().channel == f.channel
+                                    && m.manifest().arch == f.arch =>
+                            {
+                                let better = f.best.as_ref().is_none_or(|b| {
+                                    m.manifest().sequence > b.manifest().sequence
+                                });
+                                if better {
+                                    f.best = Some(m);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "peer offered a manifest that does not verify");
+                            }
+                        }
+                    }
+                }
+                self.find_check();
+            }
+        }
+    }
+}

@@ -1,0 +1,1138 @@
+//! The fetch scheduler: a sans-I/O state machine that decides which chunk to
+//! ask which peer for.
+//!
+//! The caller feeds [`Input`]s (with the current time) into
+//! [`Scheduler::handle`] and carries out the [`Action`]s it returns: send a
+//! request, ask a peer for its have-map, ban a peer. The scheduler never
+//! touches the network, the clock or the chunk bytes: the caller verifies a
+//! chunk against the manifest and reports [`Input::ChunkOk`] or
+//! [`Input::ChunkBad`]. The libp2p event loop drives it for real; a
+//! discrete-event simulator can drive thousands of them. Given the same seed
+//! and the same inputs it returns the same actions.
+//!
+//! Policy (DESIGN.md decision 4):
+//! - rarest-first: among the chunks a peer can give us, the one the fewest
+//!   usable peers hold, random among equals;
+//! - at most [`SchedulerConfig::per_peer_in_flight`] requests in flight per peer;
+//! - a peer that answers "busy" or fails is backed off (exponentially for
+//!   repeated failures) and dropped after too many failures in a row;
+//! - end-game: once every missing chunk is in flight, idle peers duplicate the
+//!   outstanding requests (at most [`SchedulerConfig::endgame_duplicates`]
+//!   requests per chunk) so one slow peer cannot hold up the finish;
+//! - a peer whose bytes fail verification is banned at once, forever;
+//! - an optional fallback source (the HTTP seed) is used only for chunks that
+//!   no usable peer holds, after a short grace period.
+//!
+//! ```
+//! use std::time::Duration;
+//! use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+//!
+//! let mut s: Scheduler<&str> = Scheduler::new(2, SchedulerConfig::default(), 7);
+//! let t = Duration::ZERO;
+//! s.handle(Input::PeerFound("a"), t);
+//! let actions = s.handle(Input::HaveMap { peer: "a", have: vec![true, true] }, t);
+//! let asked: Vec<u32> = actions
+//!     .iter()
+//!     .filter_map(|a| match a { Action::Request { chunk, .. } => Some(*chunk), _ => None })
+//!     .collect();
+//! assert_eq!(asked.len(), 2);
+//! s.handle(Input::ChunkOk { peer: "a", chunk: 0 }, t);
+//! let done = s.handle(Input::ChunkOk { peer: "a", chunk: 1 }, t);
+//! assert!(done.contains(&Action::Done));
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash as StdHash;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Time as the caller measures it: any monotonic clock's offset from an
+/// arbitrary epoch (the simulator's virtual time, or `Instant - start`).
+pub type Time = Duration;
+
+/// Index of a chunk within a manifest: artifacts in manifest order, chunks in
+/// order within each artifact.
+pub type ChunkIndex = u32;
+
+/// Tunables. `Default` gives the values the real node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Requests in flight to one peer at most (Kraken uses 3).
+    pub per_peer_in_flight: usize,
+    /// Requests in flight to the fallback source at most.
+    pub fallback_in_flight: usize,
+    /// A request not answered within this is counted as failed.
+    pub request_timeout: Duration,
+    /// Back-off after a "busy" answer.
+    pub busy_backoff: Duration,
+    /// Back-off after the first failure; doubles per failure in a row.
+    pub fail_backoff: Duration,
+    /// Upper bound of the back-off.
+    pub max_backoff: Duration,
+    /// Failures in a row after which a peer is dropped.
+    pub max_failures: u32,
+    /// Requests per chunk at most during end-game (1 disables end-game).
+    pub endgame_duplicates: usize,
+    /// How often to re-ask a peer whose have-map is incomplete.
+    pub have_refresh: Duration,
+    /// The fallback source is not used before this much time has passed since
+    /// the first input, so peers get a chance to report their have-maps.
+    pub fallback_grace: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            per_peer_in_flight: 4,
+            fallback_in_flight: 4,
+            request_timeout: Duration::from_secs(10),
+            busy_backoff: Duration::from_millis(250),
+            fail_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_failures: 5,
+            endgame_duplicates: 2,
+            have_refresh: Duration::from_millis(500),
+            fallback_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Sets [`SchedulerConfig::per_peer_in_flight`].
+    pub fn with_per_peer_in_flight(mut self, n: usize) -> Self {
+        self.per_peer_in_flight = n.max(1);
+        self
+    }
+    /// Sets [`SchedulerConfig::request_timeout`].
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+    /// Sets [`SchedulerConfig::endgame_duplicates`].
+    pub fn with_endgame_duplicates(mut self, n: usize) -> Self {
+        self.endgame_duplicates = n.max(1);
+        self
+    }
+    /// Sets [`SchedulerConfig::fallback_grace`].
+    pub fn with_fallback_grace(mut self, d: Duration) -> Self {
+        self.fallback_grace = d;
+        self
+    }
+}
+
+/// What happened, as reported by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input<P> {
+    /// A peer that may hold chunks (a DHT provider, an mDNS or explicit peer).
+    /// The scheduler asks for its have-map.
+    PeerFound(P),
+    /// Several providers at once (a DHT answer).
+    ProvidersFound(Vec<P>),
+    /// A peer's full have-map (bit `i` set: it holds chunk `i`). Replaces the
+    /// previous one; a map of the wrong length is padded or cut.
+    HaveMap {
+        /// The peer.
+        peer: P,
+        /// One flag per chunk.
+        have: Vec<bool>,
+    },
+    /// A peer now also holds `chunk`.
+    Have {
+        /// The peer.
+        peer: P,
+        /// The chunk.
+        chunk: ChunkIndex,
+    },
+    /// The chunk arrived and matched its hash; the caller has stored it.
+    ChunkOk {
+        /// Who sent it.
+        peer: P,
+        /// Which chunk.
+        chunk: ChunkIndex,
+    },
+    /// The chunk arrived and did NOT match its hash: the peer is banned.
+    ChunkBad {
+        /// Who sent it.
+        peer: P,
+        /// Which chunk.
+        chunk: ChunkIndex,
+    },
+    /// The request failed (timeout, connection closed, protocol error).
+    ChunkFailed {
+        /// The peer asked.
+        peer: P,
+        /// The chunk asked for.
+        chunk: ChunkIndex,
+    },
+    /// The peer said it does not have the chunk after all.
+    DoNotHave {
+        /// The peer asked.
+        peer: P,
+        /// The chunk asked for.
+        chunk: ChunkIndex,
+    },
+    /// The peer is over its serving cap: back off.
+    Busy {
+        /// The peer asked.
+        peer: P,
+        /// The chunk asked for.
+        chunk: ChunkIndex,
+    },
+    /// The peer disconnected or is otherwise unusable (not banned).
+    PeerGone(P),
+    /// Time passed: expire requests, end back-offs, refresh have-maps.
+    Tick,
+}
+
+/// What the caller should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask `peer` for `chunk`.
+    Request {
+        /// The peer (possibly the fallback source).
+        peer: P,
+        /// The chunk.
+        chunk: ChunkIndex,
+    },
+    /// Ask `peer` for its have-map.
+    AskHaveMap(P),
+    /// Ban `peer`: it sent bytes that failed verification. Disconnect it and
+    /// never serve it or ask it again.
+    Ban(P),
+    /// Every chunk is held. Emitted once.
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    have: Vec<bool>,
+    have_count: usize,
+    has_map: bool,
+    in_flight: usize,
+    backoff_until: Time,
+    failures: u32,
+    last_map_ask: Option<Time>,
+    banned: bool,
+    gone: bool,
+}
+
+impl PeerState {
+    fn new(n: usize) -> Self {
+        PeerState {
+            have: vec![false; n],
+            have_count: 0,
+            has_map: false,
+            in_flight: 0,
+            backoff_until: Duration::ZERO,
+            failures: 0,
+            last_map_ask: None,
+            banned: false,
+            gone: false,
+        }
+    }
+    fn usable(&self) -> bool {
+        !self.banned && !self.gone
+    }
+}
+
+/// The scheduler for one manifest's chunks. `P` names a peer.
+#[derive(Debug)]
+pub struct Scheduler<P> {
+    cfg: SchedulerConfig,
+    n: usize,
+    held: Vec<bool>,
+    held_count: usize,
+    /// Usable peers that hold each chunk.
+    avail: Vec<u32>,
+    /// Outstanding requests per chunk: (peer, deadline).
+    pending: Vec<Vec<(P, Time)>>,
+    peers: HashMap<P, PeerState>,
+    /// Peers in the order they were found, for deterministic iteration.
+    order: Vec<P>,
+    fallback: Option<P>,
+    fallback_in_flight: usize,
+    started: Option<Time>,
+    rng: ChaCha8Rng,
+    done_sent: bool,
+    banned: Vec<P>,
+}
+
+impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
+    /// A scheduler for `chunks` chunks, none held yet, with its random
+    /// choices drawn from a generator seeded with `seed`.
+    pub fn new(chunks: usize, cfg: SchedulerConfig, seed: u64) -> Self {
+        Scheduler {
+            cfg,
+            n: chunks,
+            held: vec![false; chunks],
+            held_count: 0,
+            avail: vec![0; chunks],
+            pending: vec![Vec::new(); chunks],
+            peers: HashMap::new(),
+            order: Vec::new(),
+            fallback: None,
+            fallback_in_flight: 0,
+            started: None,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            done_sent: false,
+            banned: Vec::new(),
+        }
+    }
+
+    /// Sets a fallback source (the HTTP seed) that holds every chunk and is
+    /// asked only for chunks no usable peer holds.
+    pub fn with_fallback(mut self, fallback: P) -> Self {
+        self.fallback = Some(fallback);
+        self
+    }
+
+    /// Marks chunks already held (e.g. found in the local store) before the
+    /// first input.
+    pub fn mark_held(&mut self, chunk: ChunkIndex) {
+        let i = chunk as usize;
+        if i < self.n && !self.held[i] {
+            self.held[i] = true;
+            self.held_count += 1;
+        }
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> usize {
+        self.n
+    }
+
+    /// Number of chunks held.
+    pub fn held_count(&self) -> usize {
+        self.held_count
+    }
+
+    /// Whether `chunk` is held.
+    pub fn is_held(&self, chunk: ChunkIndex) -> bool {
+        self.held.get(chunk as usize).copied().unwrap_or(false)
+    }
+
+    /// The have-map of this node (what it can serve).
+    pub fn held(&self) -> &[bool] {
+        &self.held
+    }
+
+    /// Whether every chunk is held.
+    pub fn is_done(&self) -> bool {
+        self.held_count == self.n
+    }
+
+    /// Peers banned so far, in ban order.
+    pub fn banned(&self) -> &[P] {
+        &self.banned
+    }
+
+    /// Whether `peer` is banned.
+    pub fn is_banned(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.banned)
+    }
+
+    /// Requests in flight to `peer`.
+    pub fn in_flight(&self, peer: &P) -> usize {
+        if self.fallback.as_ref() == Some(peer) {
+            return self.fallback_in_flight;
+        }
+        self.peers.get(peer).map_or(0, |p| p.in_flight)
+    }
+
+    /// The earliest time at which a [`Input::Tick`] could change anything
+    /// (a request deadline, a back-off's end, a have-map refresh), if any.
+    pub fn next_wakeup(&self) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut min = |x: Time| t = Some(t.map_or(x, |t| t.min(x)));
+        for reqs in &self.pending {
+            for (_, d) in reqs {
+                min(*d);
+            }
+        }
+        for p in self.peers.values().filter(|p| p.usable()) {
+            if p.backoff_until > Duration::ZERO {
+                min(p.backoff_until);
+            }
+            if let Some(at) = p.last_map_ask
+                && p.have_count < self.n
+            {
+                min(at + self.cfg.have_refresh);
+            }
+        }
+        if let (Some(_), Some(s)) = (&self.fallback, self.started) {
+            min(s + self.cfg.fallback_grace);
+        }
+        t
+    }
+
+    /// Feeds one input at time `now`; returns what to do.
+    pub fn handle(&mut self, input: Input<P>, now: Time) -> Vec<Action<P>> {
+        self.started.get_or_insert(now);
+        let mut out = Vec::new();
+        match input {
+            Input::PeerFound(p) => self.found(p, now, &mut out),
+            Input::ProvidersFound(ps) => {
+                for p in ps {
+                    self.found(p, now, &mut out);
+                }
+            }
+            Input::HaveMap { peer, have } => self.have_map(peer, have),
+            Input::Have { peer, chunk } => {
+                let i = chunk as usize;
+                if i < self.n {
+                    let st = self.peer_entry(peer);
+                    if !st.have[i] {
+                        st.have[i] = true;
+                        st.have_count += 1;
+                        st.has_map = true;
+                        if st.usable() {
+                            self.avail[i] += 1;
+                        }
+                    }
+                }
+            }
+            Input::ChunkOk { peer, chunk } => {
+                self.finish(&peer, chunk);
+                let i = chunk as usize;
+                if i < self.n && !self.held[i] {
+                    self.held[i] = true;
+                    self.held_count += 1;
+                }
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.failures = 0;
+                    if i < self.n && !st.have[i] {
+                        st.have[i] = true;
+                        st.have_count += 1;
+                        if st.usable() {
+                            self.avail[i] += 1;
+                        }
+                    }
+                }
+            }
+            Input::ChunkBad { peer, chunk } => {
+                self.finish(&peer, chunk);
+                self.ban(peer, &mut out);
+            }
+            Input::ChunkFailed { peer, chunk } => {
+                if self.finish(&peer, chunk) {
+                    self.failed(&peer, now);
+                }
+            }
+            Input::DoNotHave { peer, chunk } => {
+                self.finish(&peer, chunk);
+                let i = chunk as usize;
+                if let Some(st) = self.peers.get_mut(&peer)
+                    && i < self.n
+                    && st.have[i]
+                {
+                    st.have[i] = false;
+                    st.have_count -= 1;
+                    if st.usable() {
+                        self.avail[i] -= 1;
+                    }
+                }
+            }
+            Input::Busy { peer, chunk } => {
+                self.finish(&peer, chunk);
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.backoff_until = now + self.cfg.busy_backoff;
+                }
+            }
+            Input::PeerGone(p) => self.gone(&p),
+            Input::Tick => self.tick(now, &mut out),
+        }
+        self.fill(now, &mut out);
+        if self.is_done() && !self.done_sent {
+            self.done_sent = true;
+            out.push(Action::Done);
+        }
+        out
+    }
+
+    fn peer_entry(&mut self, p: P) -> &mut PeerState {
+        let n = self.n;
+        if !self.peers.contains_key(&p) {
+            self.order.push(p.clone());
+        }
+        self.peers.entry(p).or_insert_with(|| PeerState::new(n))
+    }
+
+    fn found(&mut self, p: P, now: Time, out: &mut Vec<Action<P>>) {
+        if self.fallback.as_ref() == Some(&p) {
+            return;
+        }
+        let st = self.peer_entry(p.clone());
+        if st.banned {
+            return;
+        }
+        if st.gone {
+            // Seen again: give it a fresh start but keep what we knew.
+            st.gone = false;
+            st.failures = 0;
+            let have = st.have.clone();
+            for (i, h) in have.iter().enumerate() {
+                if *h {
+                    self.avail[i] += 1;
+                }
+            }
+        }
+        let st = self.peers.get_mut(&p).expect("just inserted");
+        if !st.has_map && st.last_map_ask.is_none() {
+            st.last_map_ask = Some(now);
+            out.push(Action::AskHaveMap(p));
+        }
+    }
+
+    fn have_map(&mut self, peer: P, mut have: Vec<bool>) {
+        have.resize(self.n, false);
+        let st = self.peer_entry(peer);
+        let usable = st.usable();
+        let old = std::mem::replace(&mut st.have, have.clone());
+        st.have_count = have.iter().filter(|h| **h).count();
+        st.has_map = true;
+        if usable {
+            for (i, (o, n)) in old.iter().zip(have.iter()).enumerate() {
+                match (o, n) {
+                    (false, true) => self.avail[i] += 1,
+                    (true, false) => self.avail[i] -= 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Removes the outstanding request (peer, chunk); true if there was one.
+    fn finish(&mut self, peer: &P, chunk: ChunkIndex) -> bool {
+        let i = chunk as usize;
+        let Some(reqs) = self.pending.get_mut(i) else {
+            return false;
+        };
+        let Some(pos) = reqs.iter().position(|(p, _)| p == peer) else {
+            return false;
+        };
+        reqs.swap_remove(pos);
+        if self.fallback.as_ref() == Some(peer) {
+            self.fallback_in_flight = self.fallback_in_flight.saturating_sub(1);
+        } else if let Some(st) = self.peers.get_mut(peer) {
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+        true
+    }
+
+    fn failed(&mut self, peer: &P, now: Time) {
+        let (max_f, base, max_b) = (
+            self.cfg.max_failures,
+            self.cfg.fail_backoff,
+            self.cfg.max_backoff,
+        );
+        let mut drop = false;
+        if let Some(st) = self.peers.get_mut(peer) {
+            st.failures += 1;
+            let shift = st.failures.saturating_sub(1).min(16);
+            st.backoff_until = now + (base * (1u32 << shift)).min(max_b);
+            drop = st.failures >= max_f;
+        }
+        if drop {
+            self.gone(peer);
+        }
+    }
+
+    fn unuse(&mut self, peer: &P) {
+        if let Some(st) = self.peers.get(peer)
+            && st.usable()
+        {
+            for (i, h) in st.have.iter().enumerate() {
+                if *h {
+                    self.avail[i] -= 1;
+                }
+            }
+        }
+    }
+
+    fn gone(&mut self, peer: &P) {
+        self.unuse(peer);
+        self.cancel_all(peer);
+        if let Some(st) = self.peers.get_mut(peer) {
+            st.gone = true;
+        }
+    }
+
+    fn cancel_all(&mut self, peer: &P) {
+        for reqs in &mut self.pending {
+            reqs.retain(|(p, _)| p != peer);
+        }
+        if let Some(st) = self.peers.get_mut(peer) {
+            st.in_flight = 0;
+        }
+    }
+
+    fn ban(&mut self, peer: P, out: &mut Vec<Action<P>>) {
+        if self.fallback.as_ref() == Some(&peer) {
+            // The fallback lied: stop using it as well.
+            self.fallback = None;
+            for reqs in &mut self.pending {
+                reqs.retain(|(p, _)| *p != peer);
+            }
+            self.banned.push(peer.clone());
+            out.push(Action::Ban(peer));
+            return;
+        }
+        self.unuse(&peer);
+        self.cancel_all(&peer);
+        let st = self.peer_entry(peer.clone());
+        if !st.banned {
+            st.banned = true;
+            self.banned.push(peer.clone());
+            out.push(Action::Ban(peer));
+        }
+    }
+
+    fn tick(&mut self, now: Time, out: &mut Vec<Action<P>>) {
+        let mut expired = Vec::new();
+        for (i, reqs) in self.pending.iter().enumerate() {
+            for (p, d) in reqs {
+                if *d <= now {
+                    expired.push((p.clone(), i as ChunkIndex));
+                }
+            }
+        }
+        for (p, c) in expired {
+            if self.finish(&p, c) && self.fallback.as_ref() != Some(&p) {
+                self.failed(&p, now);
+            }
+        }
+        for p in &self.order {
+            let Some(st) = self.peers.get_mut(p) else {
+                continue;
+            };
+            if !st.usable() || st.have_count == self.n {
+                continue;
+            }
+            let due = st
+                .last_map_ask
+                .is_none_or(|at| at + self.cfg.have_refresh <= now);
+            if due {
+                st.last_map_ask = Some(now);
+                out.push(Action::AskHaveMap(p.clone()));
+            }
+        }
+    }
+
+    fn can_ask(&self, st: &PeerState, now: Time) -> bool {
+        st.usable()
+            && st.has_map
+            && st.backoff_until <= now
+            && st.in_flight < self.cfg.per_peer_in_flight
+    }
+
+    /// Picks the rarest chunk `peer` holds that is missing and has fewer than
+    /// `max_req` requests out (not one of them to `peer`), random among equals.
+    fn pick(&mut self, peer: &P, max_req: usize) -> Option<usize> {
+        let st = self.peers.get(peer)?;
+        let mut best: Option<(usize, (usize, u32))> = None;
+        let mut ties = 0u32;
+        for i in 0..self.n {
+            if self.held[i] || !st.have[i] {
+                continue;
+            }
+            let reqs = &self.pending[i];
+            if reqs.len() >= max_req || reqs.iter().any(|(p, _)| p == peer) {
+                continue;
+            }
+            // Fewest outstanding requests first, then rarest.
+            let key = (reqs.len(), self.avail[i]);
+            match best {
+                Some((_, k)) if key > k => {}
+                Some((_, k)) if key == k => {
+                    ties += 1;
+                    if self.rng.gen_range(0..ties) == 0 {
+                        best = Some((i, key));
+                    }
+                }
+                _ => {
+                    best = Some((i, key));
+                    ties = 1;
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    fn request(&mut self, peer: P, i: usize, now: Time, out: &mut Vec<Action<P>>) {
+        self.pending[i].push((peer.clone(), now + self.cfg.request_timeout));
+        if self.fallback.as_ref() == Some(&peer) {
+            self.fallback_in_flight += 1;
+        } else if let Some(st) = self.peers.get_mut(&peer) {
+            st.in_flight += 1;
+        }
+        out.push(Action::Request {
+            peer,
+            chunk: i as ChunkIndex,
+        });
+    }
+
+    fn fill(&mut self, now: Time, out: &mut Vec<Action<P>>) {
+        if self.is_done() {
+            return;
+        }
+        // Visit peers in a random order each round so no peer is always first.
+        let mut order: Vec<P> = self
+            .order
+            .iter()
+            .filter(|p| self.peers.get(*p).is_some_and(|st| self.can_ask(st, now)))
+            .cloned()
+            .collect();
+        for k in (1..order.len()).rev() {
+            let j = self.rng.gen_range(0..=k);
+            order.swap(k, j);
+        }
+        // Round-robin one request per peer at a time, so the rarest chunks
+        // spread over peers instead of the first peer taking its whole cap.
+        for max_req in [1, self.cfg.endgame_duplicates.max(1)] {
+            if max_req > 1 && self.pending_unrequested() > 0 {
+                break; // end-game only when every missing chunk is in flight
+            }
+            let mut active = order.clone();
+            while !active.is_empty() {
+                let mut next = Vec::with_capacity(active.len());
+                for p in active {
+                    let ok = self.peers.get(&p).is_some_and(|st| self.can_ask(st, now));
+                    if !ok {
+                        continue;
+                    }
+                    if let Some(i) = self.pick(&p, max_req) {
+                        self.request(p.clone(), i, now, out);
+                        next.push(p);
+                    }
+                }
+                active = next;
+            }
+        }
+        self.fill_fallback(now, out);
+    }
+
+    fn pending_unrequested(&self) -> usize {
+        (0..self.n)
+            .filter(|&i| !self.held[i] && self.pending[i].is_empty())
+            .count()
+    }
+
+    fn fill_fallback(&mut self, now: Time, out: &mut Vec<Action<P>>) {
+        let Some(fb) = self.fallback.clone() else {
+            return;
+        };
+        let started = self.started.unwrap_or(now);
+        if now < started + self.cfg.fallback_grace {
+            return;
+        }
+        let mut i = 0;
+        while self.fallback_in_flight < self.cfg.fallback_in_flight && i < self.n {
+            if !self.held[i] && self.avail[i] == 0 && self.pending[i].is_empty() {
+                self.request(fb.clone(), i, now, out);
+            }
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const T0: Time = Duration::ZERO;
+
+    fn ms(n: u64) -> Time {
+        Duration::from_millis(n)
+    }
+
+    fn reqs(actions: &[Action<&'static str>]) -> Vec<(&'static str, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Request { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sched(n: usize) -> Scheduler<&'static str> {
+        Scheduler::new(n, SchedulerConfig::default(), 1)
+    }
+
+    fn add(s: &mut Scheduler<&'static str>, p: &'static str, have: Vec<bool>) -> Vec<Action<&'static str>> {
+        let a = s.handle(Input::PeerFound(p), T0);
+        assert!(a.contains(&Action::AskHaveMap(p)));
+        s.handle(Input::HaveMap { peer: p, have }, T0)
+    }
+
+    #[test]
+    fn asks_for_have_map_once_then_requests() {
+        let mut s = sched(3);
+        let a = s.handle(Input::PeerFound("a"), T0);
+        assert_eq!(a, vec![Action::AskHaveMap("a")]);
+        assert!(s.handle(Input::PeerFound("a"), T0).is_empty());
+        let a = s.handle(Input::HaveMap { peer: "a", have: vec![true; 3] }, T0);
+        assert_eq!(reqs(&a).len(), 3);
+    }
+
+    #[test]
+    fn per_peer_cap_is_respected() {
+        let mut s = Scheduler::new(20, SchedulerConfig::default().with_per_peer_in_flight(3), 1);
+        let a = add(&mut s, "a", vec![true; 20]);
+        assert_eq!(reqs(&a).len(), 3);
+        assert_eq!(s.in_flight(&"a"), 3);
+        let (_, c) = reqs(&a)[0];
+        let a = s.handle(Input::ChunkOk { peer: "a", chunk: c }, T0);
+        assert_eq!(reqs(&a).len(), 1, "one slot freed, one new request");
+        assert_eq!(s.in_flight(&"a"), 3);
+    }
+
+    #[test]
+    fn rarest_first() {
+        let mut s = Scheduler::new(4, SchedulerConfig::default().with_per_peer_in_flight(1), 5);
+        // Chunk 3 is held by one peer only; the others by both.
+        add(&mut s, "b", vec![true, true, true, false]);
+        // b already has one request out (cap 1); now "a" arrives with all.
+        let a = add(&mut s, "a", vec![true, true, true, true]);
+        assert_eq!(reqs(&a), vec![("a", 3)]);
+    }
+
+    #[test]
+    fn spreads_distinct_chunks_over_peers() {
+        let mut s = sched(8);
+        s.handle(Input::PeerFound("a"), T0);
+        s.handle(Input::PeerFound("b"), T0);
+        let mut all = reqs(&s.handle(Input::HaveMap { peer: "a", have: vec![true; 8] }, T0));
+        all.extend(reqs(&s.handle(Input::HaveMap { peer: "b", have: vec![true; 8] }, T0)));
+        assert_eq!(all.len(), 8);
+        let mut chunks: Vec<u32> = all.iter().map(|(_, c)| *c).collect();
+        chunks.sort();
+        chunks.dedup();
+        assert_eq!(chunks.len(), 8, "no duplicates before end-game: {all:?}");
+    }
+
+    #[test]
+    fn random_tie_break_depends_on_seed_and_is_deterministic() {
+        let first = |seed| {
+            let mut s = Scheduler::new(64, SchedulerConfig::default().with_per_peer_in_flight(1), seed);
+            s.handle(Input::PeerFound("a"), T0);
+            reqs(&s.handle(Input::HaveMap { peer: "a", have: vec![true; 64] }, T0))[0].1
+        };
+        assert_eq!(first(1), first(1));
+        let distinct: std::collections::HashSet<u32> = (0..20).map(first).collect();
+        assert!(distinct.len() > 5, "{distinct:?}");
+    }
+
+    #[test]
+    fn bad_chunk_bans_and_rerequests_elsewhere() {
+        let mut s = sched(1);
+        let a = add(&mut s, "liar", vec![true]);
+        assert_eq!(reqs(&a), vec![("liar", 0)]);
+        let a = add(&mut s, "honest", vec![true]);
+        assert!(reqs(&a).is_empty() || reqs(&a) == vec![("honest", 0)]);
+        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, T0);
+        assert!(a.contains(&Action::Ban("liar")));
+        assert!(s.is_banned(&"liar"));
+        assert_eq!(s.banned(), &["liar"]);
+        // Honest peer gets (or already has) the request; the liar never again.
+        let a2 = s.handle(Input::Tick, ms(1));
+        let all: Vec<_> = reqs(&a).into_iter().chain(reqs(&a2)).collect();
+        assert!(all.iter().all(|(p, _)| *p == "honest"));
+        assert_eq!(s.in_flight(&"honest"), 1);
+        // A late answer from the liar changes nothing; a repeated ban is silent.
+        let a = s.handle(Input::HaveMap { peer: "liar", have: vec![true] }, ms(2));
+        assert!(reqs(&a).is_empty());
+        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, ms(2));
+        assert!(!a.contains(&Action::Ban("liar")));
+        let a = s.handle(Input::ChunkOk { peer: "honest", chunk: 0 }, ms(3));
+        assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
+    fn busy_backs_off_then_retries() {
+        let mut s = Scheduler::new(1, SchedulerConfig::default(), 1);
+        add(&mut s, "a", vec![true]);
+        let a = s.handle(Input::Busy { peer: "a", chunk: 0 }, ms(10));
+        assert!(reqs(&a).is_empty(), "backed off");
+        assert_eq!(s.next_wakeup(), Some(ms(260)));
+        assert!(reqs(&s.handle(Input::Tick, ms(100))).is_empty());
+        assert_eq!(reqs(&s.handle(Input::Tick, ms(260))), vec![("a", 0)]);
+    }
+
+    #[test]
+    fn busy_peer_load_moves_to_another() {
+        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(1), 1);
+        add(&mut s, "seed", vec![true]);
+        add(&mut s, "peer", vec![true]);
+        let first = s.pending[0][0].0;
+        let other = if first == "seed" { "peer" } else { "seed" };
+        let a = s.handle(Input::Busy { peer: first, chunk: 0 }, ms(1));
+        assert_eq!(reqs(&a), vec![(other, 0)]);
+    }
+
+    #[test]
+    fn timeout_fails_and_backs_off_exponentially_then_drops() {
+        let cfg = SchedulerConfig {
+            request_timeout: ms(100),
+            fail_backoff: ms(10),
+            max_failures: 3,
+            endgame_duplicates: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut s = Scheduler::new(1, cfg, 1);
+        add(&mut s, "a", vec![true]);
+        let a = s.handle(Input::Tick, ms(100));
+        assert!(reqs(&a).is_empty());
+        assert_eq!(s.in_flight(&"a"), 0);
+        let a = s.handle(Input::Tick, ms(110));
+        assert_eq!(reqs(&a), vec![("a", 0)]);
+        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(120));
+        assert!(reqs(&s.handle(Input::Tick, ms(135))).is_empty(), "20 ms back-off");
+        assert_eq!(reqs(&s.handle(Input::Tick, ms(140))), vec![("a", 0)]);
+        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(150));
+        // Third failure in a row: dropped.
+        assert!(reqs(&s.handle(Input::Tick, ms(10_000))).is_empty());
+        // Found again: usable again.
+        let a = s.handle(Input::PeerFound("a"), ms(10_001));
+        assert_eq!(reqs(&a), vec![("a", 0)]);
+    }
+
+    #[test]
+    fn stale_failure_after_timeout_is_ignored() {
+        let cfg = SchedulerConfig {
+            request_timeout: ms(100),
+            ..SchedulerConfig::default()
+        };
+        let mut s = Scheduler::new(2, cfg, 1);
+        add(&mut s, "a", vec![true, false]);
+        s.handle(Input::Tick, ms(100));
+        // The late failure report for the expired request does not count twice.
+        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(101));
+        assert_eq!(s.peers[&"a"].failures, 1);
+        // A late success is still welcome.
+        s.handle(Input::ChunkOk { peer: "a", chunk: 0 }, ms(102));
+        assert!(s.is_held(0));
+    }
+
+    #[test]
+    fn end_game_duplicates_last_chunks() {
+        let mut s = sched(2);
+        let a = add(&mut s, "slow", vec![true, true]);
+        assert_eq!(reqs(&a).len(), 2);
+        let a = add(&mut s, "fast", vec![true, true]);
+        let dup = reqs(&a);
+        assert_eq!(dup.len(), 2, "both outstanding chunks duplicated: {dup:?}");
+        assert!(dup.iter().all(|(p, _)| *p == "fast"));
+        s.handle(Input::ChunkOk { peer: "fast", chunk: 0 }, T0);
+        let a = s.handle(Input::ChunkOk { peer: "fast", chunk: 1 }, T0);
+        assert!(a.contains(&Action::Done));
+        // The slow duplicates arriving later are harmless.
+        let a = s.handle(Input::ChunkOk { peer: "slow", chunk: 0 }, T0);
+        assert!(a.is_empty());
+        assert_eq!(s.in_flight(&"slow"), 1);
+    }
+
+    #[test]
+    fn end_game_respects_duplicate_limit() {
+        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(2), 1);
+        add(&mut s, "a", vec![true]);
+        add(&mut s, "b", vec![true]);
+        let a = add(&mut s, "c", vec![true]);
+        assert!(reqs(&a).is_empty());
+        assert_eq!(s.pending[0].len(), 2);
+    }
+
+    #[test]
+    fn no_end_game_while_chunks_unrequested() {
+        let mut s = Scheduler::new(3, SchedulerConfig::default().with_per_peer_in_flight(1), 1);
+        add(&mut s, "a", vec![true, true, false]);
+        // b holds only what a is already fetching... and chunk 1 is free.
+        let a = add(&mut s, "b", vec![true, true, false]);
+        let r = reqs(&a);
+        assert_eq!(r.len(), 1);
+        assert_ne!(s.pending[r[0].1 as usize].len(), 2);
+    }
+
+    #[test]
+    fn do_not_have_updates_map() {
+        let mut s = sched(2);
+        add(&mut s, "a", vec![true, false]);
+        add(&mut s, "b", vec![true, true]);
+        let a = s.handle(Input::DoNotHave { peer: "a", chunk: 0 }, T0);
+        assert!(reqs(&a).iter().all(|(p, _)| *p == "b"));
+        assert!(!s.peers[&"a"].have[0]);
+        assert_eq!(s.avail[0], 1);
+    }
+
+    #[test]
+    fn have_updates_enable_requests() {
+        let mut s = sched(2);
+        add(&mut s, "a", vec![false, false]);
+        let a = s.handle(Input::Have { peer: "a", chunk: 1 }, T0);
+        assert_eq!(reqs(&a), vec![("a", 1)]);
+    }
+
+    #[test]
+    fn peer_gone_frees_its_requests() {
+        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(1), 1);
+        add(&mut s, "a", vec![true]);
+        add(&mut s, "b", vec![true]);
+        let first = s.pending[0][0].0;
+        let other = if first == "a" { "b" } else { "a" };
+        let a = s.handle(Input::PeerGone(first), ms(5));
+        assert_eq!(reqs(&a), vec![(other, 0)]);
+        assert_eq!(s.avail[0], 1);
+    }
+
+    #[test]
+    fn fallback_only_after_grace_and_only_for_unheld_chunks() {
+        let cfg = SchedulerConfig::default().with_fallback_grace(ms(1000));
+        let mut s = Scheduler::new(3, cfg, 1).with_fallback("http");
+        let a = add(&mut s, "a", vec![true, false, false]);
+        assert_eq!(reqs(&a), vec![("a", 0)]);
+        assert!(reqs(&s.handle(Input::Tick, ms(999))).is_empty());
+        let a = s.handle(Input::Tick, ms(1000));
+        assert_eq!(reqs(&a), vec![("http", 1), ("http", 2)]);
+        assert_eq!(s.in_flight(&"http"), 2);
+        s.handle(Input::ChunkOk { peer: "http", chunk: 1 }, ms(1001));
+        s.handle(Input::ChunkOk { peer: "http", chunk: 2 }, ms(1001));
+        let a = s.handle(Input::ChunkOk { peer: "a", chunk: 0 }, ms(1002));
+        assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
+    fn fallback_alone_fetches_everything() {
+        let cfg = SchedulerConfig::default().with_fallback_grace(Duration::ZERO);
+        let mut s = Scheduler::new(10, cfg, 1).with_fallback("http");
+        let mut out = s.handle(Input::Tick, T0);
+        let mut n = 0;
+        while !out.contains(&Action::Done) {
+            let r = reqs(&out);
+            assert!(r.len() <= 4);
+            let mut next = Vec::new();
+            for (p, c) in r {
+                n += 1;
+                next.extend(s.handle(Input::ChunkOk { peer: p, chunk: c }, T0));
+            }
+            out = next;
+        }
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn fallback_takes_over_when_only_holder_is_banned() {
+        let cfg = SchedulerConfig::default().with_fallback_grace(ms(1));
+        let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
+        add(&mut s, "liar", vec![true]);
+        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, ms(1));
+        assert!(a.contains(&Action::Ban("liar")));
+        assert_eq!(reqs(&a), vec![("http", 0)]);
+    }
+
+    #[test]
+    fn refreshes_incomplete_have_maps() {
+        let mut s = sched(2);
+        add(&mut s, "a", vec![true, false]);
+        assert!(!s.handle(Input::Tick, ms(499)).contains(&Action::AskHaveMap("a")));
+        assert!(s.handle(Input::Tick, ms(500)).contains(&Action::AskHaveMap("a")));
+        // A complete map is not refreshed.
+        add(&mut s, "b", vec![true, true]);
+        assert!(!s.handle(Input::Tick, ms(5000)).contains(&Action::AskHaveMap("b")));
+    }
+
+    #[test]
+    fn mark_held_and_empty_manifest() {
+        let mut s = sched(2);
+        s.mark_held(0);
+        s.mark_held(1);
+        assert_eq!(s.handle(Input::Tick, T0), vec![Action::Done]);
+        assert!(s.handle(Input::Tick, T0).is_empty(), "Done only once");
+        let mut e: Scheduler<&str> = sched(0);
+        assert_eq!(e.handle(Input::Tick, T0), vec![Action::Done]);
+    }
+
+    #[test]
+    fn out_of_range_inputs_are_ignored() {
+        let mut s = sched(2);
+        add(&mut s, "a", vec![true; 7]);
+        for inp in [
+            Input::Have { peer: "a", chunk: 99 },
+            Input::ChunkOk { peer: "a", chunk: 99 },
+            Input::ChunkFailed { peer: "a", chunk: 99 },
+            Input::DoNotHave { peer: "a", chunk: 99 },
+            Input::Busy { peer: "zz", chunk: 99 },
+        ] {
+            s.handle(inp, T0);
+        }
+        assert_eq!(s.peers[&"a"].have.len(), 2);
+    }
+
+    /// Random runs of a little swarm: every chunk ends up held, caps hold at
+    /// every step, liars are banned, and the same seed gives the same run.
+    #[test]
+    fn random_runs_complete_and_respect_invariants() {
+        fn run(seed: u64) -> (Vec<String>, usize) {
+            let n = 40;
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let peers = ["p0", "p1", "p2", "p3", "liar"];
+            let cfg = SchedulerConfig::default().with_fallback_grace(ms(50));
+            let mut s = Scheduler::new(n, cfg.clone(), seed).with_fallback("http");
+            let mut log = Vec::new();
+            let mut inflight: Vec<(&'static str, u32)> = Vec::new();
+            let mut now = T0;
+            for p in peers {
+                let have: Vec<bool> = (0..n).map(|_| rng.gen_bool(0.6)).collect();
+                s.handle(Input::PeerFound(p), now);
+                let a = s.handle(Input::HaveMap { peer: p, have }, now);
+                inflight.extend(reqs(&a));
+            }
+            for step in 0..100_000 {
+                if s.is_done() {
+                    return (log, step);
+                }
+                now += ms(rng.gen_range(0..20));
+                let a = if inflight.is_empty() || rng.gen_bool(0.05) {
+                    s.handle(Input::Tick, now)
+                } else {
+                    let k = rng.gen_range(0..inflight.len());
+                    let (p, c) = inflight.swap_remove(k);
+                    let inp = if p == "liar" {
+                        Input::ChunkBad { peer: p, chunk: c }
+                    } else {
+                        match rng.gen_range(0..10) {
+                            0 => Input::Busy { peer: p, chunk: c },
+                            1 => Input::ChunkFailed { peer: p, chunk: c },
+                            _ => Input::ChunkOk { peer: p, chunk: c },
+                        }
+                    };
+                    s.handle(inp, now)
+                };
+                for act in &a {
+                    log.push(format!("{act:?}"));
+                    if let Action::Request { peer, .. } = act {
+                        assert_ne!(*peer, "liar", "banned peers are never asked again");
+                    }
+                }
+                inflight.extend(reqs(&a));
+                for p in peers {
+                    assert!(s.in_flight(&p) <= cfg.per_peer_in_flight);
+                }
+                assert!(s.in_flight(&"http") <= cfg.fallback_in_flight);
+                for r in &s.pending {
+                    assert!(r.len() <= cfg.endgame_duplicates);
+                }
+            }
+            panic!("seed {seed}: not done; held {}/{n}", s.held_count());
+        }
+        for seed in 0..30 {
+            let (a, _) = run(seed);
+            let (b, _) = run(seed);
+            assert_eq!(a, b, "deterministic for seed {seed}");
+            assert!(a.iter().any(|l| l.contains("Ban(\"liar\")")) || !a.iter().any(|l| l.contains("\"liar\"")));
+        }
+    }
+}
