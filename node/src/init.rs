@@ -1,6 +1,228 @@
-//! `plasmd` as PID 1 in the boot initramfs: owned by the boot work (issue 4).
+//! `plasmd` as PID 1 in the boot initramfs: mount, load the network modules,
+//! DHCP, read `phase.*` from `/proc/cmdline`, fetch and verify the target,
+//! kexec into it.
+//!
+//! Every step prints one `plasmd: phase ...` line on the console; tests
+//! assert them, so keep the prefixes stable. A failed fetch is retried with
+//! capped back-off; a kexec refusal is printed once with its remedy. Init
+//! never exits (that would panic the kernel): `main` parks after an error.
+//!
+//! Run by hand (`plasmd init`, not PID 1) it touches nothing on the host: no
+//! mounts, modules or network, and the kexec is a dry run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use phase_boot::cmdline::{self, PhaseConfig};
+use phase_boot::kexec::{self, Arch, Kexec, LoadContext, Preflight};
+use phase_content::{MemStore, SignedManifest, reassemble};
+
+use crate::init_fetch::fetch_http;
+use crate::init_net;
+
+/// The longest wait between fetch attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+fn is_pid1() -> bool {
+    std::process::id() == 1
+}
 
 /// Runs the init sequence; never returns on success (kexec).
 pub(crate) fn run() -> anyhow::Result<()> {
-    anyhow::bail!("plasmd init is not built yet")
+    let r = run_inner();
+    if let Err(e) = &r {
+        println!(
+            "plasmd: phase stopped: {e:#}; init stays up (PID 1 must not exit): fix the cause and reboot"
+        );
+    }
+    r
+}
+
+fn run_inner() -> anyhow::Result<()> {
+    println!("plasmd: phase init start version={}", env!("CARGO_PKG_VERSION"));
+    let real = is_pid1();
+    if real {
+        init_net::mount_basics();
+    } else {
+        println!("plasmd: not PID 1: no mounts, modules or network; kexec is a dry run");
+    }
+    let (raw, cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
+        .context("reading the phase.* parameters from /proc/cmdline")?;
+    for w in &warnings {
+        println!("plasmd: warning: {w}");
+    }
+    let provider = cfg.provider.clone().context(
+        "no phase.provider=URL on the kernel command line: add one (e.g. phase.provider=http://10.0.2.2:8080)",
+    )?;
+    let pubkey = cfg.pubkey.context(
+        "no phase.pubkey=HEX on the kernel command line: add the publisher key `plasmd serve` prints",
+    )?;
+    println!(
+        "plasmd: phase cmdline ok provider={provider} channel={} arch={} mode={} warnings={}",
+        cfg.channel,
+        cfg.arch,
+        cfg.mode,
+        warnings.len()
+    );
+    tracing::debug!(cmdline = %raw, "kernel command line");
+
+    if cfg.test_disable_kexec {
+        set_kexec_load_disabled(real)?;
+    }
+
+    if real {
+        let n = init_net::load_modules(Path::new("/lib/modules"))?;
+        println!("plasmd: phase modules loaded count={n}");
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match init_net::dhcp() {
+                Ok(lease) => {
+                    println!(
+                        "plasmd: phase network up iface={} ip={} router={}",
+                        lease.iface, lease.ip, lease.router
+                    );
+                    break;
+                }
+                Err(e) => {
+                    println!("plasmd: network failed: {e:#}; retrying in {backoff:?}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    let mut backoff = Duration::from_secs(1);
+    let (manifest, store) = loop {
+        match fetch_http(&provider, &pubkey, &cfg.channel, &cfg.arch) {
+            Ok(v) => break v,
+            Err(e) => {
+                println!("plasmd: fetch failed: {e:#}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+
+    match boot(&cfg, &manifest, &store, real) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            println!("plasmd: phase kexec failed: {e:#}");
+            Err(e)
+        }
+    }
+}
+
+/// The test knob `phase.test_disable_kexec=1`: flip the kernel's one-way
+/// latch so the test sees the real refusal.
+fn set_kexec_load_disabled(real: bool) -> anyhow::Result<()> {
+    if !real {
+        println!("plasmd: test knob phase.test_disable_kexec ignored (not PID 1)");
+        return Ok(());
+    }
+    std::fs::write("/proc/sys/kernel/kexec_load_disabled", "1")
+        .context("writing 1 to /proc/sys/kernel/kexec_load_disabled")?;
+    println!("plasmd: test knob: set kernel.kexec_load_disabled=1");
+    Ok(())
+}
+
+fn artifact_bytes(
+    manifest: &SignedManifest,
+    store: &MemStore,
+    name: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(a) = manifest.manifest().artifact(name) else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(usize::try_from(a.size).unwrap_or(0));
+    reassemble(store, a, &mut out).with_context(|| format!("reassembling {name}"))?;
+    Ok(Some(out))
+}
+
+fn entropy(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    // SAFETY: buf is valid for n bytes.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), n, 0) };
+    if got != n as isize {
+        println!("plasmd: warning: no entropy for kaslr-seed; using zero");
+        buf.fill(0);
+    }
+    buf
+}
+
+fn boot(
+    cfg: &PhaseConfig,
+    manifest: &SignedManifest,
+    store: &MemStore,
+    real: bool,
+) -> anyhow::Result<()> {
+    let kernel = artifact_bytes(manifest, store, "kernel")?
+        .context("the manifest has no kernel artifact")?;
+    let initrd = artifact_bytes(manifest, store, "initramfs")?;
+    let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
+    println!(
+        "plasmd: phase verified kernel={} initramfs={} cmdline={cmdline:?}",
+        kernel.len(),
+        initrd.as_ref().map_or(0, Vec::len)
+    );
+    let arch = match cfg.arch.as_str() {
+        "x86_64" => Arch::X86_64,
+        "aarch64" | "arm64" => Arch::Aarch64,
+        other => anyhow::bail!("cannot kexec a {other} target"),
+    };
+    if Arch::current() != Some(arch) {
+        anyhow::bail!(
+            "phase.arch={} but this machine runs {}",
+            cfg.arch,
+            std::env::consts::ARCH
+        );
+    }
+    let preflight = Preflight::read();
+    println!(
+        "plasmd: phase kexec preflight kexec_load_disabled={} lockdown={}",
+        preflight
+            .load_disabled
+            .map_or("absent".into(), |d| u8::from(d).to_string()),
+        preflight.lockdown.as_deref().unwrap_or("absent")
+    );
+    let (fdt, iomem) = if arch == Arch::Aarch64 {
+        (
+            std::fs::read("/sys/firmware/fdt").unwrap_or_default(),
+            std::fs::read_to_string("/proc/iomem").unwrap_or_default(),
+        )
+    } else {
+        (Vec::new(), String::new())
+    };
+    let memory = kexec::parse_iomem(&iomem);
+    let seed = if arch == Arch::Aarch64 {
+        entropy(8 + 64)
+    } else {
+        Vec::new()
+    };
+    let ctx = LoadContext {
+        arch,
+        preflight: &preflight,
+        arm64: (arch == Arch::Aarch64 && !fdt.is_empty()).then_some(kexec::Arm64Inputs {
+            dtb: &fdt,
+            memory: &memory,
+            entropy: &seed,
+        }),
+    };
+    let mut k: Box<dyn Kexec> = if real {
+        Box::new(kexec::Syscalls::new()?)
+    } else {
+        Box::new(kexec::DryRun::default())
+    };
+    let loaded = kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?;
+    println!(
+        "plasmd: phase kexec path={} reason={}",
+        loaded.path, loaded.reason
+    );
+    if !real {
+        println!("plasmd: dry run: not executing");
+        return Ok(());
+    }
+    println!("plasmd: phase kexec exec");
+    Err(k.exec().into())
 }

@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand};
 
 mod fetch;
 mod init;
+mod init_fetch;
+mod init_net;
 mod keys;
 mod mkinitramfs;
 mod serve;

@@ -2,6 +2,8 @@
 //! `plasmd` binary, run it as a child that is killed (by PID) on drop, and
 //! wait for what it prints instead of sleeping.
 
+pub mod vm;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
