@@ -1,0 +1,510 @@
+//! One boot storm per mode on the same topology, artifacts and shaping.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::cpu::{CpuUse, Sampler};
+use crate::netns::{Line, NsProc, Shape, Topology, sh};
+
+/// How nodes get the artifacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `plasmd fetch` on every node, `plasmd serve` as the seed.
+    Swarm,
+    /// curl from the seed's HTTP server (`plasmd serve`), nothing else.
+    Http,
+    /// aria2c with a torrent from mktorrent and opentracker as the tracker.
+    Bittorrent,
+}
+
+impl Mode {
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Swarm => "swarm",
+            Mode::Http => "http",
+            Mode::Bittorrent => "bittorrent",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "swarm" => Ok(Mode::Swarm),
+            "http" => Ok(Mode::Http),
+            "bittorrent" | "bt" => Ok(Mode::Bittorrent),
+            _ => Err(format!("unknown mode {s:?} (swarm, http, bittorrent)")),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct StormConfig {
+    /// Nodes besides the seed.
+    pub nodes: usize,
+    /// Kernel size in bytes.
+    pub kernel_bytes: usize,
+    /// Initramfs size in bytes.
+    pub initramfs_bytes: usize,
+    /// Every node's link, bit/s each way.
+    pub rate_bps: u64,
+    /// The seed's link, bit/s each way.
+    pub seed_rate_bps: u64,
+    /// Delay between node starts (0: a cold storm, all at once).
+    pub stagger: Duration,
+    /// Give up on a mode after this long.
+    pub timeout: Duration,
+    /// The plasmd binary.
+    pub plasmd: PathBuf,
+    /// Scratch directory (artifacts, node outputs).
+    pub work: PathBuf,
+    /// Chunk size for the swarm's manifest.
+    pub chunk_size: u32,
+}
+
+impl StormConfig {
+    /// Total artifact bytes, F.
+    pub fn artifact_bytes(&self) -> u64 {
+        (self.kernel_bytes + self.initramfs_bytes) as u64
+    }
+}
+
+/// The outcome of one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    /// Per node: seconds from the storm's start to verified artifacts (None: did not finish).
+    pub completion_s: Vec<Option<f64>>,
+    /// Median completion.
+    pub p50_s: f64,
+    /// 99th percentile (nearest rank).
+    pub p99_s: f64,
+    /// Last node.
+    pub max_s: f64,
+    /// Bytes the seed's interface sent / bytes all interfaces sent.
+    pub seed_share: f64,
+    /// Bytes the seed's interface sent / artifact size.
+    pub seed_copies: f64,
+    /// Every node finished with byte-identical artifacts.
+    pub ok: bool,
+    /// CPU use while the mode ran.
+    pub cpu: CpuUse,
+    /// Why the mode failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Nearest-rank percentile of finished times (`q` in 0..=1).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Deterministic pseudo-random bytes (xorshift64).
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes the artifact set under `work/artifacts/stable/ARCH`; returns the
+/// directory and the expected blake3 of each file.
+pub fn make_artifacts(cfg: &StormConfig) -> anyhow::Result<(PathBuf, Vec<(String, blake3::Hash)>)> {
+    let root = cfg.work.join("artifacts");
+    let dir = root.join("stable").join(std::env::consts::ARCH);
+    std::fs::create_dir_all(&dir)?;
+    let mut want = Vec::new();
+    for (name, len, seed) in [
+        ("kernel", cfg.kernel_bytes, 11),
+        ("initramfs", cfg.initramfs_bytes, 12),
+    ] {
+        let data = pseudo_random(len, seed);
+        std::fs::write(dir.join(name), &data)?;
+        want.push((name.to_owned(), blake3::hash(&data)));
+    }
+    Ok((root, want))
+}
+
+fn file_ok(path: &Path, want: &blake3::Hash) -> bool {
+    std::fs::read(path)
+        .map(|d| blake3::hash(&d) == *want)
+        .unwrap_or(false)
+}
+
+/// Waits for a line matching `pred` from child `who`; other lines go to `rest`.
+fn wait_line(
+    rx: &mpsc::Receiver<Line>,
+    deadline: Instant,
+    rest: &mut Vec<Line>,
+    pred: impl Fn(&Line) -> bool,
+) -> anyhow::Result<Line> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = rx.recv_timeout(left).map_err(|_| {
+            let tail: Vec<String> = rest.iter().rev().take(20).map(|l| l.text.clone()).collect();
+            anyhow::anyhow!("timed out; last output:\n{}", tail.join("\n"))
+        })?;
+        if pred(&l) {
+            return Ok(l);
+        }
+        rest.push(l);
+    }
+}
+
+/// Builds a node's command line from its index and output directory.
+type NodeCmd = Box<dyn Fn(usize, &Path) -> Vec<String>>;
+
+/// Runs one mode on a fresh topology.
+pub fn run_mode(
+    mode: Mode,
+    cfg: &StormConfig,
+    artifacts: &Path,
+    want: &[(String, blake3::Hash)],
+    tag: &str,
+) -> anyhow::Result<ModeResult> {
+    let topo = Topology::create(
+        tag,
+        cfg.nodes,
+        Shape {
+            up_bps: cfg.seed_rate_bps,
+            down_bps: cfg.seed_rate_bps,
+        },
+        Shape {
+            up_bps: cfg.rate_bps,
+            down_bps: cfg.rate_bps,
+        },
+    )?;
+    let mode_dir = cfg.work.join(mode.name());
+    let _ = std::fs::remove_dir_all(&mode_dir);
+    std::fs::create_dir_all(&mode_dir)?;
+    let (tx, rx) = mpsc::sync_channel::<Line>(4096);
+    let seed_who = usize::MAX;
+    let mut procs: Vec<NsProc> = Vec::new();
+    let mut rest = Vec::new();
+    let setup_deadline = Instant::now() + Duration::from_secs(60);
+    let s = |p: &Path| p.display().to_string();
+    let plasmd = s(&cfg.plasmd);
+    let seed_ip = topo.seed.ip.clone();
+    let arch = std::env::consts::ARCH;
+
+    // The seed side, and the command each node runs.
+    let node_cmd: NodeCmd = match mode {
+        Mode::Swarm | Mode::Http => {
+            let state = mode_dir.join("seed-state");
+            let argv = vec![
+                plasmd.clone(),
+                "serve".into(),
+                "-a".into(),
+                s(artifacts),
+                "-p".into(),
+                "8080".into(),
+                "--bind".into(),
+                seed_ip.clone(),
+                "--state".into(),
+                s(&state),
+                "--chunk-size".into(),
+                cfg.chunk_size.to_string(),
+            ];
+            procs.push(NsProc::spawn(&topo.seed.ns, &argv, seed_who, &tx)?);
+            let key_line = wait_line(&rx, setup_deadline, &mut rest, |l| {
+                l.text.contains("public key ")
+            })?;
+            let pubkey = key_line
+                .text
+                .split("public key ")
+                .nth(1)
+                .and_then(|x| x.split_whitespace().next())
+                .context("public key in banner")?
+                .to_owned();
+            wait_line(&rx, setup_deadline, &mut rest, |l| {
+                l.text.contains("serving http://")
+            })?;
+            let url = format!("http://{seed_ip}:8080");
+            if mode == Mode::Swarm {
+                let plasmd = plasmd.clone();
+                Box::new(move |_, out: &Path| {
+                    vec![
+                        plasmd.clone(),
+                        "fetch".into(),
+                        "--provider".into(),
+                        url.clone(),
+                        "--pubkey".into(),
+                        pubkey.clone(),
+                        "--out".into(),
+                        out.display().to_string(),
+                        "--serve-after".into(),
+                        "--json".into(),
+                    ]
+                })
+            } else {
+                Box::new(move |_, out: &Path| {
+                    let o = out.display();
+                    vec![
+                        "sh".into(),
+                        "-c".into(),
+                        format!(
+                            "curl -sSf -o {o}/kernel {url}/stable/{arch}/kernel && \
+                             curl -sSf -o {o}/initramfs {url}/stable/{arch}/initramfs && \
+                             echo STORM-DONE"
+                        ),
+                    ]
+                })
+            }
+        }
+        Mode::Bittorrent => {
+            let bt = mode_dir.join("bt");
+            let data = bt.join("seed").join("boot");
+            std::fs::create_dir_all(&data)?;
+            for (name, _) in want {
+                std::fs::copy(
+                    artifacts.join("stable").join(arch).join(name),
+                    data.join(name),
+                )?;
+            }
+            let torrent = bt.join("boot.torrent");
+            sh(&[
+                "mktorrent",
+                "-a",
+                &format!("http://{seed_ip}:6969/announce"),
+                "-l",
+                "18",
+                "-o",
+                &s(&torrent),
+                &s(&data),
+            ])?;
+            let info = sh(&["aria2c", "-S", &s(&torrent)])?;
+            let hash = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Info Hash: "))
+                .context("info hash from aria2c -S")?
+                .trim()
+                .to_owned();
+            let ot = bt.join("ot");
+            std::fs::create_dir_all(&ot)?;
+            std::fs::write(ot.join("whitelist.txt"), format!("{hash}\n"))?;
+            std::fs::write(
+                ot.join("opentracker.conf"),
+                format!(
+                    "listen.tcp_udp {seed_ip}:6969\ntracker.rootdir {}\naccess.whitelist whitelist.txt\n",
+                    ot.display()
+                ),
+            )?;
+            let hook = bt.join("done.sh");
+            std::fs::write(&hook, "#!/bin/sh\necho STORM-DONE \"$3\"\n")?;
+            sh(&["chmod", "755", &s(&hook)])?;
+            procs.push(NsProc::spawn(
+                &topo.seed.ns,
+                &[
+                    "opentracker".into(),
+                    "-f".into(),
+                    s(&ot.join("opentracker.conf")),
+                ],
+                seed_who,
+                &tx,
+            )?);
+            let common = |dir: &Path| -> Vec<String> {
+                vec![
+                    "aria2c".into(),
+                    format!("--dir={}", dir.display()),
+                    "--seed-ratio=0.0".into(),
+                    "--enable-dht=false".into(),
+                    "--enable-dht6=false".into(),
+                    "--bt-enable-lpd=false".into(),
+                    "--file-allocation=none".into(),
+                    "--summary-interval=0".into(),
+                    "--console-log-level=warn".into(),
+                    "--bt-max-peers=55".into(),
+                ]
+            };
+            let mut seeder = common(&bt.join("seed"));
+            seeder.extend([
+                "-V".into(),
+                "--bt-seed-unverified=false".into(),
+                s(&torrent),
+            ]);
+            procs.push(NsProc::spawn(&topo.seed.ns, &seeder, seed_who, &tx)?);
+            let torrent = s(&torrent);
+            let hook = s(&hook);
+            Box::new(move |_, out: &Path| {
+                let mut v = common(out);
+                v.push(format!("--on-bt-download-complete={hook}"));
+                v.push(torrent.clone());
+                v
+            })
+        }
+    };
+
+    let tx0: Vec<u64> = std::iter::once(&topo.seed)
+        .chain(&topo.nodes)
+        .map(Topology::tx_bytes)
+        .collect::<anyhow::Result<_>>()?;
+    let sampler = Sampler::start();
+    let t0 = Instant::now();
+    let deadline = t0 + cfg.timeout;
+    let mut outs = Vec::new();
+    for (i, host) in topo.nodes.iter().enumerate() {
+        if !cfg.stagger.is_zero() && i > 0 {
+            std::thread::sleep(cfg.stagger); // the stagger is the experiment, not synchronisation
+        }
+        let out = mode_dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&out)?;
+        procs.push(NsProc::spawn(&host.ns, &node_cmd(i, &out), i, &tx)?);
+        outs.push(out);
+    }
+    let mut done: HashMap<usize, f64> = HashMap::new();
+    let mut error = None;
+    let mut node_lines: Vec<Vec<String>> = vec![Vec::new(); cfg.nodes];
+    while done.len() < cfg.nodes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            error = Some(format!(
+                "timed out after {:?} with {}/{} nodes done",
+                cfg.timeout,
+                done.len(),
+                cfg.nodes
+            ));
+            break;
+        }
+        let Ok(l) = rx.recv_timeout(left.min(Duration::from_millis(500))) else {
+            // No output for a while: check whether a node died without finishing.
+            let first_node = procs.len() - cfg.nodes;
+            let mut dead = Vec::new();
+            for (i, p) in procs[first_node..].iter_mut().enumerate() {
+                let exited = p
+                    .try_wait()
+                    .is_some_and(|st| !st.success() || mode != Mode::Http);
+                if exited && !done.contains_key(&i) {
+                    dead.push(i);
+                }
+            }
+            if let Some(&i) = dead.first() {
+                error = Some(format!(
+                    "node {i} exited without finishing: {}",
+                    node_lines[i]
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ));
+                break;
+            }
+            continue;
+        };
+        if l.who == seed_who {
+            continue;
+        }
+        let finished = match mode {
+            Mode::Swarm => l.text.starts_with('{') && l.text.contains("\"ok\""),
+            Mode::Http | Mode::Bittorrent => l.text.starts_with("STORM-DONE"),
+        };
+        if finished {
+            done.entry(l.who)
+                .or_insert_with(|| l.at.duration_since(t0).as_secs_f64());
+        } else if node_lines[l.who].len() < 200 {
+            node_lines[l.who].push(l.text);
+        }
+    }
+    let cpu = sampler.finish();
+    let tx1: Vec<u64> = std::iter::once(&topo.seed)
+        .chain(&topo.nodes)
+        .map(Topology::tx_bytes)
+        .collect::<anyhow::Result<_>>()?;
+    drop(procs);
+    drop(topo);
+
+    let sent: Vec<u64> = tx1
+        .iter()
+        .zip(&tx0)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let total: u64 = sent.iter().sum();
+    let f = cfg.artifact_bytes() as f64;
+    let mut all_ok = error.is_none();
+    let mut completion = Vec::new();
+    for (i, out) in outs.iter().enumerate() {
+        let dir = if mode == Mode::Bittorrent {
+            out.join("boot")
+        } else {
+            out.clone()
+        };
+        let ok = want.iter().all(|(name, h)| file_ok(&dir.join(name), h));
+        all_ok &= ok && done.contains_key(&i);
+        completion.push(done.get(&i).copied());
+    }
+    let mut sorted: Vec<f64> = completion.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    Ok(ModeResult {
+        p50_s: percentile(&sorted, 0.5),
+        p99_s: percentile(&sorted, 0.99),
+        max_s: sorted.last().copied().unwrap_or(f64::NAN),
+        seed_share: if total > 0 {
+            sent[0] as f64 / total as f64
+        } else {
+            0.0
+        },
+        seed_copies: sent[0] as f64 / f,
+        ok: all_ok,
+        cpu,
+        error,
+        completion_s: completion,
+    })
+}
+
+/// Checks the tools a mode needs are installed and that we are root.
+pub fn preflight(modes: &[Mode]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("storms create network namespaces: run as root");
+    }
+    let mut need = vec!["ip", "tc"];
+    if modes.contains(&Mode::Http) {
+        need.push("curl");
+    }
+    if modes.contains(&Mode::Bittorrent) {
+        need.extend(["aria2c", "mktorrent", "opentracker"]);
+    }
+    for tool in need {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!(
+                "{tool} is not installed (Debian: apt-get install iproute2 curl aria2 mktorrent opentracker)"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 10.0];
+        assert_eq!(percentile(&v, 0.5), 3.0);
+        assert_eq!(percentile(&v, 0.99), 10.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}
