@@ -14,6 +14,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod fetch;
+mod fetch_http;
+mod fetch_progress;
 mod init;
 mod init_fetch;
 mod init_net;
