@@ -55,6 +55,9 @@ pub(crate) struct Args {
     /// Give up if the fetch has not finished after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Milliseconds between plain progress lines (not on a terminal).
+    #[arg(long, default_value_t = 2000, hide = true)]
+    progress_ms: u64,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -129,7 +132,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     );
 
     let (ptx, prx) = tokio::sync::watch::channel(FetchProgress::default());
-    let printer = tokio::spawn(crate::fetch_progress::show(prx, std::io::stderr().is_terminal()));
+    let printer = tokio::spawn(crate::fetch_progress::show(
+        prx,
+        std::io::stderr().is_terminal(),
+        Duration::from_millis(a.progress_ms),
+    ));
     let fallback = seed
         .clone()
         .map(|s| Arc::new(s) as Arc<dyn phase_swarm::Fallback>);

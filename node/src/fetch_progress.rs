@@ -8,12 +8,12 @@ use phase_swarm::FetchProgress;
 use tokio::sync::watch;
 
 /// Shows progress until the sender is dropped or every chunk is held.
-pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool) {
+pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool, plain_every: Duration) {
     let start = Instant::now();
     let every = if tty {
         Duration::from_millis(200)
     } else {
-        Duration::from_secs(2)
+        plain_every
     };
     let mut drawn = 0usize;
     let mut last = Instant::now();
