@@ -33,8 +33,8 @@ pub enum Error {
         "manifest signature does not verify with the pinned key {key}: tampered, or signed by another publisher"
     )]
     BadSignature {
-        /// The pinned key.
-        key: PublicKey,
+        /// The pinned key (boxed: a verifying key is large, errors stay small).
+        key: Box<PublicKey>,
     },
     /// A manifest is older than one already seen.
     #[error(

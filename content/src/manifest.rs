@@ -203,7 +203,9 @@ impl SignedManifest {
     pub fn verify(bytes: &[u8], pinned: &PublicKey) -> Result<Self, Error> {
         let (body, sig) = split_envelope(bytes)?;
         if !pinned.verify_manifest(body.get().as_bytes(), &sig) {
-            return Err(Error::BadSignature { key: *pinned });
+            return Err(Error::BadSignature {
+                key: Box::new(*pinned),
+            });
         }
         let manifest: Manifest =
             serde_json::from_str(body.get()).map_err(|e| Error::BadManifest {

@@ -20,4 +20,5 @@ pub mod cleanup;
 pub mod cpu;
 pub mod netns;
 pub mod plot;
+pub mod sim;
 pub mod storm;

@@ -1,0 +1,602 @@
+//! A discrete-event boot-storm simulator that drives the real sans-I/O
+//! scheduler ([`phase_swarm::scheduler::Scheduler`], not a copy of it) over a
+//! modelled network.
+//!
+//! The network model is flow-level: a chunk transfer from A to B proceeds at
+//! `min(up(A) / uploads(A), down(B) / downloads(B))`, recomputed for every
+//! flow touching A or B whenever a flow there starts or ends (processor
+//! sharing at both ends). Messages take a one-way latency; a request reaches
+//! the server after one latency, the last byte reaches the client one
+//! latency after it left. Servers answer "busy" past the same serving caps
+//! the real node uses. Discovery: a node learns the seed and
+//! `initial_peers` random nodes at start (mDNS on a LAN finds them all; the
+//! DHT's routing table gives some), then up to `dht_answer` random providers
+//! (nodes holding at least one chunk) per DHT query, every `dht_interval`
+//! until done.
+//! Have-maps travel only when a scheduler asks for them, as in the real node.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::time::Duration;
+
+use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Nodes besides the seed.
+    pub nodes: usize,
+    /// Artifact bytes in total.
+    pub file_bytes: u64,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// Node upload, bit/s.
+    pub up_bps: f64,
+    /// Node download, bit/s.
+    pub down_bps: f64,
+    /// Seed upload, bit/s.
+    pub seed_up_bps: f64,
+    /// One-way latency.
+    pub latency: Duration,
+    /// Delay between node starts.
+    pub stagger: Duration,
+    /// Uploads one server runs at once before answering busy (the node's `max_serving`).
+    pub max_serving: usize,
+    /// Uploads to one client at once before answering busy (the node's `per_peer_serving`).
+    pub per_peer_serving: usize,
+    /// Providers per DHT answer.
+    pub dht_answer: usize,
+    /// Time between DHT queries of a node still fetching.
+    pub dht_interval: Duration,
+    /// Peers a node keeps at most.
+    pub max_known: usize,
+    /// Random peers a node learns when it starts (mDNS, DHT routing table).
+    pub initial_peers: usize,
+    /// Scheduler tick.
+    pub tick: Duration,
+    /// Scheduler settings (defaults: the real node's).
+    pub sched: SchedulerConfig,
+    /// Goodput as a fraction of the link rate (tbf counts Ethernet framing).
+    pub efficiency: f64,
+    /// RNG seed: the same seed gives the same run.
+    pub seed: u64,
+    /// Complete hosts advertise only their least-sent chunks (super-seeding).
+    pub shape_seed_maps: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 32,
+            file_bytes: 13_200_000,
+            chunk_size: 256 << 10,
+            up_bps: 20e6,
+            down_bps: 20e6,
+            seed_up_bps: 20e6,
+            latency: Duration::from_micros(200),
+            stagger: Duration::ZERO,
+            max_serving: 16,
+            per_peer_serving: 4,
+            dht_answer: 20,
+            dht_interval: Duration::from_secs(1),
+            max_known: 50,
+            initial_peers: 40,
+            tick: Duration::from_millis(100),
+            sched: SchedulerConfig::default(),
+            efficiency: 0.953,
+            seed: 1,
+            shape_seed_maps: false,
+        }
+    }
+}
+
+/// What a simulated storm produced.
+#[derive(Debug, Clone)]
+pub struct SimResult {
+    /// Per node, seconds to all chunks (NaN if it never finished).
+    pub completion_s: Vec<f64>,
+    /// Bytes the seed uploaded.
+    pub seed_bytes: f64,
+    /// Bytes all hosts uploaded.
+    pub total_bytes: f64,
+    /// Events processed.
+    pub events: u64,
+}
+
+impl SimResult {
+    /// The last node's completion.
+    pub fn max_s(&self) -> f64 {
+        self.completion_s.iter().copied().fold(0.0, f64::max)
+    }
+    /// Median completion.
+    pub fn p50_s(&self) -> f64 {
+        let mut v = self.completion_s.clone();
+        v.sort_by(f64::total_cmp);
+        crate::storm::percentile(&v, 0.5)
+    }
+}
+
+type Peer = usize;
+const SEED: Peer = 0;
+
+#[derive(Debug)]
+enum Ev {
+    Start(Peer),
+    Tick(Peer),
+    Dht(Peer),
+    /// A scheduler input reaches a node.
+    Deliver(Peer, Input<Peer>),
+    /// A have-map request reaches `server`.
+    MapAsk {
+        server: Peer,
+        client: Peer,
+    },
+    /// A chunk request reaches `server`.
+    Request {
+        server: Peer,
+        client: Peer,
+        chunk: u32,
+    },
+    /// A flow may have finished (stale if the version moved on).
+    FlowEnd {
+        flow: usize,
+        version: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Flow {
+    from: Peer,
+    to: Peer,
+    chunk: u32,
+    remaining: f64,
+    rate: f64,
+    updated: f64,
+    version: u64,
+}
+
+struct Host {
+    sched: Option<Scheduler<Peer>>,
+    held: Vec<bool>,
+    is_provider: bool,
+    up: f64,
+    down: f64,
+    uploads: Vec<usize>,
+    downloads: Vec<usize>,
+    done_at: Option<f64>,
+    known: HashSet<Peer>,
+    served: Vec<u32>,
+}
+
+struct World {
+    cfg: SimConfig,
+    now: f64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Ev>>,
+    free_events: Vec<usize>,
+    hosts: Vec<Host>,
+    flows: Vec<Option<Flow>>,
+    free_flows: Vec<usize>,
+    providers: Vec<Peer>,
+    rng: rand_chacha::ChaCha8Rng,
+    chunk_bits: Vec<f64>,
+    sent: Vec<f64>,
+    processed: u64,
+    flow_versions: u64,
+}
+
+fn ns(t: f64) -> u64 {
+    (t * 1e9) as u64
+}
+
+impl World {
+    fn at(&mut self, t: f64, ev: Ev) {
+        let slot = match self.free_events.pop() {
+            Some(i) => {
+                self.events[i] = Some(ev);
+                i
+            }
+            None => {
+                self.events.push(Some(ev));
+                self.events.len() - 1
+            }
+        };
+        self.seq += 1;
+        self.queue.push(Reverse((ns(t), self.seq, slot)));
+    }
+
+    fn lat(&self) -> f64 {
+        self.cfg.latency.as_secs_f64()
+    }
+
+    fn drive(&mut self, node: Peer, input: Input<Peer>) {
+        let now = Duration::from_secs_f64(self.now);
+        let Some(s) = self.hosts[node].sched.as_mut() else {
+            return;
+        };
+        let newly = match &input {
+            Input::ChunkOk { chunk, .. } => !s.is_held(*chunk),
+            _ => false,
+        };
+        let actions = s.handle(input, now);
+        if newly {
+            let held: Vec<bool> = s.held().to_vec();
+            self.hosts[node].held = held;
+            if !self.hosts[node].is_provider {
+                self.hosts[node].is_provider = true;
+                self.providers.push(node);
+            }
+        }
+        let lat = self.lat();
+        for a in actions {
+            match a {
+                Action::Request { peer, chunk } => self.at(
+                    self.now + lat,
+                    Ev::Request {
+                        server: peer,
+                        client: node,
+                        chunk,
+                    },
+                ),
+                Action::AskHaveMap(peer) => self.at(
+                    self.now + lat,
+                    Ev::MapAsk {
+                        server: peer,
+                        client: node,
+                    },
+                ),
+                Action::Ban(_) => {}
+                Action::Done => {
+                    if self.hosts[node].done_at.is_none() {
+                        self.hosts[node].done_at = Some(self.now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings the flows at `peer` (both directions) up to date and reschedules them.
+    fn reflow(&mut self, peers: &[Peer]) {
+        let mut ids: Vec<usize> = Vec::new();
+        for &p in peers {
+            ids.extend(&self.hosts[p].uploads);
+            ids.extend(&self.hosts[p].downloads);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let Some(f) = self.flows[id].as_mut() else {
+                continue;
+            };
+            f.remaining -= f.rate * (self.now - f.updated);
+            f.remaining = f.remaining.max(0.0);
+            f.updated = self.now;
+            let a = &self.hosts[f.from];
+            let b = &self.hosts[f.to];
+            let rate = (a.up / a.uploads.len().max(1) as f64)
+                .min(b.down / b.downloads.len().max(1) as f64);
+            f.rate = rate;
+            // Versions come from one counter so a reused flow slot never
+            // matches an end event left by its previous occupant.
+            self.flow_versions += 1;
+            f.version = self.flow_versions;
+            let (v, end) = (f.version, self.now + f.remaining / rate.max(1.0));
+            self.at(
+                end,
+                Ev::FlowEnd {
+                    flow: id,
+                    version: v,
+                },
+            );
+        }
+    }
+
+    fn dht(&mut self, node: Peer) {
+        let mut found = Vec::new();
+        if self.hosts[node].known.insert(SEED) {
+            found.push(SEED);
+        }
+        let room = self
+            .cfg
+            .max_known
+            .saturating_sub(self.hosts[node].known.len());
+        let k = self.cfg.dht_answer.min(room);
+        if k > 0 && !self.providers.is_empty() {
+            let picks: Vec<Peer> = self
+                .providers
+                .choose_multiple(&mut self.rng, k)
+                .copied()
+                .collect();
+            for p in picks {
+                if p != node && self.hosts[node].known.insert(p) {
+                    found.push(p);
+                }
+            }
+        }
+        if !found.is_empty() {
+            self.drive(node, Input::ProvidersFound(found));
+        }
+    }
+
+    fn step(&mut self, ev: Ev) {
+        let lat = self.lat();
+        match ev {
+            Ev::Start(n) => {
+                // mDNS on the LAN (or the DHT's routing table) hands a new
+                // node random peers at once, whether they hold chunks yet or not.
+                let k = self.cfg.initial_peers.min(self.cfg.nodes.saturating_sub(1));
+                let mut found = vec![SEED];
+                self.hosts[n].known.insert(SEED);
+                while found.len() < k + 1 {
+                    let p = self.rng.gen_range(1..=self.cfg.nodes);
+                    if p != n && self.hosts[n].known.insert(p) {
+                        found.push(p);
+                    }
+                }
+                self.drive(n, Input::ProvidersFound(found));
+                let t = self.now;
+                self.at(t + self.cfg.tick.as_secs_f64(), Ev::Tick(n));
+                self.at(t + self.cfg.dht_interval.as_secs_f64(), Ev::Dht(n));
+            }
+            Ev::Tick(n) => {
+                self.drive(n, Input::Tick);
+                if self.hosts[n].done_at.is_none() {
+                    let t = self.now + self.cfg.tick.as_secs_f64();
+                    self.at(t, Ev::Tick(n));
+                }
+            }
+            Ev::Dht(n) => {
+                if self.hosts[n].done_at.is_none() {
+                    self.dht(n);
+                    let t = self.now + self.cfg.dht_interval.as_secs_f64();
+                    self.at(t, Ev::Dht(n));
+                }
+            }
+            Ev::Deliver(n, input) => self.drive(n, input),
+            Ev::MapAsk { server, client } => {
+                let h = &self.hosts[server];
+                let have = if self.cfg.shape_seed_maps && h.held.iter().all(|&x| x) {
+                    // Super-seeding: a complete host advertises only the
+                    // chunks it has sent least, so its upload goes to chunks
+                    // the swarm does not have yet.
+                    let min = h.served.iter().copied().min().unwrap_or(0);
+                    h.served.iter().map(|&c| c <= min).collect()
+                } else {
+                    h.held.clone()
+                };
+                self.at(
+                    self.now + lat,
+                    Ev::Deliver(client, Input::HaveMap { peer: server, have }),
+                );
+            }
+            Ev::Request {
+                server,
+                client,
+                chunk,
+            } => {
+                let h = &self.hosts[server];
+                let to_client = h
+                    .uploads
+                    .iter()
+                    .filter(|&&f| self.flows[f].as_ref().is_some_and(|f| f.to == client))
+                    .count();
+                let oversent = self.cfg.shape_seed_maps
+                    && h.held.iter().all(|&x| x)
+                    && h.served[chunk as usize] > h.served.iter().copied().min().unwrap_or(0);
+                let reply = if !h.held.get(chunk as usize).copied().unwrap_or(false) || oversent {
+                    Some(Input::DoNotHave {
+                        peer: server,
+                        chunk,
+                    })
+                } else if h.uploads.len() >= self.cfg.max_serving
+                    || to_client >= self.cfg.per_peer_serving
+                {
+                    Some(Input::Busy {
+                        peer: server,
+                        chunk,
+                    })
+                } else {
+                    None
+                };
+                if let Some(r) = reply {
+                    self.at(self.now + lat, Ev::Deliver(client, r));
+                    return;
+                }
+                let flow = Flow {
+                    from: server,
+                    to: client,
+                    chunk,
+                    remaining: self.chunk_bits[chunk as usize],
+                    rate: 0.0,
+                    updated: self.now,
+                    version: 0,
+                };
+                let id = match self.free_flows.pop() {
+                    Some(i) => {
+                        self.flows[i] = Some(flow);
+                        i
+                    }
+                    None => {
+                        self.flows.push(Some(flow));
+                        self.flows.len() - 1
+                    }
+                };
+                self.hosts[server].uploads.push(id);
+                self.hosts[server].served[chunk as usize] += 1;
+                self.hosts[client].downloads.push(id);
+                self.reflow(&[server, client]);
+            }
+            Ev::FlowEnd { flow, version } => {
+                let Some(f) = self.flows[flow].as_ref() else {
+                    return;
+                };
+                if f.version != version {
+                    return;
+                }
+                let (from, to, chunk) = (f.from, f.to, f.chunk);
+                self.sent[from] += self.chunk_bits[chunk as usize] / 8.0;
+                self.flows[flow] = None;
+                self.free_flows.push(flow);
+                self.hosts[from].uploads.retain(|&x| x != flow);
+                self.hosts[to].downloads.retain(|&x| x != flow);
+                self.reflow(&[from, to]);
+                self.at(
+                    self.now + lat,
+                    Ev::Deliver(to, Input::ChunkOk { peer: from, chunk }),
+                );
+            }
+        }
+    }
+}
+
+/// Runs one simulated storm.
+pub fn simulate(cfg: &SimConfig) -> SimResult {
+    let m = cfg.file_bytes.div_ceil(cfg.chunk_size) as usize;
+    let chunk_bits: Vec<f64> = (0..m)
+        .map(|i| {
+            let start = i as u64 * cfg.chunk_size;
+            (cfg.file_bytes - start).min(cfg.chunk_size) as f64 * 8.0
+        })
+        .collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let eff = cfg.efficiency;
+    let mut hosts = Vec::with_capacity(cfg.nodes + 1);
+    hosts.push(Host {
+        sched: None,
+        held: vec![true; m],
+        is_provider: true,
+        up: cfg.seed_up_bps * eff,
+        down: cfg.down_bps * eff,
+        uploads: Vec::new(),
+        downloads: Vec::new(),
+        done_at: Some(0.0),
+        known: HashSet::new(),
+        served: vec![0; m],
+    });
+    for _ in 0..cfg.nodes {
+        hosts.push(Host {
+            sched: Some(Scheduler::new(m, cfg.sched.clone(), rng.r#gen())),
+            held: vec![false; m],
+            is_provider: false,
+            up: cfg.up_bps * eff,
+            down: cfg.down_bps * eff,
+            uploads: Vec::new(),
+            downloads: Vec::new(),
+            done_at: None,
+            known: HashSet::new(),
+            served: vec![0; m],
+        });
+    }
+    let mut w = World {
+        cfg: cfg.clone(),
+        now: 0.0,
+        seq: 0,
+        queue: BinaryHeap::new(),
+        events: Vec::new(),
+        free_events: Vec::new(),
+        hosts,
+        flows: Vec::new(),
+        free_flows: Vec::new(),
+        providers: vec![SEED],
+        rng,
+        chunk_bits,
+        sent: vec![0.0; cfg.nodes + 1],
+        processed: 0,
+        flow_versions: 0,
+    };
+    for i in 1..=cfg.nodes {
+        let t = cfg.stagger.as_secs_f64() * (i - 1) as f64;
+        w.at(t, Ev::Start(i));
+    }
+    let mut remaining = cfg.nodes;
+    // A hard stop far past any sane storm: 100 x the HTTP bound.
+    let limit = 100.0 * cfg.nodes as f64 * cfg.file_bytes as f64 * 8.0 / cfg.seed_up_bps + 60.0;
+    while let Some(Reverse((t, _, slot))) = w.queue.pop() {
+        let Some(ev) = w.events[slot].take() else {
+            continue;
+        };
+        w.free_events.push(slot);
+        w.now = t as f64 / 1e9;
+        if w.now > limit {
+            break;
+        }
+        let was_done = matches!(&ev, Ev::Deliver(n, _) if w.hosts[*n].done_at.is_some());
+        w.step(ev);
+        w.processed += 1;
+        if !was_done {
+            remaining = w.hosts[1..].iter().filter(|h| h.done_at.is_none()).count();
+        }
+        if remaining == 0 {
+            break;
+        }
+    }
+    SimResult {
+        completion_s: w.hosts[1..]
+            .iter()
+            .map(|h| h.done_at.unwrap_or(f64::NAN))
+            .collect(),
+        seed_bytes: w.sent[0],
+        total_bytes: w.sent.iter().sum(),
+        events: w.processed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_node_takes_one_download_time() {
+        let cfg = SimConfig {
+            nodes: 1,
+            ..SimConfig::default()
+        };
+        let r = simulate(&cfg);
+        let t = cfg.file_bytes as f64 * 8.0 / (cfg.up_bps * cfg.efficiency);
+        assert!(r.max_s() >= t, "faster than the link: {} < {t}", r.max_s());
+        assert!(r.max_s() < t * 1.2, "{} vs {t}", r.max_s());
+        assert!((r.seed_bytes - cfg.file_bytes as f64).abs() < 1.0);
+    }
+
+    #[test]
+    fn deterministic_for_a_seed() {
+        let cfg = SimConfig {
+            nodes: 12,
+            ..SimConfig::default()
+        };
+        let a = simulate(&cfg);
+        let b = simulate(&cfg);
+        assert_eq!(a.completion_s, b.completion_s);
+        assert!(a.completion_s.iter().all(|t| t.is_finite()));
+    }
+
+    #[test]
+    fn never_beats_the_fluid_bound() {
+        for n in [4, 16, 40] {
+            let cfg = SimConfig {
+                nodes: n,
+                ..SimConfig::default()
+            };
+            let r = simulate(&cfg);
+            let bits = cfg.file_bytes as f64 * 8.0;
+            let e = cfg.efficiency;
+            let bound = crate::bound::t_min(
+                bits,
+                cfg.seed_up_bps * e,
+                &vec![cfg.up_bps * e; n],
+                cfg.down_bps * e,
+            );
+            assert!(
+                r.max_s() >= bound * 0.999,
+                "n={n}: {} < bound {bound}",
+                r.max_s()
+            );
+            // Every byte a node received was sent by someone.
+            let received = n as f64 * cfg.file_bytes as f64;
+            assert!(r.total_bytes >= received - 1.0);
+        }
+    }
+}
