@@ -36,7 +36,7 @@ pub(crate) struct Args {
     /// HTTP port (0 picks a free one; the banner says which).
     #[arg(short = 'p', long, default_value_t = 8080)]
     port: u16,
-    /// Address to listen on.
+    /// Address to listen on, for HTTP and the swarm.
     #[arg(long, default_value = "0.0.0.0")]
     bind: IpAddr,
     /// Publisher key file; without it, STATE/publisher.key is created on first run and reused.
@@ -134,6 +134,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         SwarmOptions {
             port: a.p2p_port,
             state_dir: Some(state_dir.clone()),
+            // The swarm listens where HTTP does: --bind 127.0.0.1 keeps both on loopback.
+            bind: a.bind,
             ..Default::default()
         },
     )
