@@ -96,7 +96,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         let (s, ch, ar, pk) = (seed.clone(), a.channel.clone(), a.arch.clone(), a.pubkey);
         match tokio::task::spawn_blocking(move || s.manifest(&ch, &ar, &pk)).await? {
             Ok(m) => manifest = Some(m),
-            Err(e) => eprintln!("plasmd fetch: no manifest from {}: {e:#}; asking peers", seed.base),
+            Err(e) => eprintln!(
+                "plasmd fetch: no manifest from {}: {e:#}; asking peers",
+                seed.base
+            ),
         }
     }
     let manifest = match manifest {

@@ -33,7 +33,11 @@ pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool, plai
                 let _ = write!(err, "\x1b[{drawn}A");
             }
             for (name, have, size) in &p.artifacts {
-                let frac = if *size == 0 { 1.0 } else { *have as f64 / *size as f64 };
+                let frac = if *size == 0 {
+                    1.0
+                } else {
+                    *have as f64 / *size as f64
+                };
                 let filled = (frac * 30.0) as usize;
                 let _ = writeln!(
                     err,

@@ -52,9 +52,9 @@ pub(crate) async fn start(
     manifests: Vec<SignedManifest>,
     opts: SwarmOptions,
 ) -> anyhow::Result<SwarmInfo> {
-    let mut cfg = NodeConfig::default().with_mdns(opts.mdns).with_listen(vec![listen_addr(
-        opts.bind, opts.port,
-    )]);
+    let mut cfg = NodeConfig::default()
+        .with_mdns(opts.mdns)
+        .with_listen(vec![listen_addr(opts.bind, opts.port)]);
     if let Some(dir) = &opts.state_dir {
         cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);
     }

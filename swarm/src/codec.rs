@@ -8,6 +8,17 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::protocol::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Request, Response};
 
+/// A request as read off the wire. Malformed or oversize requests are not
+/// I/O errors here: libp2p drops those silently, and the node needs to see
+/// them to drop the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Inbound {
+    /// A well-formed request.
+    Ok(Request),
+    /// Why the request was refused.
+    Bad(String),
+}
+
 /// The codec: a 4-byte big-endian length, then one bincode value.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ChunkCodec;
@@ -63,14 +74,24 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
 
 impl libp2p::request_response::Codec for ChunkCodec {
     type Protocol = StreamProtocol;
-    type Request = Request;
+    type Request = Inbound;
     type Response = Response;
 
-    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Request>
+    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Inbound>
     where
         T: AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_REQUEST_BYTES).await?)
+        let frame = match read_frame(io, MAX_REQUEST_BYTES).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Ok(Inbound::Bad(e.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(match decode(&frame) {
+            Ok(r) => Inbound::Ok(r),
+            Err(e) => Inbound::Bad(e.to_string()),
+        })
     }
 
     async fn read_response<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Response>
@@ -80,15 +101,28 @@ impl libp2p::request_response::Codec for ChunkCodec {
         decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
     }
 
-    async fn write_request<T>(&mut self, _: &Self::Protocol, io: &mut T, req: Request) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        req: Inbound,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
+        let Inbound::Ok(req) = req else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a request"));
+        };
         io.write_all(&encode(&req, MAX_REQUEST_BYTES)?).await?;
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &Self::Protocol, io: &mut T, res: Response) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        res: Response,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -111,7 +145,8 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (any::<[u8; 32]>(), any::<u32>()).prop_map(|(root, index)| Request::Chunk { root, index }),
+            (any::<[u8; 32]>(), any::<u32>())
+                .prop_map(|(root, index)| Request::Chunk { root, index }),
             (any::<[u8; 32]>(), any::<u32>(), any::<u32>())
                 .prop_map(|(root, start, count)| Request::Range { root, start, count }),
             any::<[u8; 32]>().prop_map(|root| Request::HaveMap { root }),
@@ -123,7 +158,10 @@ mod tests {
     fn arb_response() -> impl Strategy<Value = Response> {
         prop_oneof![
             proptest::collection::vec(
-                (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..2000))
+                (
+                    any::<u32>(),
+                    proptest::collection::vec(any::<u8>(), 0..2000)
+                )
                     .prop_map(|(index, data)| Piece { index, data }),
                 0..4
             )
@@ -141,9 +179,9 @@ mod tests {
         #[test]
         fn request_round_trip(req in arb_request()) {
             let bytes = encode(&req, MAX_REQUEST_BYTES).unwrap();
-            let back: Request = futures::executor::block_on(
+            let back = futures::executor::block_on(
                 ChunkCodec.read_request(&proto(), &mut &bytes[..])).unwrap();
-            prop_assert_eq!(back, req);
+            prop_assert_eq!(back, Inbound::Ok(req));
         }
 
         #[test]
@@ -165,17 +203,37 @@ mod tests {
     fn oversize_length_refused_before_reading() {
         // Claims 4 GiB; only the prefix exists. Must fail fast, not allocate.
         let bytes = [0xff, 0xff, 0xff, 0xff];
-        let e = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
-            .unwrap_err();
-        assert!(e.to_string().contains("limit"), "{e}");
+        let r = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
+            .unwrap();
+        assert!(
+            matches!(&r, Inbound::Bad(e) if e.contains("limit")),
+            "{r:?}"
+        );
         let e = futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..]))
             .unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
     }
 
     #[test]
+    fn garbage_request_is_bad_not_an_error() {
+        let bytes = [0, 0, 0, 3, 0xde, 0xad, 0xbe];
+        let r = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
+            .unwrap();
+        assert!(matches!(r, Inbound::Bad(_)), "{r:?}");
+        // A stream cut short is an I/O error (the peer went away), not abuse.
+        let bytes = [0, 0, 0, 9, 1];
+        assert!(
+            futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn oversize_message_not_written() {
-        let big = Request::Latest { channel: "x".repeat(MAX_REQUEST_BYTES), arch: String::new() };
+        let big = Request::Latest {
+            channel: "x".repeat(MAX_REQUEST_BYTES),
+            arch: String::new(),
+        };
         assert!(encode(&big, MAX_REQUEST_BYTES).is_err());
     }
 
@@ -185,6 +243,9 @@ mod tests {
         bytes.push(0);
         let n = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&n.to_be_bytes());
-        assert!(futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..])).is_err());
+        assert!(
+            futures::executor::block_on(ChunkCodec.read_response(&proto(), &mut &bytes[..]))
+                .is_err()
+        );
     }
 }

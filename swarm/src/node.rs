@@ -16,7 +16,7 @@ use phase_content::{ChunkStore, Hash, PublicKey, SignedManifest};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
-use crate::codec::ChunkCodec;
+use crate::codec::{ChunkCodec, Inbound};
 use crate::protocol::{
     MAX_NAME, MAX_RANGE_BYTES, MAX_RANGE_CHUNKS, PROTOCOL, Piece, Request, Response, Root,
     pack_bits, unpack_bits,
@@ -43,6 +43,9 @@ pub struct NodeConfig {
     /// Inbound requests outstanding from one peer beyond which it is
     /// flooding: disconnected and blocked.
     pub flood_limit: usize,
+    /// "Busy" answers to one peer within a second beyond which it is
+    /// flooding (an honest peer backs off after a busy answer).
+    pub flood_busy: u32,
     /// How long a flooding or malformed-message peer stays blocked.
     pub block_time: Duration,
     /// Timeout of one request-response exchange.
@@ -69,7 +72,8 @@ impl Default for NodeConfig {
             mdns: true,
             max_serving: 16,
             per_peer_serving: 4,
-            flood_limit: 64,
+            flood_limit: 32,
+            flood_busy: 32,
             block_time: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
             provide_interval: Duration::from_secs(10),
@@ -402,6 +406,8 @@ pub struct Node {
     inbound: HashMap<request_response::InboundRequestId, PeerId>,
     serving: HashMap<PeerId, usize>,
     serving_total: usize,
+    /// Per peer: start of the current one-second window and busy answers in it.
+    busy_log: HashMap<PeerId, (Instant, u32)>,
     connected: HashSet<PeerId>,
     banned: HashSet<PeerId>,
     blocked: HashMap<PeerId, Instant>,
@@ -432,7 +438,9 @@ impl Node {
         let peer_id = key.public().to_peer_id();
         let rr_cfg = request_response::Config::default()
             .with_request_timeout(cfg.request_timeout)
-            .with_max_concurrent_streams(cfg.flood_limit);
+            // Above the flood limit, so a flood is seen (and the peer dropped)
+            // rather than silently refused stream by stream.
+            .with_max_concurrent_streams(cfg.flood_limit * 2);
         let mdns_on = cfg.mdns;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -448,11 +456,8 @@ impl Node {
                 kcfg.set_query_timeout(Duration::from_secs(10));
                 kcfg.set_provider_record_ttl(Some(Duration::from_secs(300)));
                 kcfg.set_provider_publication_interval(None);
-                let mut kad = kad::Behaviour::with_config(
-                    local,
-                    kad::store::MemoryStore::new(local),
-                    kcfg,
-                );
+                let mut kad =
+                    kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kcfg);
                 kad.set_mode(Some(kad::Mode::Server));
                 let mdns = if mdns_on {
                     Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
@@ -502,6 +507,7 @@ impl Node {
             inbound: HashMap::new(),
             serving: HashMap::new(),
             serving_total: 0,
+            busy_log: HashMap::new(),
             connected: HashSet::new(),
             banned: HashSet::new(),
             blocked: HashMap::new(),
@@ -676,7 +682,10 @@ impl Node {
             }
         }
         let need_announce = any && !held.announced;
-        self.swarm.behaviour_mut().kad.get_providers(root_key(&root));
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .get_providers(root_key(&root));
         self.fetch = Some(Fetch {
             root,
             sched,
@@ -718,7 +727,7 @@ impl Node {
                         .swarm
                         .behaviour_mut()
                         .rr
-                        .send_request(&p, Request::Chunk { root, index: chunk });
+                        .send_request(&p, Inbound::Ok(Request::Chunk { root, index: chunk }));
                     self.outbound
                         .insert(id, (p, Outbound::Chunk { root, index: chunk }));
                 }
@@ -729,7 +738,9 @@ impl Node {
                     let Some(f) = self.fetch.as_ref() else { return };
                     let (Some(fb), Some(h)) = (
                         f.fallback.clone(),
-                        self.held.get(&root).and_then(|h| h.hashes.get(chunk as usize)),
+                        self.held
+                            .get(&root)
+                            .and_then(|h| h.hashes.get(chunk as usize)),
                     ) else {
                         continue;
                     };
@@ -746,7 +757,7 @@ impl Node {
                         .swarm
                         .behaviour_mut()
                         .rr
-                        .send_request(&p, Request::HaveMap { root });
+                        .send_request(&p, Inbound::Ok(Request::HaveMap { root }));
                     self.outbound.insert(id, (p, Outbound::HaveMap { root }));
                 }
                 Action::AskHaveMap(Src::Fallback) => {}
@@ -869,10 +880,10 @@ impl Node {
         }
         let id = self.swarm.behaviour_mut().rr.send_request(
             &p,
-            Request::Latest {
+            Inbound::Ok(Request::Latest {
                 channel: find.channel.clone(),
                 arch: find.arch.clone(),
-            },
+            }),
         );
         find.outstanding += 1;
         self.outbound.insert(id, (p, Outbound::Latest));
@@ -891,6 +902,8 @@ impl Node {
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.blocked.retain(|_, until| *until > now);
+        self.busy_log
+            .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(2));
         if self.fetch.is_some() {
             self.drive(Input::Tick);
         }
@@ -903,7 +916,10 @@ impl Node {
             if let Some(f) = self.fetch.as_mut() {
                 f.last_lookup = now;
             }
-            self.swarm.behaviour_mut().kad.get_providers(root_key(&root));
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_providers(root_key(&root));
         }
         if self.last_provide.elapsed() >= self.cfg.provide_interval {
             self.last_provide = now;
@@ -992,22 +1008,23 @@ impl Node {
                         continue;
                     }
                     tracing::debug!(%peer, %addr, "mDNS discovered");
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.connected.contains(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(
-                kad::Event::OutboundQueryProgressed {
-                    result:
-                        kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                            providers,
-                            ..
-                        })),
-                    ..
-                },
-            )) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
+                ..
+            })) => {
                 let me = *self.swarm.local_peer_id();
                 for p in providers {
                     if p == me || self.banned.contains(&p) || self.blocked.contains_key(&p) {
@@ -1025,8 +1042,8 @@ impl Node {
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<Request, Response>) {
-        use request_response::{Event, InboundFailure, Message};
+    fn on_rr(&mut self, ev: request_response::Event<Inbound, Response>) {
+        use request_response::{Event, Message};
         match ev {
             Event::Message {
                 peer,
@@ -1042,6 +1059,14 @@ impl Node {
                     let _ = self.swarm.disconnect_peer_id(peer);
                     return;
                 }
+                let request = match request {
+                    Inbound::Ok(r) => r,
+                    Inbound::Bad(why) => {
+                        tracing::debug!(%peer, %why, "malformed request");
+                        self.block(peer, "malformed or oversize request");
+                        return;
+                    }
+                };
                 let n = self.serving.entry(peer).or_default();
                 *n += 1;
                 let n = *n;
@@ -1051,9 +1076,21 @@ impl Node {
                     self.block(peer, "request flood");
                     return;
                 }
-                let busy = n > self.cfg.per_peer_serving
-                    || self.serving_total > self.cfg.max_serving;
+                let busy =
+                    n > self.cfg.per_peer_serving || self.serving_total > self.cfg.max_serving;
                 let resp = self.answer(peer, request, busy);
+                if resp == Response::Busy {
+                    let now = Instant::now();
+                    let e = self.busy_log.entry(peer).or_insert((now, 0));
+                    if now.duration_since(e.0) >= Duration::from_secs(1) {
+                        *e = (now, 0);
+                    }
+                    e.1 += 1;
+                    if e.1 > self.cfg.flood_busy {
+                        self.block(peer, "request flood (kept asking while told busy)");
+                        return;
+                    }
+                }
                 self.respond(channel, resp);
             }
             Event::Message {
@@ -1104,12 +1141,8 @@ impl Node {
                 error,
                 ..
             } => {
+                tracing::debug!(%peer, %error, "answering a request failed");
                 self.inbound_done(request_id);
-                if let InboundFailure::Io(e) = &error
-                    && e.kind() == std::io::ErrorKind::InvalidData
-                {
-                    self.block(peer, "malformed or oversize message");
-                }
             }
             Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),
         }
@@ -1282,9 +1315,10 @@ impl Node {
                                 if m.manifest().channel == f.channel
                                     && m.manifest().arch == f.arch =>
                             {
-                                let better = f.best.as_ref().is_none_or(|b| {
-                                    m.manifest().sequence > b.manifest().sequence
-                                });
+                                let better = f
+                                    .best
+                                    .as_ref()
+                                    .is_none_or(|b| m.manifest().sequence > b.manifest().sequence);
                                 if better {
                                     f.best = Some(m);
                                 }

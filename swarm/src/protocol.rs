@@ -101,6 +101,27 @@ pub enum Response {
     Refused(String),
 }
 
+/// A request as it goes on the wire (length prefix included), for other
+/// implementations and tests.
+pub fn encode_request(r: &Request) -> std::io::Result<Vec<u8>> {
+    crate::codec::encode(r, MAX_REQUEST_BYTES)
+}
+
+/// Decodes a response frame as read off the wire (length prefix included).
+pub fn decode_response(frame: &[u8]) -> std::io::Result<Response> {
+    let (len, body) = frame
+        .split_at_checked(4)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short frame"))?;
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len != body.len() || len > MAX_RESPONSE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "bad length prefix",
+        ));
+    }
+    crate::codec::decode(body)
+}
+
 /// Packs flags into a little-endian bitfield.
 pub fn pack_bits(have: &[bool]) -> Vec<u8> {
     let mut out = vec![0u8; have.len().div_ceil(8)];

@@ -763,7 +763,11 @@ mod tests {
         Scheduler::new(n, SchedulerConfig::default(), 1)
     }
 
-    fn add(s: &mut Scheduler<&'static str>, p: &'static str, have: Vec<bool>) -> Vec<Action<&'static str>> {
+    fn add(
+        s: &mut Scheduler<&'static str>,
+        p: &'static str,
+        have: Vec<bool>,
+    ) -> Vec<Action<&'static str>> {
         let a = s.handle(Input::PeerFound(p), T0);
         assert!(a.contains(&Action::AskHaveMap(p)));
         s.handle(Input::HaveMap { peer: p, have }, T0)
@@ -775,7 +779,13 @@ mod tests {
         let a = s.handle(Input::PeerFound("a"), T0);
         assert_eq!(a, vec![Action::AskHaveMap("a")]);
         assert!(s.handle(Input::PeerFound("a"), T0).is_empty());
-        let a = s.handle(Input::HaveMap { peer: "a", have: vec![true; 3] }, T0);
+        let a = s.handle(
+            Input::HaveMap {
+                peer: "a",
+                have: vec![true; 3],
+            },
+            T0,
+        );
         assert_eq!(reqs(&a).len(), 3);
     }
 
@@ -786,7 +796,13 @@ mod tests {
         assert_eq!(reqs(&a).len(), 3);
         assert_eq!(s.in_flight(&"a"), 3);
         let (_, c) = reqs(&a)[0];
-        let a = s.handle(Input::ChunkOk { peer: "a", chunk: c }, T0);
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "a",
+                chunk: c,
+            },
+            T0,
+        );
         assert_eq!(reqs(&a).len(), 1, "one slot freed, one new request");
         assert_eq!(s.in_flight(&"a"), 3);
     }
@@ -806,8 +822,20 @@ mod tests {
         let mut s = sched(8);
         s.handle(Input::PeerFound("a"), T0);
         s.handle(Input::PeerFound("b"), T0);
-        let mut all = reqs(&s.handle(Input::HaveMap { peer: "a", have: vec![true; 8] }, T0));
-        all.extend(reqs(&s.handle(Input::HaveMap { peer: "b", have: vec![true; 8] }, T0)));
+        let mut all = reqs(&s.handle(
+            Input::HaveMap {
+                peer: "a",
+                have: vec![true; 8],
+            },
+            T0,
+        ));
+        all.extend(reqs(&s.handle(
+            Input::HaveMap {
+                peer: "b",
+                have: vec![true; 8],
+            },
+            T0,
+        )));
         assert_eq!(all.len(), 8);
         let mut chunks: Vec<u32> = all.iter().map(|(_, c)| *c).collect();
         chunks.sort();
@@ -818,9 +846,20 @@ mod tests {
     #[test]
     fn random_tie_break_depends_on_seed_and_is_deterministic() {
         let first = |seed| {
-            let mut s = Scheduler::new(64, SchedulerConfig::default().with_per_peer_in_flight(1), seed);
+            let mut s = Scheduler::new(
+                64,
+                SchedulerConfig::default().with_per_peer_in_flight(1),
+                seed,
+            );
             s.handle(Input::PeerFound("a"), T0);
-            reqs(&s.handle(Input::HaveMap { peer: "a", have: vec![true; 64] }, T0))[0].1
+            reqs(&s.handle(
+                Input::HaveMap {
+                    peer: "a",
+                    have: vec![true; 64],
+                },
+                T0,
+            ))[0]
+                .1
         };
         assert_eq!(first(1), first(1));
         let distinct: std::collections::HashSet<u32> = (0..20).map(first).collect();
@@ -834,7 +873,13 @@ mod tests {
         assert_eq!(reqs(&a), vec![("liar", 0)]);
         let a = add(&mut s, "honest", vec![true]);
         assert!(reqs(&a).is_empty() || reqs(&a) == vec![("honest", 0)]);
-        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, T0);
+        let a = s.handle(
+            Input::ChunkBad {
+                peer: "liar",
+                chunk: 0,
+            },
+            T0,
+        );
         assert!(a.contains(&Action::Ban("liar")));
         assert!(s.is_banned(&"liar"));
         assert_eq!(s.banned(), &["liar"]);
@@ -844,11 +889,29 @@ mod tests {
         assert!(all.iter().all(|(p, _)| *p == "honest"));
         assert_eq!(s.in_flight(&"honest"), 1);
         // A late answer from the liar changes nothing; a repeated ban is silent.
-        let a = s.handle(Input::HaveMap { peer: "liar", have: vec![true] }, ms(2));
+        let a = s.handle(
+            Input::HaveMap {
+                peer: "liar",
+                have: vec![true],
+            },
+            ms(2),
+        );
         assert!(reqs(&a).is_empty());
-        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, ms(2));
+        let a = s.handle(
+            Input::ChunkBad {
+                peer: "liar",
+                chunk: 0,
+            },
+            ms(2),
+        );
         assert!(!a.contains(&Action::Ban("liar")));
-        let a = s.handle(Input::ChunkOk { peer: "honest", chunk: 0 }, ms(3));
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "honest",
+                chunk: 0,
+            },
+            ms(3),
+        );
         assert!(a.contains(&Action::Done));
     }
 
@@ -856,7 +919,13 @@ mod tests {
     fn busy_backs_off_then_retries() {
         let mut s = Scheduler::new(1, SchedulerConfig::default(), 1);
         add(&mut s, "a", vec![true]);
-        let a = s.handle(Input::Busy { peer: "a", chunk: 0 }, ms(10));
+        let a = s.handle(
+            Input::Busy {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(10),
+        );
         assert!(reqs(&a).is_empty(), "backed off");
         assert_eq!(s.next_wakeup(), Some(ms(260)));
         assert!(reqs(&s.handle(Input::Tick, ms(100))).is_empty());
@@ -870,7 +939,13 @@ mod tests {
         add(&mut s, "peer", vec![true]);
         let first = s.pending[0][0].0;
         let other = if first == "seed" { "peer" } else { "seed" };
-        let a = s.handle(Input::Busy { peer: first, chunk: 0 }, ms(1));
+        let a = s.handle(
+            Input::Busy {
+                peer: first,
+                chunk: 0,
+            },
+            ms(1),
+        );
         assert_eq!(reqs(&a), vec![(other, 0)]);
     }
 
@@ -890,10 +965,25 @@ mod tests {
         assert_eq!(s.in_flight(&"a"), 0);
         let a = s.handle(Input::Tick, ms(110));
         assert_eq!(reqs(&a), vec![("a", 0)]);
-        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(120));
-        assert!(reqs(&s.handle(Input::Tick, ms(135))).is_empty(), "20 ms back-off");
+        s.handle(
+            Input::ChunkFailed {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(120),
+        );
+        assert!(
+            reqs(&s.handle(Input::Tick, ms(135))).is_empty(),
+            "20 ms back-off"
+        );
         assert_eq!(reqs(&s.handle(Input::Tick, ms(140))), vec![("a", 0)]);
-        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(150));
+        s.handle(
+            Input::ChunkFailed {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(150),
+        );
         // Third failure in a row: dropped.
         assert!(reqs(&s.handle(Input::Tick, ms(10_000))).is_empty());
         // Found again: usable again.
@@ -911,10 +1001,22 @@ mod tests {
         add(&mut s, "a", vec![true, false]);
         s.handle(Input::Tick, ms(100));
         // The late failure report for the expired request does not count twice.
-        s.handle(Input::ChunkFailed { peer: "a", chunk: 0 }, ms(101));
+        s.handle(
+            Input::ChunkFailed {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(101),
+        );
         assert_eq!(s.peers[&"a"].failures, 1);
         // A late success is still welcome.
-        s.handle(Input::ChunkOk { peer: "a", chunk: 0 }, ms(102));
+        s.handle(
+            Input::ChunkOk {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(102),
+        );
         assert!(s.is_held(0));
     }
 
@@ -927,11 +1029,29 @@ mod tests {
         let dup = reqs(&a);
         assert_eq!(dup.len(), 2, "both outstanding chunks duplicated: {dup:?}");
         assert!(dup.iter().all(|(p, _)| *p == "fast"));
-        s.handle(Input::ChunkOk { peer: "fast", chunk: 0 }, T0);
-        let a = s.handle(Input::ChunkOk { peer: "fast", chunk: 1 }, T0);
+        s.handle(
+            Input::ChunkOk {
+                peer: "fast",
+                chunk: 0,
+            },
+            T0,
+        );
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "fast",
+                chunk: 1,
+            },
+            T0,
+        );
         assert!(a.contains(&Action::Done));
         // The slow duplicates arriving later are harmless.
-        let a = s.handle(Input::ChunkOk { peer: "slow", chunk: 0 }, T0);
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "slow",
+                chunk: 0,
+            },
+            T0,
+        );
         assert!(a.is_empty());
         assert_eq!(s.in_flight(&"slow"), 1);
     }
@@ -962,7 +1082,13 @@ mod tests {
         let mut s = sched(2);
         add(&mut s, "a", vec![true, false]);
         add(&mut s, "b", vec![true, true]);
-        let a = s.handle(Input::DoNotHave { peer: "a", chunk: 0 }, T0);
+        let a = s.handle(
+            Input::DoNotHave {
+                peer: "a",
+                chunk: 0,
+            },
+            T0,
+        );
         assert!(reqs(&a).iter().all(|(p, _)| *p == "b"));
         assert!(!s.peers[&"a"].have[0]);
         assert_eq!(s.avail[0], 1);
@@ -972,7 +1098,13 @@ mod tests {
     fn have_updates_enable_requests() {
         let mut s = sched(2);
         add(&mut s, "a", vec![false, false]);
-        let a = s.handle(Input::Have { peer: "a", chunk: 1 }, T0);
+        let a = s.handle(
+            Input::Have {
+                peer: "a",
+                chunk: 1,
+            },
+            T0,
+        );
         assert_eq!(reqs(&a), vec![("a", 1)]);
     }
 
@@ -998,9 +1130,27 @@ mod tests {
         let a = s.handle(Input::Tick, ms(1000));
         assert_eq!(reqs(&a), vec![("http", 1), ("http", 2)]);
         assert_eq!(s.in_flight(&"http"), 2);
-        s.handle(Input::ChunkOk { peer: "http", chunk: 1 }, ms(1001));
-        s.handle(Input::ChunkOk { peer: "http", chunk: 2 }, ms(1001));
-        let a = s.handle(Input::ChunkOk { peer: "a", chunk: 0 }, ms(1002));
+        s.handle(
+            Input::ChunkOk {
+                peer: "http",
+                chunk: 1,
+            },
+            ms(1001),
+        );
+        s.handle(
+            Input::ChunkOk {
+                peer: "http",
+                chunk: 2,
+            },
+            ms(1001),
+        );
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(1002),
+        );
         assert!(a.contains(&Action::Done));
     }
 
@@ -1028,7 +1178,13 @@ mod tests {
         let cfg = SchedulerConfig::default().with_fallback_grace(ms(1));
         let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
         add(&mut s, "liar", vec![true]);
-        let a = s.handle(Input::ChunkBad { peer: "liar", chunk: 0 }, ms(1));
+        let a = s.handle(
+            Input::ChunkBad {
+                peer: "liar",
+                chunk: 0,
+            },
+            ms(1),
+        );
         assert!(a.contains(&Action::Ban("liar")));
         assert_eq!(reqs(&a), vec![("http", 0)]);
     }
@@ -1037,11 +1193,20 @@ mod tests {
     fn refreshes_incomplete_have_maps() {
         let mut s = sched(2);
         add(&mut s, "a", vec![true, false]);
-        assert!(!s.handle(Input::Tick, ms(499)).contains(&Action::AskHaveMap("a")));
-        assert!(s.handle(Input::Tick, ms(500)).contains(&Action::AskHaveMap("a")));
+        assert!(
+            !s.handle(Input::Tick, ms(499))
+                .contains(&Action::AskHaveMap("a"))
+        );
+        assert!(
+            s.handle(Input::Tick, ms(500))
+                .contains(&Action::AskHaveMap("a"))
+        );
         // A complete map is not refreshed.
         add(&mut s, "b", vec![true, true]);
-        assert!(!s.handle(Input::Tick, ms(5000)).contains(&Action::AskHaveMap("b")));
+        assert!(
+            !s.handle(Input::Tick, ms(5000))
+                .contains(&Action::AskHaveMap("b"))
+        );
     }
 
     #[test]
@@ -1060,11 +1225,26 @@ mod tests {
         let mut s = sched(2);
         add(&mut s, "a", vec![true; 7]);
         for inp in [
-            Input::Have { peer: "a", chunk: 99 },
-            Input::ChunkOk { peer: "a", chunk: 99 },
-            Input::ChunkFailed { peer: "a", chunk: 99 },
-            Input::DoNotHave { peer: "a", chunk: 99 },
-            Input::Busy { peer: "zz", chunk: 99 },
+            Input::Have {
+                peer: "a",
+                chunk: 99,
+            },
+            Input::ChunkOk {
+                peer: "a",
+                chunk: 99,
+            },
+            Input::ChunkFailed {
+                peer: "a",
+                chunk: 99,
+            },
+            Input::DoNotHave {
+                peer: "a",
+                chunk: 99,
+            },
+            Input::Busy {
+                peer: "zz",
+                chunk: 99,
+            },
         ] {
             s.handle(inp, T0);
         }
@@ -1132,7 +1312,10 @@ mod tests {
             let (a, _) = run(seed);
             let (b, _) = run(seed);
             assert_eq!(a, b, "deterministic for seed {seed}");
-            assert!(a.iter().any(|l| l.contains("Ban(\"liar\")")) || !a.iter().any(|l| l.contains("\"liar\"")));
+            assert!(
+                a.iter().any(|l| l.contains("Ban(\"liar\")"))
+                    || !a.iter().any(|l| l.contains("\"liar\""))
+            );
         }
     }
 }

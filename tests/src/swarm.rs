@@ -65,7 +65,11 @@ impl SeedSetup {
             let a = std::fs::read(src.join(name)).expect("read source");
             let b = std::fs::read(out.join(name))
                 .unwrap_or_else(|e| panic!("read {}: {e}", out.join(name).display()));
-            assert!(a == b, "{name} in {} differs from the published one", out.display());
+            assert!(
+                a == b,
+                "{name} in {} differs from the published one",
+                out.display()
+            );
         }
         assert!(out.join("manifest.json").is_file());
     }
@@ -140,5 +144,8 @@ pub fn sources(summary: &serde_json::Value) -> Vec<String> {
 
 /// The peer id at the end of a `/p2p/` multiaddr.
 pub fn peer_of(addr: &str) -> String {
-    addr.rsplit("/p2p/").next().expect("/p2p/ in addr").to_owned()
+    addr.rsplit("/p2p/")
+        .next()
+        .expect("/p2p/ in addr")
+        .to_owned()
 }

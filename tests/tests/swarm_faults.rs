@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use phase_content::{FsStore, PublicKey, SignedManifest};
 use phase_swarm::{Node, NodeConfig};
-use phase_tests::swarm::{SeedSetup, STEP, fetcher, peer_of, seeding_addr, sources, summary};
+use phase_tests::swarm::{STEP, SeedSetup, fetcher, peer_of, seeding_addr, sources, summary};
 
 /// A peer that serves corrupted chunks is banned on its first bad chunk and
 /// the fetch completes byte-identical from the honest ones.
@@ -44,7 +44,13 @@ fn lying_peer_is_banned_and_fetch_completes() {
     let liar = peer_of(&liar_addr);
 
     let out = s.path("out");
-    let f = fetcher("fetcher", &s.seed.url, &s.seed.pubkey, &out, &["--peer", &liar_addr]);
+    let f = fetcher(
+        "fetcher",
+        &s.seed.url,
+        &s.seed.pubkey,
+        &out,
+        &["--peer", &liar_addr],
+    );
     let sum = summary(&f);
     s.assert_same(&out);
     let banned: Vec<&str> = sum["banned"]
@@ -54,9 +60,13 @@ fn lying_peer_is_banned_and_fetch_completes() {
         .filter_map(|v| v.as_str())
         .collect();
     assert_eq!(banned, vec![liar.as_str()], "{sum}");
-    assert!(!sources(&sum).contains(&liar), "no bytes counted from the liar: {sum}");
     assert!(
-        f.output().contains("banned: sent a chunk that failed verification"),
+        !sources(&sum).contains(&liar),
+        "no bytes counted from the liar: {sum}"
+    );
+    assert!(
+        f.output()
+            .contains("banned: sent a chunk that failed verification"),
         "the ban is logged"
     );
 }
@@ -101,7 +111,13 @@ fn provider_killed_mid_transfer() {
 fn seed_gone_fetch_from_first_fetcher_alone() {
     let s = SeedSetup::start(2 << 20, 1 << 20, 16 << 10);
     let o1 = s.path("first");
-    let first = fetcher("first", &s.seed.url, &s.seed.pubkey, &o1, &["--serve-after"]);
+    let first = fetcher(
+        "first",
+        &s.seed.url,
+        &s.seed.pubkey,
+        &o1,
+        &["--serve-after"],
+    );
     let addr = seeding_addr(&first);
     s.assert_same(&o1);
     let (url, pk) = (s.seed.url.clone(), s.seed.pubkey.clone());
