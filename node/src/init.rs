@@ -40,7 +40,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
 }
 
 fn run_inner() -> anyhow::Result<()> {
-    println!("plasmd: phase init start version={}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "plasmd: phase init start version={}",
+        env!("CARGO_PKG_VERSION")
+    );
     let real = is_pid1();
     if real {
         init_net::mount_basics();

@@ -21,7 +21,10 @@ fn agent() -> ureq::Agent {
 }
 
 fn get(agent: &ureq::Agent, url: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
-    let mut resp = agent.get(url).call().with_context(|| format!("GET {url}"))?;
+    let mut resp = agent
+        .get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
     resp.body_mut()
         .with_config()
         .limit(limit)
@@ -40,8 +43,8 @@ pub(crate) fn fetch_http(
     let agent = agent();
     let url = format!("{provider}/{channel}/{arch}/manifest.json");
     let bytes = get(&agent, &url, MAX_MANIFEST_BYTES as u64)?;
-    let signed = SignedManifest::verify(&bytes, pubkey)
-        .with_context(|| format!("manifest from {url}"))?;
+    let signed =
+        SignedManifest::verify(&bytes, pubkey).with_context(|| format!("manifest from {url}"))?;
     signed.check_not_older(None)?;
     let m = signed.manifest();
     if m.channel != channel || m.arch != arch {

@@ -22,8 +22,11 @@ const LINK_WAIT: Duration = Duration::from_secs(15);
 
 fn mount(src: &str, target: &str, fstype: &str) {
     let _ = std::fs::create_dir_all(target);
-    let (Ok(s), Ok(t), Ok(f)) = (CString::new(src), CString::new(target), CString::new(fstype))
-    else {
+    let (Ok(s), Ok(t), Ok(f)) = (
+        CString::new(src),
+        CString::new(target),
+        CString::new(fstype),
+    ) else {
         return;
     };
     // SAFETY: valid C strings; no data argument.
@@ -62,18 +65,11 @@ pub(crate) fn load_modules(dir: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     for f in files {
         use std::os::fd::AsRawFd;
-        let file =
-            std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
+        let file = std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
         let params = c"";
         // SAFETY: fd is open; params is a valid C string.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                params.as_ptr(),
-                0,
-            )
-        };
+        let r =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {

@@ -108,7 +108,10 @@ fn index_modules(dir: &Path, out: &mut BTreeMap<String, PathBuf>) -> anyhow::Res
         } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
             if let Some(stem) = name.strip_suffix(".ko") {
                 out.insert(norm(stem), p.clone());
-            } else if [".ko.xz", ".ko.zst", ".ko.gz"].iter().any(|s| name.ends_with(s)) {
+            } else if [".ko.xz", ".ko.zst", ".ko.gz"]
+                .iter()
+                .any(|s| name.ends_with(s))
+            {
                 let stem = name.split(".ko").next().unwrap_or(name);
                 out.entry(norm(stem)).or_insert(p.clone());
             }
@@ -181,12 +184,20 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
     let file = std::fs::File::create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let gz = flate2::write::GzEncoder::new(
-        std::io::BufWriter::new(file),
-        flate2::Compression::best(),
-    );
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::best());
     let mut w = cpio::Writer::new(gz);
-    for d in ["bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp"] {
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+    ] {
         w.dir(d, 0o755)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
@@ -206,7 +217,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "wrote {} ({size} bytes gzip, {raw} bytes cpio); modules: {}",
         args.out.display(),
-        if names.is_empty() { "none".to_owned() } else { names.join(" ") }
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(" ")
+        }
     );
     Ok(())
 }
@@ -217,7 +232,8 @@ mod tests {
 
     #[test]
     fn reads_modinfo_depends() {
-        let ko = b"\x7fELF....\0license=GPL\0depends=virtio,virtio_ring,net-failover\0vermagic=6.1\0";
+        let ko =
+            b"\x7fELF....\0license=GPL\0depends=virtio,virtio_ring,net-failover\0vermagic=6.1\0";
         assert_eq!(
             module_depends(ko),
             ["virtio", "virtio_ring", "net_failover"]
@@ -228,17 +244,16 @@ mod tests {
 
     #[test]
     fn resolves_debian_virtio_net_in_dependency_order() {
-        let Some(tree) = std::fs::read_dir("/lib/modules")
-            .ok()
-            .and_then(|rd| rd.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                p.join("kernel/drivers/net/virtio_net.ko").exists()
-            }))
-        else {
+        let Some(tree) = std::fs::read_dir("/lib/modules").ok().and_then(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.join("kernel/drivers/net/virtio_net.ko").exists())
+        }) else {
             eprintln!("SKIP: no Debian kernel modules with virtio_net.ko installed");
             return;
         };
-        let order = resolve_modules(&tree, &["virtio_pci".into(), "virtio_net".into()])
-            .expect("resolve");
+        let order =
+            resolve_modules(&tree, &["virtio_pci".into(), "virtio_net".into()]).expect("resolve");
         let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
         let pos = |n: &str| names.iter().position(|x| *x == n).unwrap_or(usize::MAX);
         assert!(pos("virtio_ring") < pos("virtio_pci"), "{names:?}");

@@ -47,7 +47,8 @@ impl Arch {
 
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 /// Whether the QEMU for `arch` is installed.
@@ -70,7 +71,15 @@ pub fn static_plasmd(arch: Arch) -> PathBuf {
     let target = target_dir();
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--locked", "-p", "plasmd", "--profile", "initramfs", "--target"])
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "plasmd",
+            "--profile",
+            "initramfs",
+            "--target",
+        ])
         .arg(arch.triple())
         .env("CARGO_TARGET_DIR", &target);
     match arch {
@@ -80,11 +89,18 @@ pub fn static_plasmd(arch: Arch) -> PathBuf {
         }
         Arch::Aarch64 => {
             cmd.env("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc")
-                .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "aarch64-linux-gnu-gcc");
+                .env(
+                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                    "aarch64-linux-gnu-gcc",
+                );
         }
     }
     let status = cmd.status().expect("run cargo build (static plasmd)");
-    assert!(status.success(), "static plasmd build for {} failed", arch.name());
+    assert!(
+        status.success(),
+        "static plasmd build for {} failed",
+        arch.name()
+    );
     target.join(arch.triple()).join("initramfs").join("plasmd")
 }
 
@@ -122,7 +138,11 @@ pub fn kernel(arch: Arch) -> Option<(PathBuf, PathBuf)> {
         .collect();
     found.sort();
     let k = found.pop()?;
-    let ver = k.file_name()?.to_str()?.strip_prefix("vmlinuz-")?.to_owned();
+    let ver = k
+        .file_name()?
+        .to_str()?
+        .strip_prefix("vmlinuz-")?
+        .to_owned();
     let m = modules.join(ver);
     m.is_dir().then_some((k, m))
 }
@@ -195,18 +215,27 @@ pub fn start(arch: Arch, kernel: &Path, initrd: &Path, append: &str, seed_port: 
             cmd.args(["-accel", "tcg", "-M", "virt", "-cpu", "max,pauth-impdef=on"]);
         }
     }
-    cmd.args(["-smp", "1", "-m", "1024", "-nodefaults", "-no-reboot", "-display", "none"])
-        .args(["-serial", "stdio", "-monitor", "none"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", append])
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {seed_port}"
-        ))
-        .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+    cmd.args([
+        "-smp",
+        "1",
+        "-m",
+        "1024",
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+    ])
+    .args(["-serial", "stdio", "-monitor", "none"])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", append])
+    .arg("-netdev")
+    .arg(format!(
+        "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {seed_port}"
+    ))
+    .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
     Proc::spawn(&format!("{} guest", arch.qemu()), cmd)
 }
 

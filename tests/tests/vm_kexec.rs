@@ -28,24 +28,31 @@ fn setup(arch: Arch) -> Option<Setup> {
         eprintln!("SKIP: {} QEMU is not installed", arch.name());
         return None;
     }
-    let Some((kernel, modules)) = vm::kernel(arch) else {
-        eprintln!(
-            "SKIP: no {} guest kernel (x86_64: apt install linux-image-cloud-amd64; \
-             aarch64: scripts/vm-arm64-kernel.sh)",
+    // QEMU present but no guest kernel is a setup error, not a skip.
+    let (kernel, modules) = vm::kernel(arch).unwrap_or_else(|| {
+        panic!(
+            "no {} guest kernel: x86_64 needs linux-image-cloud-amd64 installed; aarch64 needs \
+             scripts/vm-arm64-kernel.sh run with the same CARGO_TARGET_DIR \
+             (or set PHASE_VM_KERNEL_<ARCH> and PHASE_VM_MODULES_<ARCH>)",
             arch.name()
-        );
-        return None;
-    };
-    if vm::busybox(arch).is_none() {
-        eprintln!("SKIP: no static busybox for {}", arch.name());
-        return None;
-    }
+        )
+    });
+    assert!(
+        vm::busybox(arch).is_some(),
+        "no static busybox for {} (busybox-static; aarch64: scripts/vm-arm64-kernel.sh)",
+        arch.name()
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let initramfs = dir.path().join("boot.cpio.gz");
     let size = vm::boot_initramfs(arch, &initramfs, &modules);
     eprintln!("boot initramfs: {size} bytes compressed");
 
-    let token = format!("tok{:x}", std::process::id() as u64 * 7919 + 17);
+    // Fresh per run, so a stale console or cached artifact cannot match.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    let token = format!("tok{:x}{}", nanos as u64, std::process::id());
     let adir = dir.path().join("artifacts");
     let a = adir.join("stable").join(arch.name());
     std::fs::create_dir_all(&a).expect("mkdir");
@@ -53,7 +60,10 @@ fn setup(arch: Arch) -> Option<Setup> {
     std::fs::write(a.join("initramfs"), vm::marker_initramfs(arch)).expect("write initramfs");
     std::fs::write(
         a.join("cmdline"),
-        format!("console={} loglevel=4 panic=-1 token={token}\n", arch.console()),
+        format!(
+            "console={} loglevel=4 panic=-1 token={token}\n",
+            arch.console()
+        ),
     )
     .expect("write cmdline");
     let seed = Seed::start(&adir, &dir.path().join("state"), &[]);
@@ -74,13 +84,27 @@ fn boot(arch: Arch, s: &Setup, extra: &str) -> Proc {
         s.seed.pubkey,
         arch.name()
     );
-    vm::start(arch, &s.kernel, &s.initramfs, &append, vm::port_of(&s.seed.url))
+    vm::start(
+        arch,
+        &s.kernel,
+        &s.initramfs,
+        &append,
+        vm::port_of(&s.seed.url),
+    )
 }
 
 fn phase(guest: &Proc, started: Instant, needle: &str) -> String {
     let line = guest.wait_for(BOOT, |l| l.contains(needle) || l.contains("Kernel panic"));
-    assert!(!line.contains("Kernel panic"), "kernel panic:\n{}", guest.output());
-    eprintln!("[{:>6.1}s] {}", started.elapsed().as_secs_f64(), line.trim_end());
+    assert!(
+        !line.contains("Kernel panic"),
+        "kernel panic:\n{}",
+        guest.output()
+    );
+    eprintln!(
+        "[{:>6.1}s] {}",
+        started.elapsed().as_secs_f64(),
+        line.trim_end()
+    );
     line
 }
 
@@ -119,9 +143,17 @@ fn x86_64_kexec_disabled_is_diagnosed_without_panic() {
     let Some(s) = setup(Arch::X86_64) else { return };
     let started = Instant::now();
     let guest = boot(Arch::X86_64, &s, "phase.test_disable_kexec=1");
-    phase(&guest, started, "plasmd: test knob: set kernel.kexec_load_disabled=1");
+    phase(
+        &guest,
+        started,
+        "plasmd: test knob: set kernel.kexec_load_disabled=1",
+    );
     phase(&guest, started, "plasmd: phase fetched");
-    phase(&guest, started, "plasmd: phase kexec preflight kexec_load_disabled=1");
+    phase(
+        &guest,
+        started,
+        "plasmd: phase kexec preflight kexec_load_disabled=1",
+    );
     let failed = phase(&guest, started, "plasmd: phase kexec failed");
     assert!(
         failed.contains("kernel.kexec_load_disabled=1") && failed.contains("reboot"),
