@@ -311,6 +311,8 @@ struct Held {
     artifacts: Vec<(String, usize, usize, u64)>,
     have: Vec<bool>,
     count: usize,
+    /// Verified bytes held per artifact.
+    done: Vec<u64>,
     announced: bool,
 }
 
@@ -327,6 +329,7 @@ impl Held {
             }
         }
         let n = hashes.len();
+        let done = vec![0; artifacts.len()];
         Held {
             manifest,
             hashes,
@@ -334,7 +337,22 @@ impl Held {
             artifacts,
             have: vec![false; n],
             count: 0,
+            done,
             announced: false,
+        }
+    }
+
+    /// Marks chunk `i` held (it must not have been) and counts it.
+    fn mark(&mut self, i: usize) {
+        self.have[i] = true;
+        self.count += 1;
+        self.add_done(i);
+    }
+
+    fn add_done(&mut self, i: usize) {
+        let a = self.artifacts.partition_point(|(_, first, _, _)| *first <= i);
+        if let Some(d) = a.checked_sub(1).and_then(|a| self.done.get_mut(a)) {
+            *d += self.lens[i];
         }
     }
 
@@ -343,13 +361,8 @@ impl Held {
             artifacts: self
                 .artifacts
                 .iter()
-                .map(|(name, first, n, size)| {
-                    let done = (*first..first + n)
-                        .filter(|i| self.have[*i])
-                        .map(|i| self.lens[i])
-                        .sum();
-                    (name.clone(), done, *size)
-                })
+                .zip(&self.done)
+                .map(|((name, _, _, size), done)| (name.clone(), *done, *size))
                 .collect(),
             held: self.count,
             total: self.hashes.len(),
@@ -525,14 +538,13 @@ impl Node {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut commands_open = true;
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
-                cmd = self.rx.recv(), if commands_open => match cmd {
+                cmd = self.rx.recv() => match cmd {
                     Some(c) => self.on_command(c),
-                    // Every handle dropped: keep serving what we hold.
-                    None => commands_open = false,
+                    // Every handle dropped: the node stops.
+                    None => return,
                 },
                 Some((root, index, res)) = self.fb_rx.recv() => self.on_fallback(root, index, res),
                 _ = tick.tick() => self.on_tick(),
@@ -610,10 +622,9 @@ impl Node {
     fn seed(&mut self, m: SignedManifest) -> Result<(), Error> {
         let root = *m.root().as_bytes();
         let mut held = Held::new(m);
-        for (i, h) in held.hashes.iter().enumerate() {
-            if self.store.has(h) {
-                held.have[i] = true;
-                held.count += 1;
+        for i in 0..held.hashes.len() {
+            if self.store.has(&held.hashes[i]) {
+                held.mark(i);
             }
         }
         if held.count < held.hashes.len() {
@@ -671,11 +682,10 @@ impl Node {
             sched = sched.with_fallback(Src::Fallback);
         }
         let mut any = false;
-        for (i, h) in held.hashes.iter().enumerate() {
-            if held.have[i] || self.store.has(h) {
+        for i in 0..held.hashes.len() {
+            if held.have[i] || self.store.has(&held.hashes[i]) {
                 if !held.have[i] {
-                    held.have[i] = true;
-                    held.count += 1;
+                    held.mark(i);
                 }
                 sched.mark_held(i as u32);
                 any = true;
@@ -818,27 +828,49 @@ impl Node {
             return;
         };
         let i = index as usize;
-        let ok = match &data {
-            Some(d) => {
-                i < held.hashes.len()
-                    && d.len() as u64 == held.lens[i]
-                    && Hash::of(d) == held.hashes[i]
-            }
-            None => false,
-        };
         let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
-        if !ok {
-            if fetching {
-                self.drive(Input::ChunkBad {
-                    peer: src,
-                    chunk: index,
-                });
+        let data = match data {
+            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
+            _ => {
+                if fetching {
+                    self.drive(Input::ChunkBad {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
             }
-            return;
-        }
-        let data = data.unwrap_or_default();
-        if !held.have[i] {
-            if let Err(e) = self.store.put(&held.hashes[i], &data) {
+        };
+        // Verify exactly once: the store checks the hash before it keeps the
+        // bytes; a duplicate (end-game) is still checked, so a liar is caught.
+        let verdict = if held.have[i] {
+            if Hash::of(&data) == held.hashes[i] {
+                Ok(())
+            } else {
+                Err(None)
+            }
+        } else {
+            match self.store.put(&held.hashes[i], &data) {
+                Ok(_) => {
+                    held.mark(i);
+                    Ok(())
+                }
+                Err(phase_content::Error::ChunkMismatch { .. }) => Err(None),
+                Err(e) => Err(Some(e)),
+            }
+        };
+        match verdict {
+            Ok(()) => {}
+            Err(None) => {
+                if fetching {
+                    self.drive(Input::ChunkBad {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
+            }
+            Err(Some(e)) => {
                 tracing::warn!(error = %e, "cannot store chunk");
                 if fetching {
                     self.drive(Input::ChunkFailed {
@@ -848,8 +880,6 @@ impl Node {
                 }
                 return;
             }
-            held.have[i] = true;
-            held.count += 1;
         }
         let first = !held.announced;
         let progress = held.progress(self.connected.len());

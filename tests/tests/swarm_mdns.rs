@@ -1,0 +1,161 @@
+//! mDNS-only discovery between nodes in network namespaces this test creates
+//! (multicast does not cross loopback reliably): a seed in one namespace, a
+//! fetcher with no seed URL and no peer address in a second, and, once the
+//! seed is gone, a third fetcher that finds the second by mDNS alone.
+//!
+//! Needs root and iproute2; skips (loudly) otherwise.
+
+use std::process::Command;
+use std::time::Duration;
+
+use phase_tests::swarm::{STEP, seeding_addr, sources, summary};
+use phase_tests::{Proc, make_artifacts, plasmd};
+
+/// Namespaces, a bridge and veth pairs, deleted on drop.
+struct Net {
+    hub: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Net {
+    /// A hub namespace with a bridge and `n` node namespaces on it, at
+    /// 10.213.X.(i+1)/24, each with lo up and a 224.0.0.0/4 route.
+    fn new(n: usize) -> Net {
+        let pid = std::process::id();
+        let net = Net {
+            hub: format!("phs{pid}h"),
+            nodes: (0..n).map(|i| format!("phs{pid}n{i}")).collect(),
+        };
+        let subnet = pid % 250;
+        ip(&["netns", "add", &net.hub]);
+        ip(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &net.hub, "link", "set", "br0", "up"]);
+        for (i, ns) in net.nodes.iter().enumerate() {
+            let (inner, outer) = (format!("v{pid}n{i}"), format!("v{pid}h{i}"));
+            ip(&["netns", "add", ns]);
+            ip(&[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            ip(&["link", "set", &outer, "netns", &net.hub]);
+            ip(&["-n", &net.hub, "link", "set", &outer, "master", "br0"]);
+            ip(&["-n", &net.hub, "link", "set", &outer, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            let addr = format!("10.213.{subnet}.{}/24", i + 1);
+            ip(&["-n", ns, "addr", "add", &addr, "dev", &inner]);
+            ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", &inner]);
+        }
+        net
+    }
+
+    fn cmd(&self, i: usize) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.nodes[i]]).arg(plasmd());
+        c.env("RUST_LOG", "info,phase_swarm=debug,libp2p=warn");
+        c
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain([&self.hub]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED swarm_mdns: needs root to create network namespaces");
+        return false;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIPPED swarm_mdns: needs iproute2 (`ip`)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn mdns_only_discovery_in_namespaces() {
+    if !can_run() {
+        return;
+    }
+    let bin = plasmd(); // build before timing anything
+    assert!(bin.is_file());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let artifacts = make_artifacts(dir.path(), "stable", "x86_64", 3 << 20, 1 << 20);
+    let net = Net::new(3);
+
+    let mut seed = net.cmd(0);
+    seed.arg("serve")
+        .arg("-a")
+        .arg(&artifacts)
+        .args([
+            "-p",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--chunk-size",
+            "65536",
+            "--state",
+        ])
+        .arg(dir.path().join("seed-state"));
+    let mut seed = Proc::spawn("seed", seed);
+    let banner = seed.wait_for(STEP, |l| l.contains("public key "));
+    let pubkey = banner
+        .split("public key ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("key")
+        .to_owned();
+    seed.wait_for(STEP, |l| l.contains("serving http://"));
+
+    // No --provider, no --peer: the manifest and the chunks come via mDNS.
+    let fetch = |i: usize, out: &std::path::Path, extra: &[&str]| {
+        let mut c = net.cmd(i);
+        c.args(["fetch", "--pubkey", &pubkey, "--arch", "x86_64", "--json"])
+            .args(["--manifest-wait", "60", "--out"])
+            .arg(out)
+            .args(extra);
+        Proc::spawn(&format!("fetcher{i}"), c)
+    };
+    let o1 = dir.path().join("out1");
+    let f1 = fetch(1, &o1, &["--serve-after"]);
+    let s1 = summary(&f1);
+    let addr1 = seeding_addr(&f1);
+    let _ = addr1;
+    seed.kill();
+
+    let o2 = dir.path().join("out2");
+    let mut f2 = fetch(2, &o2, &[]);
+    let s2 = summary(&f2);
+    assert!(f2.wait_exit(Duration::from_secs(30)).success());
+
+    for out in [&o1, &o2] {
+        for name in ["kernel", "initramfs"] {
+            let a = std::fs::read(artifacts.join("stable/x86_64").join(name)).expect("read");
+            let b = std::fs::read(out.join(name)).expect("read out");
+            assert!(a == b, "{name} differs in {}", out.display());
+        }
+    }
+    let me1 = s1["peer_id"].as_str().expect("peer_id").to_owned();
+    assert_eq!(
+        sources(&s2),
+        vec![me1],
+        "the third node fetched from the second alone: {s2}"
+    );
+    eprintln!("fetcher1: {s1}\nfetcher2: {s2}");
+}
