@@ -394,6 +394,7 @@ pub fn load(
     };
     let first = match k.file_load(&kernel_for_file, initrd, cmdline) {
         Ok(()) => {
+            tracing::info!(path = "kexec_file_load", "loaded");
             return Ok(Loaded {
                 path: "kexec_file_load",
                 reason: format!(
@@ -407,6 +408,7 @@ pub fn load(
     };
     let errno = first.errno().unwrap_or(0);
     if !falls_back(errno) {
+        tracing::warn!(error = %first, "kexec_file_load refused; not falling back");
         return Err(first);
     }
     if ctx.preflight.locked_down() {
@@ -419,7 +421,11 @@ pub fn load(
     match (ctx.arch, &ctx.arm64) {
         (Arch::Aarch64, Some(inputs)) => {
             let plan = plan_arm64(kernel, initrd, cmdline, inputs)?;
+            for seg in &plan.segments {
+                tracing::debug!(what = seg.what, mem = seg.mem, memsz = seg.memsz, "segment");
+            }
             k.load(&plan)?;
+            tracing::info!(path = "kexec_load", reason = %why, entry = plan.entry, "loaded");
             Ok(Loaded {
                 path: "kexec_load",
                 reason: why,
