@@ -196,6 +196,8 @@ pub struct FetchProgress {
     pub peers: usize,
 }
 
+// Commands are few and short-lived; boxing the larger ones buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), Error>>),
@@ -1014,13 +1016,11 @@ impl Node {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.connected.remove(&peer_id);
-                    self.drive(Input::PeerGone(Src::Peer(peer_id)));
-                }
+                self.connected.remove(&peer_id);
+                self.drive(Input::PeerGone(Src::Peer(peer_id)));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
