@@ -352,7 +352,9 @@ impl Held {
     }
 
     fn add_done(&mut self, i: usize) {
-        let a = self.artifacts.partition_point(|(_, first, _, _)| *first <= i);
+        let a = self
+            .artifacts
+            .partition_point(|(_, first, _, _)| *first <= i);
         if let Some(d) = a.checked_sub(1).and_then(|a| self.done.get_mut(a)) {
             *d += self.lens[i];
         }
