@@ -254,6 +254,8 @@ pub struct Scheduler<P> {
     order: Vec<P>,
     fallback: Option<P>,
     fallback_in_flight: usize,
+    fallback_failures: u32,
+    fallback_backoff_until: Time,
     started: Option<Time>,
     rng: ChaCha8Rng,
     done_sent: bool,
@@ -275,6 +277,8 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             order: Vec::new(),
             fallback: None,
             fallback_in_flight: 0,
+            fallback_failures: 0,
+            fallback_backoff_until: Duration::ZERO,
             started: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
             done_sent: false,
@@ -342,20 +346,23 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         self.peers.get(peer).map_or(0, |p| p.in_flight)
     }
 
-    /// The earliest time at which a [`Input::Tick`] could change anything
-    /// (a request deadline, a back-off's end, a have-map refresh), if any.
-    pub fn next_wakeup(&self) -> Option<Time> {
+    /// The earliest time after `now` at which a [`Input::Tick`] could change
+    /// anything (a request deadline, a back-off's end, a have-map refresh,
+    /// the end of the fallback's grace period), if any.
+    pub fn next_wakeup(&self, now: Time) -> Option<Time> {
         let mut t: Option<Time> = None;
-        let mut min = |x: Time| t = Some(t.map_or(x, |t| t.min(x)));
+        let mut min = |x: Time| {
+            if x > now {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
         for reqs in &self.pending {
             for (_, d) in reqs {
                 min(*d);
             }
         }
         for p in self.peers.values().filter(|p| p.usable()) {
-            if p.backoff_until > Duration::ZERO {
-                min(p.backoff_until);
-            }
+            min(p.backoff_until);
             if let Some(at) = p.last_map_ask
                 && p.have_count < self.n
             {
@@ -364,6 +371,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         }
         if let (Some(_), Some(s)) = (&self.fallback, self.started) {
             min(s + self.cfg.fallback_grace);
+            min(self.fallback_backoff_until);
         }
         t
     }
@@ -396,6 +404,9 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             }
             Input::ChunkOk { peer, chunk } => {
                 self.finish(&peer, chunk);
+                if self.fallback.as_ref() == Some(&peer) {
+                    self.fallback_failures = 0;
+                }
                 let i = chunk as usize;
                 if i < self.n && !self.held[i] {
                     self.held[i] = true;
@@ -528,6 +539,13 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             self.cfg.fail_backoff,
             self.cfg.max_backoff,
         );
+        if self.fallback.as_ref() == Some(peer) {
+            // Never dropped (it is the last resort), but backed off.
+            self.fallback_failures += 1;
+            let shift = self.fallback_failures.saturating_sub(1).min(16);
+            self.fallback_backoff_until = now + (base * (1u32 << shift)).min(max_b);
+            return;
+        }
         let mut drop = false;
         if let Some(st) = self.peers.get_mut(peer) {
             st.failures += 1;
@@ -600,7 +618,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             }
         }
         for (p, c) in expired {
-            if self.finish(&p, c) && self.fallback.as_ref() != Some(&p) {
+            if self.finish(&p, c) {
                 self.failed(&p, now);
             }
         }
@@ -725,7 +743,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             return;
         };
         let started = self.started.unwrap_or(now);
-        if now < started + self.cfg.fallback_grace {
+        if now < started + self.cfg.fallback_grace || now < self.fallback_backoff_until {
             return;
         }
         let mut i = 0;
@@ -927,7 +945,7 @@ mod tests {
             ms(10),
         );
         assert!(reqs(&a).is_empty(), "backed off");
-        assert_eq!(s.next_wakeup(), Some(ms(260)));
+        assert_eq!(s.next_wakeup(ms(10)), Some(ms(260)));
         assert!(reqs(&s.handle(Input::Tick, ms(100))).is_empty());
         assert_eq!(reqs(&s.handle(Input::Tick, ms(260))), vec![("a", 0)]);
     }
@@ -1174,6 +1192,44 @@ mod tests {
     }
 
     #[test]
+    fn failing_fallback_backs_off() {
+        let cfg = SchedulerConfig {
+            fail_backoff: ms(100),
+            fallback_in_flight: 1,
+            ..SchedulerConfig::default().with_fallback_grace(Duration::ZERO)
+        };
+        let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
+        assert_eq!(reqs(&s.handle(Input::Tick, T0)), vec![("http", 0)]);
+        let a = s.handle(
+            Input::ChunkFailed {
+                peer: "http",
+                chunk: 0,
+            },
+            ms(1),
+        );
+        assert!(reqs(&a).is_empty(), "no hot retry loop");
+        assert_eq!(s.next_wakeup(ms(1)), Some(ms(101)));
+        assert_eq!(reqs(&s.handle(Input::Tick, ms(101))), vec![("http", 0)]);
+        s.handle(
+            Input::ChunkFailed {
+                peer: "http",
+                chunk: 0,
+            },
+            ms(102),
+        );
+        assert!(reqs(&s.handle(Input::Tick, ms(250))).is_empty(), "doubled");
+        assert_eq!(reqs(&s.handle(Input::Tick, ms(302))), vec![("http", 0)]);
+        let a = s.handle(
+            Input::ChunkOk {
+                peer: "http",
+                chunk: 0,
+            },
+            ms(303),
+        );
+        assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
     fn fallback_takes_over_when_only_holder_is_banned() {
         let cfg = SchedulerConfig::default().with_fallback_grace(ms(1));
         let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
@@ -1302,6 +1358,9 @@ mod tests {
                     assert!(s.in_flight(&p) <= cfg.per_peer_in_flight);
                 }
                 assert!(s.in_flight(&"http") <= cfg.fallback_in_flight);
+                if let Some(w) = s.next_wakeup(now) {
+                    assert!(w > now, "wake-ups are in the future");
+                }
                 for r in &s.pending {
                     assert!(r.len() <= cfg.endgame_duplicates);
                 }
