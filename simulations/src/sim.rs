@@ -186,6 +186,7 @@ struct World {
     sent: Vec<f64>,
     processed: u64,
     flow_versions: u64,
+    done_count: usize,
 }
 
 fn ns(t: f64) -> u64 {
@@ -252,6 +253,7 @@ impl World {
                 Action::Done => {
                     if self.hosts[node].done_at.is_none() {
                         self.hosts[node].done_at = Some(self.now);
+                        self.done_count += 1;
                     }
                 }
             }
@@ -506,12 +508,12 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
         sent: vec![0.0; cfg.nodes + 1],
         processed: 0,
         flow_versions: 0,
+        done_count: 0,
     };
     for i in 1..=cfg.nodes {
         let t = cfg.stagger.as_secs_f64() * (i - 1) as f64;
         w.at(t, Ev::Start(i));
     }
-    let mut remaining = cfg.nodes;
     // A hard stop far past any sane storm: 100 x the HTTP bound.
     let limit = 100.0 * cfg.nodes as f64 * cfg.file_bytes as f64 * 8.0 / cfg.seed_up_bps + 60.0;
     while let Some(Reverse((t, _, slot))) = w.queue.pop() {
@@ -523,13 +525,9 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
         if w.now > limit {
             break;
         }
-        let was_done = matches!(&ev, Ev::Deliver(n, _) if w.hosts[*n].done_at.is_some());
         w.step(ev);
         w.processed += 1;
-        if !was_done {
-            remaining = w.hosts[1..].iter().filter(|h| h.done_at.is_none()).count();
-        }
-        if remaining == 0 {
+        if w.done_count == cfg.nodes {
             break;
         }
     }
