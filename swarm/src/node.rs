@@ -1367,3 +1367,60 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn identity_is_stable_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p2p.key");
+        let a = load_or_create_key(&path).unwrap();
+        let b = load_or_create_key(&path).unwrap();
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(matches!(load_or_create_key(&path), Err(Error::Key { .. })));
+    }
+
+    #[test]
+    fn progress_counts_bytes_per_artifact() {
+        use phase_content::{Artifact, FORMAT, Manifest, SecretKey, chunk_hashes};
+        let key = SecretKey::from_seed([1; 32]);
+        let k = vec![1u8; 10_000];
+        let i = vec![2u8; 5_000];
+        let art = |name: &str, d: &[u8]| Artifact {
+            name: name.into(),
+            size: d.len() as u64,
+            hash: Hash::of(d),
+            chunk_size: 4096,
+            chunks: chunk_hashes(d, 4096),
+        };
+        let m = Manifest {
+            format: FORMAT,
+            channel: "stable".into(),
+            arch: "x86_64".into(),
+            sequence: 1,
+            created: 0,
+            publisher: key.public(),
+            cmdline: None,
+            artifacts: vec![art("kernel", &k), art("initramfs", &i)],
+            seeds: vec![],
+            peers: vec![],
+        }
+        .sign(&key)
+        .unwrap();
+        let mut h = Held::new(m);
+        assert_eq!(h.hashes.len(), 5);
+        h.mark(2);
+        h.mark(4);
+        let p = h.progress(0);
+        assert_eq!(p.artifacts[0], ("kernel".into(), 10_000 - 8192, 10_000));
+        assert_eq!(p.artifacts[1], ("initramfs".into(), 5_000 - 4096, 5_000));
+        assert_eq!((p.held, p.total), (2, 5));
+    }
+}
