@@ -147,6 +147,15 @@ pub fn kernel(arch: Arch) -> Option<(PathBuf, PathBuf)> {
     m.is_dir().then_some((k, m))
 }
 
+/// The arm64 kernel with `CONFIG_KEXEC_FILE` built by
+/// `scripts/vm-arm64-kexec-file-kernel.sh`, and its (module-free) tree.
+pub fn arm64_kexec_file_kernel() -> Option<(PathBuf, PathBuf)> {
+    let root = target_dir().join("vm-arm64-kexec-file");
+    let k = root.join("boot/vmlinuz-kexec-file");
+    let m = root.join("lib/modules/kexec-file");
+    (k.is_file() && m.is_dir()).then_some((k, m))
+}
+
 /// A static busybox for `arch`: the host's for x86_64, the unpacked arm64
 /// package's for aarch64.
 pub fn busybox(arch: Arch) -> Option<PathBuf> {

@@ -37,6 +37,11 @@ fn setup(arch: Arch) -> Option<Setup> {
             arch.name()
         )
     });
+    Some(setup_with(arch, kernel, modules))
+}
+
+/// Publishes `kernel` plus the marker initramfs and starts the seed.
+fn setup_with(arch: Arch, kernel: std::path::PathBuf, modules: std::path::PathBuf) -> Setup {
     assert!(
         vm::busybox(arch).is_some(),
         "no static busybox for {} (busybox-static; aarch64: scripts/vm-arm64-kernel.sh)",
@@ -67,13 +72,13 @@ fn setup(arch: Arch) -> Option<Setup> {
     )
     .expect("write cmdline");
     let seed = Seed::start(&adir, &dir.path().join("state"), &[]);
-    Some(Setup {
+    Setup {
         _dir: dir,
         seed,
         kernel,
         initramfs,
         token,
-    })
+    }
 }
 
 fn boot(arch: Arch, s: &Setup, extra: &str) -> Proc {
@@ -110,8 +115,12 @@ fn phase(guest: &Proc, started: Instant, needle: &str) -> String {
 
 fn kexec_boots_target(arch: Arch, want_path: &str) {
     let Some(s) = setup(arch) else { return };
+    boots_target(arch, &s, want_path);
+}
+
+fn boots_target(arch: Arch, s: &Setup, want_path: &str) {
     let started = Instant::now();
-    let guest = boot(arch, &s, "");
+    let guest = boot(arch, s, "");
     phase(&guest, started, "plasmd: phase cmdline ok");
     phase(&guest, started, "plasmd: phase modules loaded");
     let net = phase(&guest, started, "plasmd: phase network up");
@@ -172,4 +181,17 @@ fn aarch64_kexec_load_with_dtb_and_trampoline_boots_the_fetched_kernel() {
     // Debian's arm64 kernel has no CONFIG_KEXEC_FILE: kexec_file_load is
     // ENOSYS and our kexec_load path must boot it.
     kexec_boots_target(Arch::Aarch64, "kexec_load");
+}
+
+#[test]
+#[ignore = "needs an arm64 kernel with CONFIG_KEXEC_FILE: scripts/vm-arm64-kexec-file-kernel.sh builds one (minutes)"]
+fn aarch64_kexec_file_load_boots_the_fetched_kernel() {
+    if !vm::qemu_available(Arch::Aarch64) {
+        eprintln!("SKIP: aarch64 QEMU is not installed");
+        return;
+    }
+    let (kernel, modules) = vm::arm64_kexec_file_kernel()
+        .expect("run scripts/vm-arm64-kexec-file-kernel.sh with the same CARGO_TARGET_DIR first");
+    let s = setup_with(Arch::Aarch64, kernel, modules);
+    boots_target(Arch::Aarch64, &s, "kexec_file_load");
 }
