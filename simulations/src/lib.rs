@@ -22,3 +22,4 @@ pub mod netns;
 pub mod plot;
 pub mod sim;
 pub mod storm;
+pub mod vmnet;

@@ -2,6 +2,7 @@
 //! `plasmd` binary, run it as a child that is killed (by PID) on drop, and
 //! wait for what it prints instead of sleeping.
 
+pub mod selfhost;
 pub mod swarm;
 pub mod vm;
 

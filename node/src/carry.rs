@@ -1,0 +1,238 @@
+//! The carried store (DESIGN.md decision 6): before kexec the first stage
+//! appends a cpio newc archive holding the signed manifest, the first stage's
+//! `phase.*` parameters and every verified chunk to the target's initramfs.
+//! Linux unpacks concatenated archives into one rootfs, so the booted system
+//! finds them under [`CARRIED_DIR`] and can serve what it booted from without
+//! fetching it again.
+//!
+//! Layout (inside the target's rootfs):
+//! - `var/lib/plasmd/carried/manifest.json`: the signed envelope, as fetched;
+//! - `var/lib/plasmd/carried/params`: the first stage's `phase.*` parameters
+//!   (cmdline syntax), so the target knows the pinned key, channel and arch
+//!   without trusting its own, publisher-signed, command line for them;
+//! - `var/lib/plasmd/carried/chunks/HEX`: one file per chunk.
+//!
+//! The appended archive is uncompressed and starts on a 4-byte boundary of
+//! the whole initrd (the kernel's unpacker skips zero padding between
+//! archives but insists on that alignment for a `070701` header).
+
+// Until init.rs calls into this module (the boot work lands first).
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use anyhow::Context;
+use phase_boot::cmdline::{self, PhaseConfig};
+use phase_boot::cpio;
+use phase_content::{ChunkStore, Hash, MemStore, SignedManifest};
+
+/// Where the carried store lives in the target's rootfs (no leading slash:
+/// cpio paths are relative).
+pub(crate) const CARRIED_DIR: &str = "var/lib/plasmd/carried";
+
+/// The `phase.*` parameters of `cmdline`, in cmdline syntax, to carry.
+pub(crate) fn phase_params(cmdline: &str) -> String {
+    cmdline::split(cmdline)
+        .into_iter()
+        .filter(|p| p.key.starts_with("phase."))
+        .map(|p| match p.value {
+            Some(v) => format!("{}={v}", p.key),
+            None => p.key.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the carried archive: the manifest, `params` and every chunk the
+/// manifest lists (each read from `store`, which only holds verified chunks).
+pub(crate) fn archive(
+    manifest: &SignedManifest,
+    store: &dyn ChunkStore,
+    params: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut w = cpio::Writer::new(Vec::new());
+    let mut path = String::new();
+    for part in CARRIED_DIR.split('/') {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(part);
+        w.dir(&path, 0o755)?;
+    }
+    w.dir(&format!("{CARRIED_DIR}/chunks"), 0o755)?;
+    w.file(
+        &format!("{CARRIED_DIR}/manifest.json"),
+        0o644,
+        manifest.envelope(),
+    )?;
+    w.file(
+        &format!("{CARRIED_DIR}/params"),
+        0o644,
+        format!("{params}\n").as_bytes(),
+    )?;
+    for hash in unique_chunks(manifest) {
+        let data = store
+            .get(&hash)?
+            .with_context(|| format!("chunk {hash} is not in the store; cannot carry it"))?;
+        w.file(&format!("{CARRIED_DIR}/chunks/{hash}"), 0o644, &data)?;
+    }
+    Ok(w.finish()?)
+}
+
+/// `initrd` followed by zero padding to a 4-byte boundary and `carried`.
+pub(crate) fn append(initrd: Option<Vec<u8>>, carried: &[u8]) -> Vec<u8> {
+    let mut out = initrd.unwrap_or_default();
+    out.reserve(carried.len() + 3);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out.extend_from_slice(carried);
+    out
+}
+
+fn unique_chunks(manifest: &SignedManifest) -> Vec<Hash> {
+    let mut seen = std::collections::HashSet::new();
+    manifest
+        .manifest()
+        .artifacts
+        .iter()
+        .flat_map(|a| a.chunks.iter().copied())
+        .filter(|h| seen.insert(*h))
+        .collect()
+}
+
+/// A carried store, checked: the manifest verifies against the carried pinned
+/// key and every chunk it lists is present and hashes right.
+pub(crate) struct Carried {
+    pub(crate) manifest: SignedManifest,
+    pub(crate) store: MemStore,
+    pub(crate) params: PhaseConfig,
+    /// The raw `params` line (test knobs are read from it).
+    pub(crate) raw_params: String,
+    pub(crate) chunks: usize,
+    pub(crate) bytes: u64,
+}
+
+/// Whether `root` (the rootfs, `/` in the target) holds a carried store.
+pub(crate) fn present(root: &Path) -> bool {
+    root.join(CARRIED_DIR).join("manifest.json").is_file()
+}
+
+/// Loads and checks the carried store under `root`.
+pub(crate) fn load(root: &Path) -> anyhow::Result<Carried> {
+    let dir = root.join(CARRIED_DIR);
+    let raw_params = std::fs::read_to_string(dir.join("params"))
+        .with_context(|| format!("reading {}/params", dir.display()))?;
+    let (params, _warnings) = PhaseConfig::parse(raw_params.trim())
+        .with_context(|| format!("parsing the carried parameters {:?}", raw_params.trim()))?;
+    let pubkey = params.pubkey.context(
+        "the carried parameters hold no phase.pubkey: the first stage must pin a key to carry",
+    )?;
+    let bytes = std::fs::read(dir.join("manifest.json"))
+        .with_context(|| format!("reading {}/manifest.json", dir.display()))?;
+    let manifest = SignedManifest::verify(&bytes, &pubkey).with_context(|| {
+        format!("the carried manifest does not verify against the carried key {pubkey}")
+    })?;
+    let store = MemStore::new();
+    let mut total = 0u64;
+    let hashes = unique_chunks(&manifest);
+    for hash in &hashes {
+        let path = dir.join("chunks").join(hash.to_string());
+        let data = std::fs::read(&path)
+            .with_context(|| format!("carried chunk {} is missing", path.display()))?;
+        store
+            .put(hash, &data)
+            .with_context(|| format!("carried chunk {}", path.display()))?;
+        total += data.len() as u64;
+        // The chunk now lives in the store; free the rootfs copy.
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(Carried {
+        manifest,
+        store,
+        params,
+        raw_params: raw_params.trim().to_owned(),
+        chunks: hashes.len(),
+        bytes: total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phase_content::publish::{PublishOptions, publish_dir};
+
+    #[test]
+    fn append_aligns_and_params_keep_only_phase_keys() {
+        let out = append(Some(vec![1, 2, 3, 4, 5]), b"0707");
+        assert_eq!(out, [1, 2, 3, 4, 5, 0, 0, 0, b'0', b'7', b'0', b'7']);
+        assert_eq!(
+            phase_params("console=ttyS0 phase.pubkey=ab phase.linger=3 quiet phase.x"),
+            "phase.pubkey=ab phase.linger=3 phase.x"
+        );
+    }
+
+    /// Unpacks a newc archive (regular files and directories) under `root`.
+    fn unpack(mut buf: &[u8], root: &Path) {
+        let hex = |b: &[u8]| usize::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
+        let pad = |n: usize| (4 - n % 4) % 4;
+        loop {
+            assert_eq!(&buf[..6], b"070701");
+            let mode = hex(&buf[14..22]);
+            let size = hex(&buf[54..62]);
+            let namesize = hex(&buf[94..102]);
+            let name = std::str::from_utf8(&buf[110..110 + namesize - 1]).unwrap();
+            let off = 110 + namesize + pad(110 + namesize);
+            let data = &buf[off..off + size];
+            if name == "TRAILER!!!" {
+                return;
+            }
+            if mode & 0o170000 == 0o040000 {
+                std::fs::create_dir_all(root.join(name)).unwrap();
+            } else {
+                std::fs::write(root.join(name), data).unwrap();
+            }
+            buf = &buf[off + size + pad(size)..];
+        }
+    }
+
+    #[test]
+    fn a_carried_archive_unpacks_to_a_store_that_loads() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("artifacts/stable/x86_64");
+        std::fs::create_dir_all(&a).unwrap();
+        let kernel: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(a.join("kernel"), &kernel).unwrap();
+        std::fs::write(a.join("initramfs"), vec![2u8; 5000]).unwrap();
+        let fs = phase_content::FsStore::open(t.path().join("store")).unwrap();
+        let key = phase_content::SecretKey::from_seed([9; 32]);
+        let opts = PublishOptions::default().with_chunk_size(64 << 10);
+        let m = publish_dir(&key, &t.path().join("artifacts"), &fs, &opts)
+            .unwrap()
+            .remove(0)
+            .manifest;
+        let params = format!("phase.pubkey={} phase.test_liar=1", key.public());
+        let cpio = archive(&m, &fs, &params).unwrap();
+        let whole = append(Some(vec![0x1f, 0x8b, 8]), &cpio);
+        assert_eq!(whole.len() % 4, 0);
+        let root = t.path().join("root");
+        unpack(&cpio, &root);
+        assert!(present(&root));
+        let c = load(&root).unwrap();
+        assert_eq!(c.manifest.root(), m.root());
+        assert_eq!(c.chunks, 6);
+        assert_eq!(c.bytes, 305_000);
+        assert!(c.raw_params.contains("phase.test_liar=1"));
+
+        // A wrong pinned key in the carried parameters is refused.
+        unpack(&cpio, &root);
+        let other = phase_content::SecretKey::from_seed([1; 32]).public();
+        std::fs::write(
+            root.join(CARRIED_DIR).join("params"),
+            format!("phase.pubkey={other}\n"),
+        )
+        .unwrap();
+        let e = load(&root).err().unwrap();
+        assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+    }
+}

@@ -1,0 +1,161 @@
+//! Serve mode: `plasmd` as PID 1 of a system that was booted by `plasmd`.
+//!
+//! Selected by the presence of the carried store (see [`crate::carry`]) in
+//! the rootfs at start: a target initramfs that holds one was booted by our
+//! first stage, which appended it. The node checks the carried manifest
+//! against the carried pinned key and every chunk against the manifest, then
+//! serves them on the swarm at once (mDNS on, listening on
+//! [`crate::init_swarm::P2P_PORT`]), with no download. It prints
+//! `SAW KEXEC=Y token=T` (T from its own cmdline's `token=`) once serving, so
+//! tests know the target is up, and then runs forever.
+//!
+//! Test knob: `phase.test_liar=1` in the carried parameters (that is, on the
+//! first stage's cmdline) makes this node corrupt every chunk it serves.
+
+// Until init.rs calls into this module (the boot work lands first).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use phase_boot::cmdline;
+use phase_content::{ChunkStore, Hash, MemStore};
+use phase_swarm::{Node, NodeConfig};
+
+use crate::carry;
+use crate::init_net;
+
+/// Whether this boot should serve a carried store (checked by `init::run`).
+pub(crate) fn selected() -> bool {
+    carry::present(Path::new("/"))
+}
+
+/// Serves chunks with the first byte flipped (`phase.test_liar=1`).
+struct LyingStore(MemStore);
+
+impl ChunkStore for LyingStore {
+    fn has(&self, hash: &Hash) -> bool {
+        self.0.has(hash)
+    }
+    fn get(&self, hash: &Hash) -> Result<Option<Bytes>, phase_content::Error> {
+        Ok(self.0.get(hash)?.map(|b| {
+            let mut v = b.to_vec();
+            if let Some(x) = v.first_mut() {
+                *x ^= 0xff;
+            }
+            Bytes::from(v)
+        }))
+    }
+    fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, phase_content::Error> {
+        self.0.put(hash, data)
+    }
+}
+
+fn knob(raw: &str, key: &str) -> bool {
+    cmdline::split(raw)
+        .iter()
+        .any(|p| p.key == key && matches!(p.value, Some("1") | None))
+}
+
+/// Runs serve mode as PID 1; returns only on error.
+pub(crate) fn run() -> anyhow::Result<()> {
+    println!(
+        "plasmd: phase serve start version={}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let real = std::process::id() == 1;
+    if real {
+        init_net::mount_basics();
+    }
+    let own = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let token = cmdline::split(&own)
+        .into_iter()
+        .find(|p| p.key == "token")
+        .and_then(|p| p.value)
+        .unwrap_or("")
+        .to_owned();
+    let mut c = carry::load(Path::new("/")).context("checking the carried store")?;
+    let m = c.manifest.manifest();
+    println!(
+        "plasmd: phase carried ok root={} channel={} arch={} chunks={} bytes={}",
+        c.manifest.root(),
+        m.channel,
+        m.arch,
+        c.chunks,
+        c.bytes
+    );
+    if real {
+        let n = init_net::load_modules(Path::new("/lib/modules"))?;
+        println!("plasmd: phase modules loaded count={n}");
+        let lease = loop {
+            match init_net::dhcp() {
+                Ok(l) => break l,
+                Err(e) => {
+                    println!("plasmd: network failed: {e:#}; retrying");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        };
+        println!(
+            "plasmd: phase network up iface={} ip={} router={}",
+            lease.iface, lease.ip, lease.router
+        );
+    }
+    let liar = knob(&c.raw_params, "phase.test_liar");
+    let chunks = std::mem::take(&mut c.store);
+    let store: Arc<dyn ChunkStore> = if liar {
+        println!("plasmd: test knob: phase.test_liar=1: serving corrupted chunks");
+        Arc::new(LyingStore(chunks))
+    } else {
+        Arc::new(chunks)
+    };
+    let peers = c
+        .params
+        .peers
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let listen = format!("/ip4/0.0.0.0/tcp/{}", crate::init_swarm::P2P_PORT)
+        .parse()
+        .context("listen multiaddr")?;
+    crate::runtime()?.block_on(serve(c, store, liar, listen, peers, token))
+}
+
+async fn serve(
+    c: carry::Carried,
+    store: Arc<dyn ChunkStore>,
+    liar: bool,
+    listen: phase_swarm::Multiaddr,
+    peers: Vec<phase_swarm::Multiaddr>,
+    token: String,
+) -> anyhow::Result<()> {
+    let cfg = NodeConfig::default()
+        .with_listen(vec![listen])
+        .with_peers(peers)
+        .with_mdns(true);
+    let node = Node::spawn(cfg, store).context("starting the libp2p node")?;
+    let root = c.manifest.root();
+    node.seed(c.manifest)
+        .await
+        .context("seeding the carried manifest")?;
+    let addrs = crate::init_swarm::addrs(&node).await;
+    println!(
+        "plasmd: phase serving root={root} peer={} addrs={} liar={}",
+        node.peer_id(),
+        addrs.join(","),
+        u8::from(liar)
+    );
+    println!("SAW KEXEC=Y token={token}");
+    let mut last = usize::MAX;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let n = node.connected_peers().await.map(|p| p.len()).unwrap_or(0);
+        if n != last {
+            println!("plasmd: phase serving peers={n}");
+            last = n;
+        }
+    }
+}

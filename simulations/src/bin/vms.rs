@@ -1,0 +1,285 @@
+//! `vms`: N QEMU guests boot through the swarm on one bridge, and a table
+//! says how long each took and where its bytes came from.
+//!
+//! ```text
+//! cargo run --release -p simulations --bin vms -- --vms 4 [--stop-seed] [--json FILE]
+//! ```
+//!
+//! The first guest boots from the host's seed (`plasmd serve` on the bridge)
+//! and kexecs into the target, whose init is `plasmd` serving the carried
+//! store; then the others boot, with the seed still there or (`--stop-seed`)
+//! gone. Needs root, qemu-system-x86_64, dnsmasq and a Debian cloud kernel.
+//! Everything it creates is removed at the end, on error and on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use simulations::cleanup;
+use simulations::vmnet::{self, Child, GuestSpec, Net};
+
+/// Boot N VMs through the swarm on one bridge and tabulate the result.
+#[derive(Debug, Parser)]
+#[command(name = "vms")]
+struct Args {
+    /// Number of guests.
+    #[arg(long, default_value_t = 3)]
+    vms: usize,
+    /// Guest architecture (the bridge harness runs x86_64 guests).
+    #[arg(long, default_value = "x86_64")]
+    arch: String,
+    /// Stop the seed once the first guest's target is up.
+    #[arg(long)]
+    stop_seed: bool,
+    /// `phase.linger=SECONDS` for every guest's first stage.
+    #[arg(long)]
+    linger: Option<u64>,
+    /// Guests booting at once after the first (TCG on a small machine).
+    #[arg(long, default_value_t = 3)]
+    parallel: usize,
+    /// QEMU accelerator. KVM only where a guest was shown to run under it
+    /// (a nested KVM without vmx hangs guests).
+    #[arg(long, default_value = "tcg")]
+    accel: String,
+    /// Per-guest limit, seconds, for the target's marker.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Write the table as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The host plasmd (default: next to this binary, built if missing).
+    #[arg(long)]
+    plasmd: Option<PathBuf>,
+    /// Echo every guest's console on stderr.
+    #[arg(long)]
+    echo: bool,
+}
+
+fn exe_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("exe has a directory")?.to_owned())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+}
+
+fn host_plasmd(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let dir = exe_dir()?;
+    let p = dir.join("plasmd");
+    eprintln!("vms: building the host plasmd (cargo build --release -p plasmd)");
+    let target = dir.parent().context("target dir")?;
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace())
+        .args(["build", "--release", "--locked", "-p", "plasmd"])
+        .env("CARGO_TARGET_DIR", target)
+        .status()?;
+    if !status.success() || !p.is_file() {
+        bail!("could not build plasmd; pass --plasmd PATH");
+    }
+    Ok(p)
+}
+
+fn spawned(c: Child) -> Child {
+    cleanup::register_pgid(c.pgid());
+    c
+}
+
+fn stop(mut c: Child) {
+    c.kill();
+    cleanup::forget_pgid(c.pgid());
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if a.arch != "x86_64" {
+        bail!(
+            "--arch {}: the bridge harness boots x86_64 guests only (aarch64 kexec is covered by \
+             tests/tests/vm_kexec.rs over user networking)",
+            a.arch
+        );
+    }
+    if a.vms == 0 {
+        bail!("--vms must be at least 1");
+    }
+    if !vmnet::is_root() {
+        bail!("vms needs root (network namespaces, taps); run it with sudo");
+    }
+    for p in ["qemu-system-x86_64", "dnsmasq", "ip"] {
+        if !vmnet::have(p) {
+            bail!("{p} is not installed (apt install qemu-system-x86 dnsmasq-base iproute2)");
+        }
+    }
+    let (kernel, modules) =
+        vmnet::kernel().context("no guest kernel: apt install linux-image-cloud-amd64")?;
+    cleanup::install_signal_handler();
+    let r = run(&a, &kernel, &modules);
+    cleanup::run_all();
+    r
+}
+
+fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
+    let plasmd = host_plasmd(a.plasmd.clone())?;
+    let target = exe_dir()?.parent().context("target dir")?.to_owned();
+    let guest_bin = vmnet::static_plasmd(&workspace(), &target)?;
+    let tag = std::process::id().to_string();
+    let dir = std::env::temp_dir().join(format!("plasmd-vms-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let _rm = RemoveDir(dir.clone());
+    let initrd = dir.join("boot.cpio.gz");
+    let size = vmnet::boot_initramfs(&plasmd, &guest_bin, modules, &initrd)?;
+    eprintln!("vms: boot initramfs {size} bytes (also the target initramfs)");
+    let token = format!("vms{tag}");
+    vmnet::write_artifacts(&dir.join("artifacts"), kernel, &initrd, &token)?;
+
+    let net = Net::create(&tag, a.vms)?;
+    cleanup::register_ns(&net.ns);
+    let dhcp = spawned(vmnet::start_dhcp(&net, &dir)?);
+    let seed = vmnet::start_seed(&net, &plasmd, &dir.join("artifacts"), &dir.join("state"))?;
+    let mut seed_proc = Some(spawned(seed.proc));
+    eprintln!(
+        "vms: seed {} key {} in namespace {}",
+        seed.url, seed.pubkey, net.ns
+    );
+
+    let extra = a
+        .linger
+        .map(|s| format!("phase.linger={s}"))
+        .unwrap_or_default();
+    let spec = |i: usize| GuestSpec {
+        name: format!("vm{}", i + 1),
+        kernel: kernel.to_owned(),
+        initrd: initrd.clone(),
+        append: vmnet::guest_cmdline(&seed.url, &seed.pubkey, &extra),
+        tap: i,
+        accel: a.accel.clone(),
+        echo: a.echo,
+    };
+    let limit = Duration::from_secs(a.timeout);
+    let t0 = Instant::now();
+    let mut guests: Vec<(Duration, Child)> = Vec::new();
+    let first = spawned(vmnet::start_guest(&net, &spec(0))?);
+    first.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
+    eprintln!(
+        "vms: vm1 target up after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    guests.push((Duration::ZERO, first));
+    let seed_stopped_at = if a.stop_seed {
+        if let Some(s) = seed_proc.take() {
+            stop(s);
+        }
+        eprintln!("vms: seed stopped");
+        Some(t0.elapsed())
+    } else {
+        None
+    };
+
+    let mut next = 1;
+    let mut booting: Vec<usize> = Vec::new();
+    while next < a.vms || !booting.is_empty() {
+        while next < a.vms && booting.len() < a.parallel.max(1) {
+            let g = spawned(vmnet::start_guest(&net, &spec(next))?);
+            guests.push((t0.elapsed(), g));
+            booting.push(guests.len() - 1);
+            next += 1;
+        }
+        // Wait for the oldest booting guest's marker (or its failure).
+        let i = booting.remove(0);
+        let (_, g) = &guests[i];
+        g.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
+        eprintln!("vms: {} target up", g.name);
+    }
+    let total = t0.elapsed();
+
+    let rows: Vec<(Duration, vmnet::Row)> =
+        guests.iter().map(|(s, g)| (*s, vmnet::row(g))).collect();
+    println!(
+        "\n{:<5} {:>8} {:>12} {:>10} {:>10} {:>10} {:>7}",
+        "vm", "start_s", "verified_s", "seed_MB", "peers_MB", "marker_s", "banned"
+    );
+    let (mut seed_b, mut peer_b) = (0u64, 0u64);
+    for (start, r) in &rows {
+        seed_b += r.seed_bytes;
+        peer_b += r.peer_bytes;
+        println!(
+            "{:<5} {:>8.1} {:>12} {:>10.2} {:>10.2} {:>10} {:>7}",
+            r.name,
+            start.as_secs_f64(),
+            secs(r.fetched),
+            r.seed_bytes as f64 / 1e6,
+            r.peer_bytes as f64 / 1e6,
+            secs(r.marker),
+            r.banned.len()
+        );
+    }
+    let share = seed_b as f64 / ((seed_b + peer_b).max(1)) as f64;
+    println!(
+        "seed share {:.1} % ({seed_b} of {} bytes); first start to last marker {:.1} s; seed {}",
+        share * 100.0,
+        seed_b + peer_b,
+        total.as_secs_f64(),
+        seed_stopped_at.map_or("present throughout".to_owned(), |t| format!(
+            "stopped at {:.1} s",
+            t.as_secs_f64()
+        ))
+    );
+    if let Some(path) = &a.json {
+        let vms: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(start, r)| {
+                serde_json::json!({
+                    "vm": r.name,
+                    "start_s": start.as_secs_f64(),
+                    "verified_s": r.fetched.map(|d| d.as_secs_f64()),
+                    "marker_s": r.marker.map(|d| d.as_secs_f64()),
+                    "seed_bytes": r.seed_bytes,
+                    "peer_bytes": r.peer_bytes,
+                    "banned": r.banned,
+                    "peer_id": r.serving_peer,
+                })
+            })
+            .collect();
+        let obj = serde_json::json!({
+            "vms": vms,
+            "seed_share": share,
+            "first_start_to_last_marker_s": total.as_secs_f64(),
+            "seed_stopped_at_s": seed_stopped_at.map(|d| d.as_secs_f64()),
+            "accel": a.accel,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&obj)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    for (_, g) in guests {
+        stop(g);
+    }
+    if let Some(s) = seed_proc {
+        stop(s);
+    }
+    stop(dhcp);
+    let ns = net.ns.clone();
+    drop(net);
+    cleanup::forget_ns(&ns);
+    Ok(())
+}
+
+/// Removes the run's scratch directory on drop.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,576 @@
+//! Many QEMU guests on one bridge: the network and processes of the `vms`
+//! harness and of `tests/tests/vm_selfhost.rs` (which includes this file with
+//! `#[path]`, so it uses only `std`, `libc` and `anyhow`).
+//!
+//! One network namespace (named with the caller's tag, e.g. the PID) holds a
+//! Linux bridge `br0` with [`BRIDGE_IP`], one tap device per guest, dnsmasq
+//! answering DHCP on the bridge only, the host's `plasmd serve` bound to the
+//! bridge address, and the QEMU guests (TCG), each on its tap. Nothing is
+//! routed out of the namespace. Every child leads its own process group and
+//! is killed by that group on drop; the namespace is deleted on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The bridge's address (the seed and the DHCP server).
+pub const BRIDGE_IP: &str = "10.79.0.1";
+/// The seed's HTTP port.
+pub const SEED_PORT: u16 = 8080;
+/// The seed's libp2p port.
+pub const SEED_P2P_PORT: u16 = 4001;
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The namespace with the bridge and the taps. Dropping it deletes it.
+#[derive(Debug)]
+pub struct Net {
+    /// Namespace name.
+    pub ns: String,
+    /// Tap device names, one per guest.
+    pub taps: Vec<String>,
+}
+
+impl Net {
+    /// Creates namespace `phasevm-TAG` with `br0` and `taps` tap devices.
+    pub fn create(tag: &str, taps: usize) -> anyhow::Result<Net> {
+        let ns = format!("phasevm-{tag}");
+        sh(&["ip", "netns", "add", &ns])?;
+        let net = Net {
+            ns: ns.clone(),
+            taps: (0..taps).map(|i| format!("tap{i}")).collect(),
+        };
+        let ip = |args: &[&str]| -> anyhow::Result<String> {
+            let mut v = vec!["ip", "-n", ns.as_str()];
+            v.extend_from_slice(args);
+            sh(&v)
+        };
+        ip(&["link", "set", "lo", "up"])?;
+        // No snooping: without a querier it could starve mDNS between guests.
+        ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&["addr", "add", &format!("{BRIDGE_IP}/24"), "dev", "br0"])?;
+        ip(&["link", "set", "br0", "up"])?;
+        for t in &net.taps {
+            ip(&["tuntap", "add", "dev", t, "mode", "tap"])?;
+            ip(&["link", "set", t, "master", "br0"])?;
+            ip(&["link", "set", t, "up"])?;
+        }
+        ip(&["route", "add", "224.0.0.0/4", "dev", "br0"])?;
+        Ok(net)
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+type Lines = Arc<(Mutex<Vec<(Duration, String)>>, Condvar)>;
+
+/// A child in its own process group whose stdout and stderr are collected
+/// line by line with the time since it started. Killed (by group) on drop.
+pub struct Child {
+    /// A name for messages.
+    pub name: String,
+    child: std::process::Child,
+    /// When it was started.
+    pub started: Instant,
+    lines: Lines,
+    killed: bool,
+}
+
+impl std::fmt::Debug for Child {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Child({} pid {})", self.name, self.child.id())
+    }
+}
+
+fn pump(r: impl Read + Send + 'static, lines: Lines, started: Instant, echo: Option<String>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let s = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned();
+                    if let Some(p) = &echo {
+                        eprintln!("[{p} {:>6.1}s] {s}", started.elapsed().as_secs_f64());
+                    }
+                    let (m, cv) = &*lines;
+                    if let Ok(mut v) = m.lock() {
+                        v.push((started.elapsed(), s));
+                    }
+                    cv.notify_all();
+                }
+            }
+        }
+        let (_, cv) = &*lines;
+        cv.notify_all();
+    });
+}
+
+impl Child {
+    /// Spawns `cmd` as the leader of a new process group. With `echo`, every
+    /// line is also printed on stderr prefixed with the name.
+    pub fn spawn(name: &str, mut cmd: Command, echo: bool) -> anyhow::Result<Child> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let lines: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let e = echo.then(|| name.to_owned());
+        if let Some(o) = child.stdout.take() {
+            pump(o, lines.clone(), started, e.clone());
+        }
+        if let Some(o) = child.stderr.take() {
+            pump(o, lines.clone(), started, e);
+        }
+        Ok(Child {
+            name: name.to_owned(),
+            child,
+            started,
+            lines,
+            killed: false,
+        })
+    }
+
+    /// The process (and group) id.
+    pub fn pgid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The first line (ever) matching `pred`, waiting up to `timeout` for it;
+    /// with the time since start it was printed.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(Duration, String)> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.lines;
+        let mut v = m.lock().ok()?;
+        loop {
+            if let Some(hit) = v.iter().find(|(_, l)| pred(l)) {
+                return Some(hit.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            v = cv.wait_timeout(v, deadline - now).ok()?.0;
+        }
+    }
+
+    /// Like [`Child::wait_for`], failing with the output when nothing matches.
+    pub fn expect(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<(Duration, String)> {
+        self.wait_for(timeout, pred).with_context(|| {
+            format!(
+                "{}: no line {what:?} within {timeout:?}; output:\n{}",
+                self.name,
+                self.output()
+            )
+        })
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<(Duration, String)> {
+        self.lines.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Every line so far, joined.
+    pub fn output(&self) -> String {
+        self.lines()
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Kills the whole process group and reaps the leader.
+    pub fn kill(&mut self) {
+        if self.killed {
+            return;
+        }
+        self.killed = true;
+        // SAFETY: kill(2) on the process group this child leads.
+        unsafe {
+            libc::kill(-self.pgid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// dnsmasq answering DHCP on `br0` only (no DNS), leases under `dir`.
+pub fn start_dhcp(net: &Net, dir: &Path) -> anyhow::Result<Child> {
+    let mut c = net.command("dnsmasq");
+    c.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--interface=br0",
+        "--bind-interfaces",
+        "--except-interface=lo",
+        "--dhcp-range=10.79.0.10,10.79.0.250,255.255.255.0,1h",
+        "--no-resolv",
+        "--no-hosts",
+        "--port=0",
+        "--user=root",
+        "--log-facility=-",
+        "--log-dhcp",
+    ])
+    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+    .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()));
+    Child::spawn("dnsmasq", c, false)
+}
+
+/// The host's seed: `plasmd serve` inside the namespace on the bridge address.
+pub struct Seed {
+    /// The process.
+    pub proc: Child,
+    /// `http://BRIDGE_IP:SEED_PORT`.
+    pub url: String,
+    /// The publisher key (hex).
+    pub pubkey: String,
+}
+
+/// Starts `plasmd serve -a artifacts` in the namespace.
+pub fn start_seed(
+    net: &Net,
+    plasmd: &Path,
+    artifacts: &Path,
+    state: &Path,
+) -> anyhow::Result<Seed> {
+    let mut c = net.command(plasmd);
+    c.arg("serve")
+        .arg("-a")
+        .arg(artifacts)
+        .args(["-p", &SEED_PORT.to_string(), "--bind", BRIDGE_IP])
+        .args(["--p2p-port", &SEED_P2P_PORT.to_string(), "--state"])
+        .arg(state);
+    let proc = Child::spawn("seed", c, false)?;
+    let (_, pk) = proc.expect(Duration::from_secs(120), "public key", |l| {
+        l.contains("public key ")
+    })?;
+    let pubkey = pk
+        .split("public key ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("no key in the seed's banner")?
+        .to_owned();
+    proc.expect(Duration::from_secs(120), "serving http://", |l| {
+        l.contains("serving http://")
+    })?;
+    Ok(Seed {
+        proc,
+        url: format!("http://{BRIDGE_IP}:{SEED_PORT}"),
+        pubkey,
+    })
+}
+
+/// One guest to start.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// A name for messages and tables.
+    pub name: String,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Boot initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub append: String,
+    /// Index of the tap (and of the MAC address).
+    pub tap: usize,
+    /// QEMU accelerator (`tcg`; `kvm` only where it was shown to run).
+    pub accel: String,
+    /// Echo console lines on stderr.
+    pub echo: bool,
+}
+
+/// Starts an x86_64 guest on tap `spec.tap` in the namespace; its serial
+/// console is the child's stdout.
+pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Child> {
+    let tap = net
+        .taps
+        .get(spec.tap)
+        .with_context(|| format!("no tap {} (made {})", spec.tap, net.taps.len()))?;
+    let mut c = net.command("qemu-system-x86_64");
+    c.args([
+        "-accel",
+        &spec.accel,
+        "-M",
+        "q35",
+        "-smp",
+        "1",
+        "-m",
+        "1024",
+    ])
+    .args(["-nodefaults", "-no-reboot", "-display", "none"])
+    .args(["-serial", "stdio", "-monitor", "none"])
+    .arg("-kernel")
+    .arg(&spec.kernel)
+    .arg("-initrd")
+    .arg(&spec.initrd)
+    .args(["-append", &spec.append])
+    .arg("-netdev")
+    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+    .arg("-device")
+    .arg(format!(
+        "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:{:02x},romfile=",
+        spec.tap + 16
+    ));
+    Child::spawn(&spec.name, c, spec.echo)
+}
+
+/// The guest kernel and its modules: `$PHASE_VM_KERNEL_X86_64` and
+/// `$PHASE_VM_MODULES_X86_64`, else the newest installed Debian cloud kernel.
+pub fn kernel() -> Option<(PathBuf, PathBuf)> {
+    if let (Some(k), Some(m)) = (
+        std::env::var_os("PHASE_VM_KERNEL_X86_64"),
+        std::env::var_os("PHASE_VM_MODULES_X86_64"),
+    ) {
+        return Some((k.into(), m.into()));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    found.sort();
+    let k = found.pop()?;
+    let ver = k
+        .file_name()?
+        .to_str()?
+        .strip_prefix("vmlinuz-")?
+        .to_owned();
+    let m = Path::new("/lib/modules").join(ver);
+    m.is_dir().then_some((k, m))
+}
+
+/// Builds the static (musl) `plasmd` for the guest in `target_dir`, or
+/// takes `$PLASMD_STATIC` when set.
+pub fn static_plasmd(workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PLASMD_STATIC") {
+        return Ok(p.into());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let triple = "x86_64-unknown-linux-musl";
+    let cc = if Command::new("musl-gcc").arg("--version").output().is_ok() {
+        "musl-gcc"
+    } else {
+        "gcc"
+    };
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "plasmd",
+            "--profile",
+            "initramfs",
+        ])
+        .args(["--target", triple])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .env("CC_x86_64_unknown_linux_musl", cc)
+        .status()
+        .context("running cargo build for the static plasmd")?;
+    if !status.success() {
+        bail!("the static plasmd build failed ({status})");
+    }
+    Ok(target_dir.join(triple).join("initramfs").join("plasmd"))
+}
+
+/// `plasmd mkinitramfs` (host binary `plasmd`) with the static `guest` binary,
+/// the kernel's `modules` and the host's static busybox, written to `out`.
+pub fn boot_initramfs(
+    plasmd: &Path,
+    guest: &Path,
+    modules: &Path,
+    out: &Path,
+) -> anyhow::Result<u64> {
+    let o = Command::new(plasmd)
+        .arg("mkinitramfs")
+        .arg("--out")
+        .arg(out)
+        .arg("--kernel-modules")
+        .arg(modules)
+        .arg("--plasmd")
+        .arg(guest)
+        .args(["--udhcpc", "/bin/busybox"])
+        .output()
+        .context("running plasmd mkinitramfs")?;
+    if !o.status.success() {
+        bail!(
+            "plasmd mkinitramfs failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(std::fs::metadata(out)?.len())
+}
+
+/// Writes `dir/stable/x86_64/{kernel,initramfs,cmdline}` for the seed: the
+/// guest kernel and the boot initramfs itself as the target, so the target's
+/// init is `plasmd`, which finds the carried store and serves it.
+pub fn write_artifacts(
+    dir: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    token: &str,
+) -> anyhow::Result<()> {
+    let a = dir.join("stable").join("x86_64");
+    std::fs::create_dir_all(&a)?;
+    std::fs::copy(kernel, a.join("kernel")).context("copying the kernel")?;
+    std::fs::copy(initramfs, a.join("initramfs")).context("copying the initramfs")?;
+    std::fs::write(
+        a.join("cmdline"),
+        format!("console=ttyS0 loglevel=4 panic=-1 token={token}\n"),
+    )?;
+    Ok(())
+}
+
+/// The first-stage cmdline for a guest of `seed_url` pinning `pubkey`.
+pub fn guest_cmdline(seed_url: &str, pubkey: &str, extra: &str) -> String {
+    format!(
+        "console=ttyS0 loglevel=4 panic=-1 phase.provider={seed_url} phase.pubkey={pubkey} \
+         phase.arch=x86_64 {extra}"
+    )
+    .trim_end()
+    .to_owned()
+}
+
+/// What one guest's console says about its boot.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// Guest name.
+    pub name: String,
+    /// From QEMU start to `plasmd: phase fetched`.
+    pub fetched: Option<Duration>,
+    /// From QEMU start to the target's `SAW KEXEC=Y`.
+    pub marker: Option<Duration>,
+    /// Bytes from the seed (its swarm node and its HTTP fallback).
+    pub seed_bytes: u64,
+    /// Bytes from other peers.
+    pub peer_bytes: u64,
+    /// Peers banned for bad chunks.
+    pub banned: Vec<String>,
+    /// The target's libp2p peer id, once it serves.
+    pub serving_peer: Option<String>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Reads a [`Row`] from a guest's console lines.
+pub fn row(guest: &Child) -> Row {
+    let mut r = Row {
+        name: guest.name.clone(),
+        ..Row::default()
+    };
+    for (t, l) in guest.lines() {
+        if l.contains("plasmd: phase fetched ") && r.fetched.is_none() {
+            r.fetched = Some(t);
+            r.seed_bytes = field(&l, "seed_bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            r.peer_bytes = field(&l, "peer_bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        } else if l.contains("SAW KEXEC=Y") && r.marker.is_none() {
+            r.marker = Some(t);
+        } else if l.contains("plasmd: phase banned ") {
+            r.banned.extend(field(&l, "peer").map(str::to_owned));
+        } else if l.contains("plasmd: phase serving root=") {
+            r.serving_peer = field(&l, "peer").map(str::to_owned);
+        }
+    }
+    r
+}
+
+/// Bytes a guest received per source peer id, from its `phase source` lines.
+pub fn sources(guest: &Child) -> Vec<(String, String, u64)> {
+    guest
+        .lines()
+        .into_iter()
+        .filter(|(_, l)| l.contains("plasmd: phase source "))
+        .filter_map(|(_, l)| {
+            Some((
+                field(&l, "peer")?.to_owned(),
+                field(&l, "kind")?.to_owned(),
+                field(&l, "bytes")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Whether this process runs as root (namespaces and taps need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
