@@ -328,10 +328,10 @@ async fn artifact(
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", art.hash)) {
         h.insert(header::ETAG, etag);
     }
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
     }
     resp
 }
