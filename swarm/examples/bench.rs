@@ -54,7 +54,17 @@ fn manifest(store: &MemStore, data: &[u8], cs: u32) -> SignedManifest {
 }
 
 fn cfg() -> NodeConfig {
+    // BENCH_IN_FLIGHT: requests in flight per peer (default: the scheduler's).
+    let mut sc = phase_swarm::scheduler::SchedulerConfig::default();
+    if let Some(n) = std::env::var("BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        sc = sc.with_per_peer_in_flight(n);
+    }
     NodeConfig::default()
+        .with_scheduler(sc)
+        .with_max_serving(64)
         .with_mdns(false)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
 }

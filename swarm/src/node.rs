@@ -71,7 +71,7 @@ impl Default for NodeConfig {
             peers: Vec::new(),
             mdns: true,
             max_serving: 16,
-            per_peer_serving: 4,
+            per_peer_serving: 6,
             flood_limit: 32,
             flood_busy: 32,
             block_time: Duration::from_secs(60),
