@@ -4,6 +4,7 @@
 //! Peers come from mDNS on the LAN, `phase.peers=` and the seed.
 //!
 //! Console lines (tests and the `vms` harness parse them; keep them stable):
+//! - `plasmd: phase swarm node peer=ID` (this first stage's libp2p identity)
 //! - `plasmd: phase manifest ok sequence=S root=R artifacts=N via=http|swarm`
 //! - `plasmd: phase refused manifest from URL: ...` (wrong key: never booted)
 //! - `plasmd: phase source peer=ID kind=seed|peer|http bytes=B chunks=C`
@@ -109,6 +110,7 @@ pub(crate) async fn fetch(
         .with_peers(peers)
         .with_mdns(true);
     let node = Node::spawn(ncfg, store.clone()).context("starting the libp2p node")?;
+    println!("plasmd: phase swarm node peer={}", node.peer_id());
 
     let seed = provider.map(HttpSeed::new);
     let mut seed_ids: HashSet<String> = HashSet::new();

@@ -52,6 +52,10 @@ struct Args {
     /// The host plasmd (default: next to this binary, built if missing).
     #[arg(long)]
     plasmd: Option<PathBuf>,
+    /// Power off guests 2..N once their target is up (VM1 keeps serving), so
+    /// at most `1 + parallel` guests run at once on a small machine.
+    #[arg(long)]
+    retire: bool,
     /// Echo every guest's console on stderr.
     #[arg(long)]
     echo: bool,
@@ -198,9 +202,12 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
         }
         // Wait for the oldest booting guest's marker (or its failure).
         let i = booting.remove(0);
-        let (_, g) = &guests[i];
+        let (_, g) = &mut guests[i];
         g.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
         eprintln!("vms: {} target up", g.name);
+        if a.retire {
+            g.kill();
+        }
     }
     let total = t0.elapsed();
 
