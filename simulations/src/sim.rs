@@ -68,6 +68,8 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
+        // Serving caps come from the real node's defaults so the two never drift apart.
+        let node = phase_swarm::NodeConfig::default();
         SimConfig {
             nodes: 32,
             file_bytes: 13_200_000,
@@ -77,8 +79,8 @@ impl Default for SimConfig {
             seed_up_bps: 20e6,
             latency: Duration::from_micros(200),
             stagger: Duration::ZERO,
-            max_serving: 16,
-            per_peer_serving: 4,
+            max_serving: node.max_serving,
+            per_peer_serving: node.per_peer_serving,
             dht_answer: 20,
             dht_interval: Duration::from_secs(1),
             max_known: 50,
