@@ -25,6 +25,16 @@ pub const SEED_PORT: u16 = 8080;
 /// The seed's libp2p port.
 pub const SEED_P2P_PORT: u16 = 4001;
 
+/// Called with each child's process group id when it starts and again
+/// (`false`) once it is killed: the `vms` binary registers groups for its
+/// Ctrl-C cleanup here.
+static SPAWN_HOOK: std::sync::OnceLock<fn(i32, bool)> = std::sync::OnceLock::new();
+
+/// Sets the [`SPAWN_HOOK`] (once per process).
+pub fn set_spawn_hook(hook: fn(i32, bool)) {
+    let _ = SPAWN_HOOK.set(hook);
+}
+
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
@@ -161,6 +171,9 @@ impl Child {
             .process_group(0);
         let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        if let Some(h) = SPAWN_HOOK.get() {
+            h(child.id() as i32, true);
+        }
         let lines: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let e = echo.then(|| name.to_owned());
         if let Some(o) = child.stdout.take() {
@@ -246,6 +259,9 @@ impl Child {
             libc::kill(-self.pgid(), libc::SIGKILL);
         }
         let _ = self.child.wait();
+        if let Some(h) = SPAWN_HOOK.get() {
+            h(self.pgid(), false);
+        }
     }
 }
 

@@ -92,14 +92,17 @@ fn host_plasmd(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn spawned(c: Child) -> Child {
-    cleanup::register_pgid(c.pgid());
-    c
-}
-
 fn stop(mut c: Child) {
     c.kill();
-    cleanup::forget_pgid(c.pgid());
+}
+
+/// Every child of the run is registered for the Ctrl-C cleanup while it lives.
+fn track(pgid: i32, alive: bool) {
+    if alive {
+        cleanup::register_pgid(pgid);
+    } else {
+        cleanup::forget_pgid(pgid);
+    }
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
     let (kernel, modules) =
         vmnet::kernel().context("no guest kernel: apt install linux-image-cloud-amd64")?;
     cleanup::install_signal_handler();
+    vmnet::set_spawn_hook(track);
     let r = run(&a, &kernel, &modules);
     cleanup::run_all();
     r
@@ -150,9 +154,9 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
 
     let net = Net::create(&tag, a.vms)?;
     cleanup::register_ns(&net.ns);
-    let dhcp = spawned(vmnet::start_dhcp(&net, &dir)?);
+    let dhcp = vmnet::start_dhcp(&net, &dir)?;
     let seed = vmnet::start_seed(&net, &plasmd, &dir.join("artifacts"), &dir.join("state"))?;
-    let mut seed_proc = Some(spawned(seed.proc));
+    let mut seed_proc = Some(seed.proc);
     eprintln!(
         "vms: seed {} key {} in namespace {}",
         seed.url, seed.pubkey, net.ns
@@ -174,7 +178,7 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
     let limit = Duration::from_secs(a.timeout);
     let t0 = Instant::now();
     let mut guests: Vec<(Duration, Child)> = Vec::new();
-    let first = spawned(vmnet::start_guest(&net, &spec(0))?);
+    let first = vmnet::start_guest(&net, &spec(0))?;
     first.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
     eprintln!(
         "vms: vm1 target up after {:.1} s",
@@ -195,7 +199,7 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
     let mut booting: Vec<usize> = Vec::new();
     while next < a.vms || !booting.is_empty() {
         while next < a.vms && booting.len() < a.parallel.max(1) {
-            let g = spawned(vmnet::start_guest(&net, &spec(next))?);
+            let g = vmnet::start_guest(&net, &spec(next))?;
             guests.push((t0.elapsed(), g));
             booting.push(guests.len() - 1);
             next += 1;
