@@ -16,9 +16,6 @@
 //! the whole initrd (the kernel's unpacker skips zero padding between
 //! archives but insists on that alignment for a `070701` header).
 
-// Until init.rs calls into this module (the boot work lands first).
-#![allow(dead_code)]
-
 use std::path::Path;
 
 use anyhow::Context;

@@ -1,6 +1,9 @@
 //! `plasmd` as PID 1 in the boot initramfs: mount, load the network modules,
-//! DHCP, read `phase.*` from `/proc/cmdline`, fetch and verify the target,
-//! kexec into it.
+//! DHCP, read `phase.*` from `/proc/cmdline`, fetch and verify the target
+//! through the swarm (`init_swarm`), linger if asked, append the carried
+//! store to the target's initramfs (`carry`) and kexec into it. A system
+//! booted that way finds the carried store at start and serves it instead
+//! (`init_serve`).
 //!
 //! Every step prints one `plasmd: phase ...` line on the console; tests
 //! assert them, so keep the prefixes stable. A failed fetch is retried with
@@ -18,7 +21,6 @@ use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::kexec::{self, Arch, Kexec, LoadContext, Preflight};
 use phase_content::{MemStore, SignedManifest, reassemble};
 
-use crate::init_fetch::fetch_http;
 use crate::init_net;
 
 /// The longest wait between fetch attempts.
@@ -40,6 +42,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
 }
 
 fn run_inner() -> anyhow::Result<()> {
+    if crate::init_serve::selected() {
+        // A system booted by plasmd, holding the carried store: serve it.
+        return crate::init_serve::run();
+    }
     println!(
         "plasmd: phase init start version={}",
         env!("CARGO_PKG_VERSION")
@@ -96,19 +102,15 @@ fn run_inner() -> anyhow::Result<()> {
         }
     }
 
-    let mut backoff = Duration::from_secs(1);
-    let (manifest, store) = loop {
-        match fetch_http(&provider, &pubkey, &cfg.channel, &cfg.arch) {
-            Ok(v) => break v,
-            Err(e) => {
-                println!("plasmd: fetch failed: {e:#}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    };
+    let ready = crate::init_swarm::first_stage(&raw, &cfg, Some(&provider), pubkey)?;
 
-    match boot(&cfg, &manifest, &store, real) {
+    match boot(
+        &cfg,
+        &ready.fetch.manifest,
+        &ready.fetch.store,
+        Some(&ready.carried),
+        real,
+    ) {
         Ok(()) => Ok(()),
         Err(e) => {
             println!("plasmd: phase kexec failed: {e:#}");
@@ -158,11 +160,16 @@ fn boot(
     cfg: &PhaseConfig,
     manifest: &SignedManifest,
     store: &MemStore,
+    carried: Option<&[u8]>,
     real: bool,
 ) -> anyhow::Result<()> {
     let kernel = artifact_bytes(manifest, store, "kernel")?
         .context("the manifest has no kernel artifact")?;
-    let initrd = artifact_bytes(manifest, store, "initramfs")?;
+    let mut initrd = artifact_bytes(manifest, store, "initramfs")?;
+    if let Some(c) = carried {
+        // DESIGN.md decision 6: the target boots holding what it booted from.
+        initrd = Some(crate::carry::append(initrd, c));
+    }
     let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
     println!(
         "plasmd: phase verified kernel={} initramfs={} cmdline={cmdline:?}",

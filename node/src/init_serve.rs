@@ -12,9 +12,6 @@
 //! Test knob: `phase.test_liar=1` in the carried parameters (that is, on the
 //! first stage's cmdline) makes this node corrupt every chunk it serves.
 
-// Until init.rs calls into this module (the boot work lands first).
-#![allow(dead_code)]
-
 use std::path::Path;
 use std::sync::Arc;
 

@@ -12,9 +12,6 @@
 //! - `plasmd: phase fetched chunks=N bytes=B seconds=S seed_bytes=X peer_bytes=Y`
 //! - `plasmd: phase linger seconds=S addrs=...`
 
-// Until init.rs calls into this module (the boot work lands first).
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

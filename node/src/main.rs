@@ -18,7 +18,6 @@ mod fetch;
 mod fetch_http;
 mod fetch_progress;
 mod init;
-mod init_fetch;
 mod init_net;
 mod init_serve;
 mod init_swarm;
