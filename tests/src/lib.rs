@@ -41,7 +41,14 @@ pub fn plasmd() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace_root())
-            .args(["build", "--locked", "-p", "plasmd", "--profile", cargo_profile])
+            .args([
+                "build",
+                "--locked",
+                "-p",
+                "plasmd",
+                "--profile",
+                cargo_profile,
+            ])
             .env("CARGO_TARGET_DIR", &target_dir)
             .status()
             .expect("run cargo build");
@@ -64,12 +71,17 @@ impl Proc {
     /// Spawns `cmd` in its own process group with piped output.
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         use std::os::unix::process::CommandExt;
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let (tx, rx) = mpsc::sync_channel(10_000);
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
-        for r in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        for r in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(r).lines() {
@@ -131,7 +143,11 @@ impl Proc {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("{}: did not exit within {timeout:?}:\n{}", self.name, self.output());
+                panic!(
+                    "{}: did not exit within {timeout:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             // Poll the child at a short interval; there is no portable exit event.
             let _ = self.lines.recv_timeout(Duration::from_millis(20)).map(|l| {
@@ -173,7 +189,9 @@ impl Seed {
     /// Starts `plasmd serve -a artifacts -p 0` on 127.0.0.1 with its state in `state`.
     pub fn start(artifacts: &Path, state: &Path, extra: &[&str]) -> Seed {
         let mut cmd = Command::new(plasmd());
-        cmd.arg("serve")
+        // mDNS off: a test seed on loopback must not multicast on the host's real interfaces.
+        cmd.env("PLASMD_MDNS", "0")
+            .arg("serve")
             .arg("-a")
             .arg(artifacts)
             .args(["-p", "0", "--bind", "127.0.0.1", "--state"])
@@ -213,7 +231,13 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Writes `DIR/CHANNEL/ARCH/{kernel,initramfs}` of the given sizes; returns DIR.
-pub fn make_artifacts(root: &Path, channel: &str, arch: &str, kernel: usize, initramfs: usize) -> PathBuf {
+pub fn make_artifacts(
+    root: &Path,
+    channel: &str,
+    arch: &str,
+    kernel: usize,
+    initramfs: usize,
+) -> PathBuf {
     let dir = root.join("artifacts");
     let a = dir.join(channel).join(arch);
     std::fs::create_dir_all(&a).expect("mkdir");
