@@ -20,6 +20,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+use phase_swarm::superseed::SendCounts;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -62,8 +63,8 @@ pub struct SimConfig {
     pub efficiency: f64,
     /// RNG seed: the same seed gives the same run.
     pub seed: u64,
-    /// Complete hosts advertise only their least-sent chunks (super-seeding).
-    pub shape_seed_maps: bool,
+    /// Complete hosts offer only their least-sent chunks (the node's super-seeding).
+    pub super_seed: bool,
 }
 
 impl Default for SimConfig {
@@ -89,7 +90,7 @@ impl Default for SimConfig {
             sched: SchedulerConfig::default(),
             efficiency: 0.953,
             seed: 1,
-            shape_seed_maps: false,
+            super_seed: node.super_seed,
         }
     }
 }
@@ -169,7 +170,7 @@ struct Host {
     downloads: Vec<usize>,
     done_at: Option<f64>,
     known: HashSet<Peer>,
-    served: Vec<u32>,
+    sent: SendCounts,
 }
 
 struct World {
@@ -362,12 +363,8 @@ impl World {
             Ev::Deliver(n, input) => self.drive(n, input),
             Ev::MapAsk { server, client } => {
                 let h = &self.hosts[server];
-                let have = if self.cfg.shape_seed_maps && h.held.iter().all(|&x| x) {
-                    // Super-seeding: a complete host advertises only the
-                    // chunks it has sent least, so its upload goes to chunks
-                    // the swarm does not have yet.
-                    let min = h.served.iter().copied().min().unwrap_or(0);
-                    h.served.iter().map(|&c| c <= min).collect()
+                let have = if self.cfg.super_seed && h.held.iter().all(|&x| x) {
+                    h.sent.offer_map()
                 } else {
                     h.held.clone()
                 };
@@ -387,9 +384,9 @@ impl World {
                     .iter()
                     .filter(|&&f| self.flows[f].as_ref().is_some_and(|f| f.to == client))
                     .count();
-                let oversent = self.cfg.shape_seed_maps
+                let oversent = self.cfg.super_seed
                     && h.held.iter().all(|&x| x)
-                    && h.served[chunk as usize] > h.served.iter().copied().min().unwrap_or(0);
+                    && !h.sent.offer(chunk as usize);
                 let reply = if !h.held.get(chunk as usize).copied().unwrap_or(false) || oversent {
                     Some(Input::DoNotHave {
                         peer: server,
@@ -429,7 +426,7 @@ impl World {
                     }
                 };
                 self.hosts[server].uploads.push(id);
-                self.hosts[server].served[chunk as usize] += 1;
+                self.hosts[server].sent.record(chunk as usize);
                 self.hosts[client].downloads.push(id);
                 self.reflow(&[server, client]);
             }
@@ -478,7 +475,7 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
         downloads: Vec::new(),
         done_at: Some(0.0),
         known: HashSet::new(),
-        served: vec![0; m],
+        sent: SendCounts::new(m),
     });
     for _ in 0..cfg.nodes {
         hosts.push(Host {
@@ -491,7 +488,7 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
             downloads: Vec::new(),
             done_at: None,
             known: HashSet::new(),
-            served: vec![0; m],
+            sent: SendCounts::new(m),
         });
     }
     let mut w = World {

@@ -29,6 +29,7 @@ mod error;
 mod node;
 pub mod protocol;
 pub mod scheduler;
+pub mod superseed;
 
 pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};

@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub scheduler: SchedulerConfig,
     /// Seed of the scheduler's random choices.
     pub rng_seed: u64,
+    /// A node holding every chunk offers only its least-sent ones
+    /// ([`crate::superseed`]), so a seed's upload goes to chunks the swarm lacks.
+    pub super_seed: bool,
     /// Test only: corrupt every chunk served.
     #[cfg(feature = "test-liar")]
     pub liar: bool,
@@ -70,7 +73,9 @@ impl Default for NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
             peers: Vec::new(),
             mdns: true,
-            max_serving: 16,
+            // Few uploads at once, each fast: a chunk reaches a fetcher (and
+            // becomes servable there) sooner than when 16 share the link.
+            max_serving: 6,
             per_peer_serving: 6,
             flood_limit: 32,
             flood_busy: 32,
@@ -80,6 +85,7 @@ impl Default for NodeConfig {
             lookup_interval: Duration::from_secs(2),
             scheduler: SchedulerConfig::default(),
             rng_seed: rand::random(),
+            super_seed: true,
             #[cfg(feature = "test-liar")]
             liar: false,
         }
@@ -105,6 +111,11 @@ impl NodeConfig {
     /// Turns mDNS on or off.
     pub fn with_mdns(mut self, on: bool) -> Self {
         self.mdns = on;
+        self
+    }
+    /// Turns super-seeding on or off.
+    pub fn with_super_seed(mut self, on: bool) -> Self {
+        self.super_seed = on;
         self
     }
     /// Sets the global serving cap.
@@ -316,6 +327,8 @@ struct Held {
     /// Verified bytes held per artifact.
     done: Vec<u64>,
     announced: bool,
+    /// What this node has sent of each chunk (super-seeding once complete).
+    sent: crate::superseed::SendCounts,
 }
 
 impl Held {
@@ -341,6 +354,7 @@ impl Held {
             count: 0,
             done,
             announced: false,
+            sent: crate::superseed::SendCounts::new(n),
         }
     }
 
@@ -1224,6 +1238,10 @@ impl Node {
         let refused = |s: &str| Response::Refused(s.to_owned());
         match req {
             Request::HaveMap { root } => match self.held.get(&root) {
+                Some(h) if self.cfg.super_seed && h.count == h.have.len() => Response::HaveMap {
+                    chunks: h.have.len() as u32,
+                    bits: pack_bits(&h.sent.offer_map()),
+                },
                 Some(h) => Response::HaveMap {
                     chunks: h.have.len() as u32,
                     bits: pack_bits(&h.have),
@@ -1255,8 +1273,17 @@ impl Node {
                     tracing::debug!(%peer, index, "chunk index out of range");
                     return refused("chunk index out of range");
                 }
+                if self.cfg.super_seed && h.count == h.have.len() && !h.sent.offer(i) {
+                    // Sent more often than others: let peers serve this one.
+                    return Response::DoNotHave;
+                }
                 match self.read_chunk(h, i) {
-                    Some(data) => Response::Chunks(vec![Piece { index, data }]),
+                    Some(data) => {
+                        if let Some(h) = self.held.get_mut(&root) {
+                            h.sent.record(i);
+                        }
+                        Response::Chunks(vec![Piece { index, data }])
+                    }
                     None => Response::DoNotHave,
                 }
             }

@@ -27,7 +27,8 @@
 //! use std::time::Duration;
 //! use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
 //!
-//! let mut s: Scheduler<&str> = Scheduler::new(2, SchedulerConfig::default(), 7);
+//! let cfg = SchedulerConfig::default().with_per_peer_in_flight(2);
+//! let mut s: Scheduler<&str> = Scheduler::new(2, cfg, 7);
 //! let t = Duration::ZERO;
 //! s.handle(Input::PeerFound("a"), t);
 //! let actions = s.handle(Input::HaveMap { peer: "a", have: vec![true, true] }, t);
@@ -86,7 +87,11 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            per_peer_in_flight: 4,
+            // One request per peer: in a cold storm every fetcher asks the seed,
+            // and more in flight only splits the seed's upload into slower,
+            // duplicated transfers (measured with the simulator, see
+            // simulations/README.md); pipelining comes from asking many peers.
+            per_peer_in_flight: 1,
             fallback_in_flight: 4,
             request_timeout: Duration::from_secs(10),
             busy_backoff: Duration::from_millis(250),
@@ -94,7 +99,7 @@ impl Default for SchedulerConfig {
             max_backoff: Duration::from_secs(30),
             max_failures: 5,
             endgame_duplicates: 2,
-            have_refresh: Duration::from_millis(500),
+            have_refresh: Duration::from_millis(200),
             fallback_grace: Duration::from_secs(2),
         }
     }
@@ -257,6 +262,8 @@ pub struct Scheduler<P> {
     fallback_failures: u32,
     fallback_backoff_until: Time,
     started: Option<Time>,
+    /// When a peer (not the fallback) last delivered a good chunk.
+    last_peer_chunk: Option<Time>,
     rng: ChaCha8Rng,
     done_sent: bool,
     banned: Vec<P>,
@@ -280,6 +287,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             fallback_failures: 0,
             fallback_backoff_until: Duration::ZERO,
             started: None,
+            last_peer_chunk: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
             done_sent: false,
             banned: Vec::new(),
@@ -369,7 +377,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 min(at + self.cfg.have_refresh);
             }
         }
-        if let (Some(_), Some(s)) = (&self.fallback, self.started) {
+        if let (Some(_), Some(s)) = (&self.fallback, self.last_peer_chunk.or(self.started)) {
             min(s + self.cfg.fallback_grace);
             min(self.fallback_backoff_until);
         }
@@ -403,6 +411,9 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 }
             }
             Input::ChunkOk { peer, chunk } => {
+                if self.fallback.as_ref() != Some(&peer) {
+                    self.last_peer_chunk = Some(now);
+                }
                 self.finish(&peer, chunk);
                 if self.fallback.as_ref() == Some(&peer) {
                     self.fallback_failures = 0;
@@ -742,8 +753,12 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         let Some(fb) = self.fallback.clone() else {
             return;
         };
-        let started = self.started.unwrap_or(now);
-        if now < started + self.cfg.fallback_grace || now < self.fallback_backoff_until {
+        // The fallback is a rescue, not a source: only while no peer has
+        // delivered anything for the grace period (at the start, or when the
+        // swarm stalls). Otherwise a super-seeding seed, which offers few
+        // chunks at a time, would be bypassed over HTTP.
+        let since = self.last_peer_chunk.or(self.started).unwrap_or(now);
+        if now < since + self.cfg.fallback_grace || now < self.fallback_backoff_until {
             return;
         }
         let mut i = 0;
@@ -777,8 +792,18 @@ mod tests {
             .collect()
     }
 
+    /// The tunables these tests were written against (4 in flight, 500 ms
+    /// refresh), independent of the production defaults.
+    fn test_cfg() -> SchedulerConfig {
+        SchedulerConfig {
+            per_peer_in_flight: 4,
+            have_refresh: Duration::from_millis(500),
+            ..SchedulerConfig::default()
+        }
+    }
+
     fn sched(n: usize) -> Scheduler<&'static str> {
-        Scheduler::new(n, SchedulerConfig::default(), 1)
+        Scheduler::new(n, test_cfg(), 1)
     }
 
     fn add(
@@ -809,7 +834,7 @@ mod tests {
 
     #[test]
     fn per_peer_cap_is_respected() {
-        let mut s = Scheduler::new(20, SchedulerConfig::default().with_per_peer_in_flight(3), 1);
+        let mut s = Scheduler::new(20, test_cfg().with_per_peer_in_flight(3), 1);
         let a = add(&mut s, "a", vec![true; 20]);
         assert_eq!(reqs(&a).len(), 3);
         assert_eq!(s.in_flight(&"a"), 3);
@@ -827,7 +852,7 @@ mod tests {
 
     #[test]
     fn rarest_first() {
-        let mut s = Scheduler::new(4, SchedulerConfig::default().with_per_peer_in_flight(1), 5);
+        let mut s = Scheduler::new(4, test_cfg().with_per_peer_in_flight(1), 5);
         // Chunk 3 is held by one peer only; the others by both.
         add(&mut s, "b", vec![true, true, true, false]);
         // b already has one request out (cap 1); now "a" arrives with all.
@@ -864,11 +889,7 @@ mod tests {
     #[test]
     fn random_tie_break_depends_on_seed_and_is_deterministic() {
         let first = |seed| {
-            let mut s = Scheduler::new(
-                64,
-                SchedulerConfig::default().with_per_peer_in_flight(1),
-                seed,
-            );
+            let mut s = Scheduler::new(64, test_cfg().with_per_peer_in_flight(1), seed);
             s.handle(Input::PeerFound("a"), T0);
             reqs(&s.handle(
                 Input::HaveMap {
@@ -935,7 +956,7 @@ mod tests {
 
     #[test]
     fn busy_backs_off_then_retries() {
-        let mut s = Scheduler::new(1, SchedulerConfig::default(), 1);
+        let mut s = Scheduler::new(1, test_cfg(), 1);
         add(&mut s, "a", vec![true]);
         let a = s.handle(
             Input::Busy {
@@ -952,7 +973,7 @@ mod tests {
 
     #[test]
     fn busy_peer_load_moves_to_another() {
-        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(1), 1);
+        let mut s = Scheduler::new(1, test_cfg().with_endgame_duplicates(1), 1);
         add(&mut s, "seed", vec![true]);
         add(&mut s, "peer", vec![true]);
         let first = s.pending[0][0].0;
@@ -974,7 +995,7 @@ mod tests {
             fail_backoff: ms(10),
             max_failures: 3,
             endgame_duplicates: 1,
-            ..SchedulerConfig::default()
+            ..test_cfg()
         };
         let mut s = Scheduler::new(1, cfg, 1);
         add(&mut s, "a", vec![true]);
@@ -1013,7 +1034,7 @@ mod tests {
     fn stale_failure_after_timeout_is_ignored() {
         let cfg = SchedulerConfig {
             request_timeout: ms(100),
-            ..SchedulerConfig::default()
+            ..test_cfg()
         };
         let mut s = Scheduler::new(2, cfg, 1);
         add(&mut s, "a", vec![true, false]);
@@ -1076,7 +1097,7 @@ mod tests {
 
     #[test]
     fn end_game_respects_duplicate_limit() {
-        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(2), 1);
+        let mut s = Scheduler::new(1, test_cfg().with_endgame_duplicates(2), 1);
         add(&mut s, "a", vec![true]);
         add(&mut s, "b", vec![true]);
         let a = add(&mut s, "c", vec![true]);
@@ -1086,7 +1107,7 @@ mod tests {
 
     #[test]
     fn no_end_game_while_chunks_unrequested() {
-        let mut s = Scheduler::new(3, SchedulerConfig::default().with_per_peer_in_flight(1), 1);
+        let mut s = Scheduler::new(3, test_cfg().with_per_peer_in_flight(1), 1);
         add(&mut s, "a", vec![true, true, false]);
         // b holds only what a is already fetching... and chunk 1 is free.
         let a = add(&mut s, "b", vec![true, true, false]);
@@ -1128,7 +1149,7 @@ mod tests {
 
     #[test]
     fn peer_gone_frees_its_requests() {
-        let mut s = Scheduler::new(1, SchedulerConfig::default().with_endgame_duplicates(1), 1);
+        let mut s = Scheduler::new(1, test_cfg().with_endgame_duplicates(1), 1);
         add(&mut s, "a", vec![true]);
         add(&mut s, "b", vec![true]);
         let first = s.pending[0][0].0;
@@ -1140,7 +1161,7 @@ mod tests {
 
     #[test]
     fn fallback_only_after_grace_and_only_for_unheld_chunks() {
-        let cfg = SchedulerConfig::default().with_fallback_grace(ms(1000));
+        let cfg = test_cfg().with_fallback_grace(ms(1000));
         let mut s = Scheduler::new(3, cfg, 1).with_fallback("http");
         let a = add(&mut s, "a", vec![true, false, false]);
         assert_eq!(reqs(&a), vec![("a", 0)]);
@@ -1174,7 +1195,7 @@ mod tests {
 
     #[test]
     fn fallback_alone_fetches_everything() {
-        let cfg = SchedulerConfig::default().with_fallback_grace(Duration::ZERO);
+        let cfg = test_cfg().with_fallback_grace(Duration::ZERO);
         let mut s = Scheduler::new(10, cfg, 1).with_fallback("http");
         let mut out = s.handle(Input::Tick, T0);
         let mut n = 0;
@@ -1196,7 +1217,7 @@ mod tests {
         let cfg = SchedulerConfig {
             fail_backoff: ms(100),
             fallback_in_flight: 1,
-            ..SchedulerConfig::default().with_fallback_grace(Duration::ZERO)
+            ..test_cfg().with_fallback_grace(Duration::ZERO)
         };
         let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
         assert_eq!(reqs(&s.handle(Input::Tick, T0)), vec![("http", 0)]);
@@ -1231,7 +1252,7 @@ mod tests {
 
     #[test]
     fn fallback_takes_over_when_only_holder_is_banned() {
-        let cfg = SchedulerConfig::default().with_fallback_grace(ms(1));
+        let cfg = test_cfg().with_fallback_grace(ms(1));
         let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
         add(&mut s, "liar", vec![true]);
         let a = s.handle(
@@ -1315,7 +1336,7 @@ mod tests {
             let n = 40;
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let peers = ["p0", "p1", "p2", "p3", "liar"];
-            let cfg = SchedulerConfig::default().with_fallback_grace(ms(50));
+            let cfg = test_cfg().with_fallback_grace(ms(50));
             let mut s = Scheduler::new(n, cfg.clone(), seed).with_fallback("http");
             let mut log = Vec::new();
             let mut inflight: Vec<(&'static str, u32)> = Vec::new();

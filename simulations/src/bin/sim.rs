@@ -45,9 +45,9 @@ struct Args {
     /// Server: uploads to one client at once.
     #[arg(long)]
     per_peer_serving: Option<usize>,
-    /// Complete hosts advertise only their least-sent chunks (super-seeding).
+    /// Turn the node's super-seeding off (complete hosts offer every chunk).
     #[arg(long)]
-    super_seed: bool,
+    no_super_seed: bool,
     /// Runs per size (different RNG seeds); the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: u64,
@@ -77,7 +77,7 @@ fn main() {
             ..SimConfig::default()
         };
         let mut cfg = cfg;
-        cfg.shape_seed_maps = a.super_seed;
+        cfg.super_seed = !a.no_super_seed;
         if let Some(v) = a.in_flight {
             cfg.sched.per_peer_in_flight = v;
         }
