@@ -236,6 +236,10 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
             r.banned.len()
         );
     }
+    println!(
+        "(start_s from vm1's start; verified_s and marker_s from each VM's own QEMU start; \
+         MB verified, duplicates included)"
+    );
     let share = seed_b as f64 / ((seed_b + peer_b).max(1)) as f64;
     println!(
         "seed share {:.1} % ({seed_b} of {} bytes); first start to last marker {:.1} s; seed {}",
