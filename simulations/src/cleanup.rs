@@ -3,6 +3,7 @@
 //! Processes are killed by process group (each child leads its own), by PID,
 //! never by name; namespaces are deleted by the names this process made.
 
+use std::os::unix::process::CommandExt;
 use std::sync::{Mutex, Once};
 
 static PGIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -53,8 +54,11 @@ pub fn run_all() {
         .map(|mut v| std::mem::take(&mut *v))
         .unwrap_or_default();
     for n in names.iter().rev() {
+        // Its own process group: a signal sent to ours (Ctrl-C, `timeout -s INT`)
+        // must not kill the cleanup itself.
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", n])
+            .process_group(0)
             .status();
     }
 }
