@@ -99,7 +99,7 @@ impl Default for SchedulerConfig {
             max_backoff: Duration::from_secs(30),
             max_failures: 5,
             endgame_duplicates: 2,
-            have_refresh: Duration::from_millis(200),
+            have_refresh: Duration::from_millis(500),
             fallback_grace: Duration::from_secs(2),
         }
     }
