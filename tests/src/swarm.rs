@@ -77,30 +77,7 @@ impl SeedSetup {
 
 /// Starts `plasmd serve` on 127.0.0.1, mDNS off, with `--chunk-size`.
 pub fn start_seed(artifacts: &Path, state: &Path, chunk: u32) -> Seed {
-    let mut cmd = Command::new(plasmd());
-    cmd.arg("serve")
-        .arg("-a")
-        .arg(artifacts)
-        .args(["-p", "0", "--bind", "127.0.0.1", "--state"])
-        .arg(state)
-        .args(["--chunk-size", &chunk.to_string()])
-        .env("PLASMD_MDNS", "0");
-    let proc = Proc::spawn("plasmd serve", cmd);
-    let pk = proc.wait_for(STEP, |l| l.contains("public key "));
-    let pubkey = pk
-        .split("public key ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("key in banner")
-        .to_owned();
-    let line = proc.wait_for(STEP, |l| l.contains("serving http://"));
-    let url = line
-        .split("serving ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("url in banner")
-        .to_owned();
-    Seed { proc, url, pubkey }
+    Seed::start(artifacts, state, &["--chunk-size", &chunk.to_string()])
 }
 
 /// `plasmd fetch` on 127.0.0.1 with mDNS off and `--json`; `extra` appended.
