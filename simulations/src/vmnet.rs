@@ -35,21 +35,7 @@ pub fn set_spawn_hook(hook: fn(i32, bool)) {
     let _ = SPAWN_HOOK.set(hook);
 }
 
-/// Runs a command, failing with its stderr.
-pub fn sh(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+pub use crate::netns::sh;
 
 /// The namespace with the bridge and the taps. Dropping it deletes it.
 #[derive(Debug)]

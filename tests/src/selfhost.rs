@@ -1,14 +1,13 @@
 //! The self-hosting lab for `tests/tests/vm_selfhost.rs`: a namespace with a
 //! bridge, DHCP, the host's seed on the bridge and QEMU guests on taps. The
-//! network code is the `vms` harness's own (`simulations/src/vmnet.rs`,
-//! included here so both run the same thing without a crate dependency).
+//! network code is the `vms` harness's own (`simulations::vmnet`), so both
+//! run the same thing.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-#[path = "../../simulations/src/vmnet.rs"]
-pub mod vmnet;
+pub use simulations::vmnet;
 
 use vmnet::{Child, GuestSpec, Net, Seed};
 
