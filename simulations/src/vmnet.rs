@@ -386,14 +386,23 @@ pub fn kernel() -> Option<(PathBuf, PathBuf)> {
     ) {
         return Some((k.into(), m.into()));
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+    find_kernel(
+        Path::new("/boot"),
+        Path::new("/lib/modules"),
+        "-cloud-amd64",
+    )
+}
+
+/// The newest `BOOT/vmlinuz-*SUFFIX` whose module tree `MODULES/VERSION` exists.
+pub fn find_kernel(boot: &Path, modules: &Path, suffix: &str) -> Option<(PathBuf, PathBuf)> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(boot)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with(suffix))
         })
         .collect();
     found.sort();
@@ -403,7 +412,7 @@ pub fn kernel() -> Option<(PathBuf, PathBuf)> {
         .to_str()?
         .strip_prefix("vmlinuz-")?
         .to_owned();
-    let m = Path::new("/lib/modules").join(ver);
+    let m = modules.join(ver);
     m.is_dir().then_some((k, m))
 }
 

@@ -47,8 +47,7 @@ impl Arch {
 
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    simulations::vmnet::have(program)
 }
 
 /// Whether the QEMU for `arch` is installed.
@@ -126,25 +125,7 @@ pub fn kernel(arch: Arch) -> Option<(PathBuf, PathBuf)> {
         Arch::X86_64 => "-cloud-amd64",
         Arch::Aarch64 => "-arm64",
     };
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&boot)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with(suffix))
-        })
-        .collect();
-    found.sort();
-    let k = found.pop()?;
-    let ver = k
-        .file_name()?
-        .to_str()?
-        .strip_prefix("vmlinuz-")?
-        .to_owned();
-    let m = modules.join(ver);
-    m.is_dir().then_some((k, m))
+    simulations::vmnet::find_kernel(&boot, &modules, suffix)
 }
 
 /// The arm64 kernel with `CONFIG_KEXEC_FILE` built by
