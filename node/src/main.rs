@@ -13,14 +13,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod carry;
 mod fetch;
-mod fetch_http;
-mod fetch_progress;
 mod init;
-mod init_net;
-mod init_serve;
-mod init_swarm;
 mod keys;
 mod mkinitramfs;
 mod serve;

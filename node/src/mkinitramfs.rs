@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use phase_boot::cpio;
 
-use crate::init_net::{BUSYBOX, UDHCPC_SCRIPT};
+use crate::init::net::{BUSYBOX, UDHCPC_SCRIPT};
 
 /// Arguments of `plasmd mkinitramfs`.
 #[derive(Debug, clap::Args)]

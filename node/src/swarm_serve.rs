@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use phase_content::{FsStore, SignedManifest};
-use phase_swarm::{Multiaddr, Node, NodeConfig, load_or_create_key};
+use phase_swarm::{Node, NodeConfig, addr, load_or_create_key};
 
 /// What the HTTP seed tells clients about the swarm node (`GET /swarm`).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -54,7 +54,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<SwarmInfo> {
     let mut cfg = NodeConfig::default()
         .with_mdns(opts.mdns)
-        .with_listen(vec![listen_addr(opts.bind, opts.port)]);
+        .with_listen(vec![addr::tcp(opts.bind, opts.port)]);
     if let Some(dir) = &opts.state_dir {
         cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);
     }
@@ -73,9 +73,9 @@ pub(crate) async fn start(
     let peer_id = handle.peer_id();
     let info = SwarmInfo {
         peer_id: Some(peer_id.to_string()),
-        addrs: sort_addrs(addrs)
+        addrs: addr::routable_first(addrs)
             .into_iter()
-            .map(|a| a.with_p2p(peer_id).unwrap_or_else(|a| a).to_string())
+            .map(|a| addr::with_peer(a, peer_id).to_string())
             .collect(),
         roots,
     };
@@ -85,25 +85,4 @@ pub(crate) async fn start(
         std::future::pending::<()>().await
     });
     Ok(info)
-}
-
-pub(crate) fn listen_addr(ip: IpAddr, port: u16) -> Multiaddr {
-    let proto = match ip {
-        IpAddr::V4(v4) => libp2p_ip4(v4),
-        IpAddr::V6(v6) => format!("/ip6/{v6}"),
-    };
-    format!("{proto}/tcp/{port}")
-        .parse()
-        .unwrap_or_else(|_| Multiaddr::empty())
-}
-
-fn libp2p_ip4(v4: std::net::Ipv4Addr) -> String {
-    format!("/ip4/{v4}")
-}
-
-/// Loopback addresses last, so clients on other hosts try routable ones first.
-pub(crate) fn sort_addrs(mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
-    addrs.sort_by_key(|a| a.to_string().starts_with("/ip4/127."));
-    addrs.dedup();
-    addrs
 }

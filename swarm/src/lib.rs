@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod addr;
 mod codec;
 mod error;
 mod node;

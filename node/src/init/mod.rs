@@ -1,9 +1,10 @@
 //! `plasmd` as PID 1 in the boot initramfs: mount, load the network modules,
 //! DHCP, read `phase.*` from `/proc/cmdline`, fetch and verify the target
-//! through the swarm (`init_swarm`), linger if asked, append the carried
-//! store to the target's initramfs (`carry`) and kexec into it. A system
-//! booted that way finds the carried store at start and serves it instead
-//! (`init_serve`).
+//! through the swarm (`first_stage`, on the same [`crate::fetch::Fetcher`] as
+//! `plasmd fetch`), linger if asked, append the carried store to the target's
+//! initramfs (`carry`) and kexec into it. A system booted that way finds the
+//! carried store at start and serves it instead (`serve`). Mounts, modules
+//! and DHCP are in `net`.
 //!
 //! Every step prints one `plasmd: phase ...` line on the console; tests
 //! assert them, so keep the prefixes stable. A failed fetch is retried with
@@ -21,7 +22,10 @@ use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::kexec::{self, Arch, Kexec, LoadContext, Preflight};
 use phase_content::{MemStore, SignedManifest, reassemble};
 
-use crate::init_net;
+mod carry;
+mod first_stage;
+pub(crate) mod net;
+mod serve;
 
 /// The longest wait between fetch attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -42,9 +46,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
 }
 
 fn run_inner() -> anyhow::Result<()> {
-    if crate::init_serve::selected() {
+    if serve::selected() {
         // A system booted by plasmd, holding the carried store: serve it.
-        return crate::init_serve::run();
+        return serve::run();
     }
     println!(
         "plasmd: phase init start version={}",
@@ -52,7 +56,7 @@ fn run_inner() -> anyhow::Result<()> {
     );
     let real = is_pid1();
     if real {
-        init_net::mount_basics();
+        net::mount_basics();
     } else {
         println!("plasmd: not PID 1: no mounts, modules or network; kexec is a dry run");
     }
@@ -81,11 +85,11 @@ fn run_inner() -> anyhow::Result<()> {
     }
 
     if real {
-        let n = init_net::load_modules(Path::new("/lib/modules"))?;
+        let n = net::load_modules(Path::new("/lib/modules"))?;
         println!("plasmd: phase modules loaded count={n}");
         let mut backoff = Duration::from_secs(1);
         loop {
-            match init_net::dhcp() {
+            match net::dhcp() {
                 Ok(lease) => {
                     println!(
                         "plasmd: phase network up iface={} ip={} router={}",
@@ -102,7 +106,7 @@ fn run_inner() -> anyhow::Result<()> {
         }
     }
 
-    let ready = crate::init_swarm::first_stage(&raw, &cfg, Some(&provider), pubkey)?;
+    let ready = first_stage::first_stage(&raw, &cfg, Some(&provider), pubkey)?;
 
     match boot(
         &cfg,
@@ -167,8 +171,9 @@ fn boot(
         .context("the manifest has no kernel artifact")?;
     let mut initrd = artifact_bytes(manifest, store, "initramfs")?;
     if let Some(c) = carried {
-        // DESIGN.md decision 6: the target boots holding what it booted from.
-        initrd = Some(crate::carry::append(initrd, c));
+        // The target boots holding what it booted from (the top-level
+        // DESIGN.md, decision 6).
+        initrd = Some(carry::append(initrd, c));
     }
     let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
     println!(

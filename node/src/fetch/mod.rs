@@ -1,17 +1,26 @@
 //! `plasmd fetch`: get a channel/arch from the swarm (with the HTTP seed as
 //! bootstrap and last-resort chunk source), verify every chunk, write the
 //! artifacts, and optionally keep seeding them.
+//!
+//! The fetch itself is [`Fetcher`], shared with PID 1's first stage; this
+//! file is the command: its flags, progress on stderr, the files and the
+//! summary.
+
+mod fetcher;
+mod http;
+mod progress;
+
+pub(crate) use fetcher::{Fetcher, Kind, Note, Options, addrs};
+pub(crate) use http::ManifestError;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, SignedManifest, write_artifact};
-use phase_swarm::{FetchProgress, Multiaddr, Node, NodeConfig, load_or_create_key};
-
-use crate::fetch_http::{HttpSeed, SeedSwarm};
+use anyhow::Context;
+use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, verify_file, write_artifact};
+use phase_swarm::{FetchProgress, Multiaddr, load_or_create_key};
 
 /// Arguments of `plasmd fetch`.
 #[derive(Debug, clap::Args)]
@@ -69,61 +78,24 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         ),
         None => Arc::new(MemStore::new()),
     };
-    let mut cfg = NodeConfig::default()
-        .with_listen(vec![a.listen.clone()])
-        .with_peers(a.peers.clone())
-        .with_mdns(!a.no_mdns);
-    if let Some(dir) = &a.state {
-        cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);
-    }
-    let node = Node::spawn(cfg, store.clone()).context("starting the libp2p node")?;
-
-    let seed = a.provider.as_deref().map(HttpSeed::new);
-    // The seed's own swarm node is the first peer; its manifest the first choice.
-    let mut manifest: Option<SignedManifest> = None;
-    if let Some(seed) = &seed {
-        let s = seed.clone();
-        match tokio::task::spawn_blocking(move || s.swarm()).await? {
-            Ok(SeedSwarm { addrs }) => {
-                for addr in addrs {
-                    if let Err(e) = node.dial(addr).await {
-                        tracing::debug!(error = %e, "dialing the seed's swarm node");
-                    }
-                }
-            }
-            Err(e) => tracing::info!(error = %e, "the seed runs no swarm node"),
-        }
-        let (s, ch, ar, pk) = (seed.clone(), a.channel.clone(), a.arch.clone(), a.pubkey);
-        match tokio::task::spawn_blocking(move || s.manifest(&ch, &ar, &pk)).await? {
-            Ok(m) => manifest = Some(m),
-            Err(e) => eprintln!(
-                "plasmd fetch: no manifest from {}: {e:#}; asking peers",
-                seed.base
-            ),
-        }
-    }
-    let manifest = match manifest {
-        Some(m) => m,
-        None => node
-            .find_manifest(
-                &a.channel,
-                &a.arch,
-                a.pubkey,
-                Duration::from_secs(a.manifest_wait),
-            )
-            .await
-            .context("no HTTP seed manifest, and no peer offered one")?,
+    let keypair = match &a.state {
+        Some(dir) => Some(load_or_create_key(&dir.join("p2p.key"))?),
+        None => None,
     };
+    let opts = Options {
+        provider: a.provider.clone(),
+        channel: a.channel.clone(),
+        arch: a.arch.clone(),
+        pubkey: a.pubkey,
+        listen: a.listen.clone(),
+        peers: a.peers.clone(),
+        mdns: !a.no_mdns,
+        keypair,
+        manifest_wait: Duration::from_secs(a.manifest_wait),
+    };
+    let mut fetcher = Fetcher::start(opts, store, say).await?;
+    let (manifest, _via) = fetcher.manifest().await?;
     let m = manifest.manifest();
-    if m.channel != a.channel || m.arch != a.arch {
-        bail!(
-            "the seed sent the manifest of {}/{} for {}/{}",
-            m.channel,
-            m.arch,
-            a.channel,
-            a.arch
-        );
-    }
     let root = manifest.root();
     let total: u64 = m.artifacts.iter().map(|x| x.size).sum();
     eprintln!(
@@ -135,38 +107,44 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     );
 
     let (ptx, prx) = tokio::sync::watch::channel(FetchProgress::default());
-    let printer = tokio::spawn(crate::fetch_progress::show(
+    let printer = tokio::spawn(progress::show(
         prx,
         std::io::stderr().is_terminal(),
         Duration::from_millis(a.progress_ms),
     ));
-    let fallback = seed
-        .clone()
-        .map(|s| Arc::new(s) as Arc<dyn phase_swarm::Fallback>);
-    let fetch = node.fetch(manifest.clone(), fallback, Some(ptx));
-    let report = if a.timeout > 0 {
-        tokio::time::timeout(Duration::from_secs(a.timeout), fetch)
-            .await
-            .with_context(|| format!("the fetch did not finish within {} s", a.timeout))??
-    } else {
-        fetch.await?
-    };
+    let timeout = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
+    let report = fetcher.fetch(&manifest, Some(ptx), timeout).await;
     let _ = printer.await;
+    let report = report?;
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let (st, out, man) = (store.clone(), a.out.clone(), manifest.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        for art in &man.manifest().artifacts {
-            let path = out.join(&art.name);
-            write_artifact(&*st, art, &path)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        if let Some(c) = &man.manifest().cmdline {
-            write_atomic(&out.join("cmdline"), format!("{c}\n").as_bytes())?;
-        }
-        write_atomic(&out.join("manifest.json"), man.envelope())
-    })
-    .await??;
+    let (st, out, man) = (fetcher.store().clone(), a.out.clone(), manifest.clone());
+    // Written, then read back and checked against the manifest: `ok` says
+    // what is on disk, not what we meant to write.
+    let verified: Vec<(String, u64, bool)> =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, u64, bool)>> {
+            let mut verified = Vec::new();
+            for art in &man.manifest().artifacts {
+                let path = out.join(&art.name);
+                write_artifact(&*st, art, &path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let ok = match verify_file(art, &path) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!("plasmd fetch: {} does not verify: {e}", path.display());
+                        false
+                    }
+                };
+                verified.push((art.name.clone(), art.size, ok));
+            }
+            if let Some(c) = &man.manifest().cmdline {
+                write_atomic(&out.join("cmdline"), format!("{c}\n").as_bytes())?;
+            }
+            write_atomic(&out.join("manifest.json"), man.envelope())?;
+            Ok(verified)
+        })
+        .await??;
+    let ok = verified.iter().all(|(_, _, ok)| *ok);
 
     let wall = started.elapsed().as_secs_f64();
     if a.json {
@@ -180,15 +158,23 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 )
             })
             .collect();
+        let artifacts: Vec<serde_json::Value> = verified
+            .iter()
+            .map(
+                |(name, size, ok)| serde_json::json!({"name": name, "bytes": size, "verified": ok}),
+            )
+            .collect();
         let obj = serde_json::json!({
             "wall_s": wall,
             "fetch_s": report.wall.as_secs_f64(),
             "bytes": report.bytes,
             "root": root.to_hex(),
-            "peer_id": node.peer_id().to_string(),
+            "sequence": m.sequence,
+            "peer_id": fetcher.node().peer_id().to_string(),
             "peers": peers,
             "banned": report.banned,
-            "ok": true,
+            "artifacts": artifacts,
+            "ok": ok,
         });
         println!("{obj}");
     } else {
@@ -204,16 +190,35 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             }
         );
     }
+    anyhow::ensure!(
+        ok,
+        "an artifact written to {} does not match the manifest",
+        a.out.display()
+    );
 
     if a.serve_after {
-        let addrs: Vec<String> = crate::swarm_serve::sort_addrs(node.listen_addrs().await?)
-            .into_iter()
-            .map(|x| x.with_p2p(node.peer_id()).unwrap_or_else(|x| x).to_string())
+        let addrs: Vec<String> = fetcher
+            .addrs(true)
+            .await
+            .iter()
+            .map(ToString::to_string)
             .collect();
         eprintln!("plasmd: seeding {root} on {}", addrs.join(" "));
         tokio::signal::ctrl_c().await.ok();
     }
     Ok(())
+}
+
+/// How `plasmd fetch` tells its user what the fetcher met on the way.
+fn say(n: Note<'_>) {
+    match n {
+        Note::SeedSwarmUnknown(e) => {
+            tracing::info!(error = %format!("{e:#}"), "the seed runs no swarm node")
+        }
+        Note::SeedManifest(e) => {
+            eprintln!("plasmd fetch: no manifest from the seed: {e}; asking peers")
+        }
+    }
 }
 
 fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {

@@ -1,11 +1,11 @@
 //! Serve mode: `plasmd` as PID 1 of a system that was booted by `plasmd`.
 //!
-//! Selected by the presence of the carried store (see [`crate::carry`]) in
+//! Selected by the presence of the carried store (see [`carry`]) in
 //! the rootfs at start: a target initramfs that holds one was booted by our
 //! first stage, which appended it. The node checks the carried manifest
 //! against the carried pinned key and every chunk against the manifest, then
 //! serves them on the swarm at once (mDNS on, listening on
-//! [`crate::init_swarm::P2P_PORT`]), with no download. It prints
+//! [`first_stage::P2P_PORT`]), with no download. It prints
 //! `SAW KEXEC=Y token=T` (T from its own cmdline's `token=`) once serving, so
 //! tests know the target is up, and then runs forever.
 //!
@@ -21,8 +21,7 @@ use phase_boot::cmdline;
 use phase_content::{ChunkStore, Hash, MemStore};
 use phase_swarm::{Node, NodeConfig};
 
-use crate::carry;
-use crate::init_net;
+use super::{carry, first_stage, net};
 
 /// Whether this boot should serve a carried store (checked by `init::run`).
 pub(crate) fn selected() -> bool {
@@ -64,9 +63,16 @@ pub(crate) fn run() -> anyhow::Result<()> {
     );
     let real = std::process::id() == 1;
     if real {
-        init_net::mount_basics();
+        net::mount_basics();
     }
-    let own = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // The target's own command line carries the test's `token=`.
+    let own = match cmdline::read(Path::new("/proc/cmdline")) {
+        Ok((raw, _, _)) => raw,
+        Err(e) => {
+            println!("plasmd: warning: {e}");
+            String::new()
+        }
+    };
     let token = cmdline::split(&own)
         .into_iter()
         .find(|p| p.key == "token")
@@ -84,10 +90,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
         c.bytes
     );
     if real {
-        let n = init_net::load_modules(Path::new("/lib/modules"))?;
+        let n = net::load_modules(Path::new("/lib/modules"))?;
         println!("plasmd: phase modules loaded count={n}");
         let lease = loop {
-            match init_net::dhcp() {
+            match net::dhcp() {
                 Ok(l) => break l,
                 Err(e) => {
                     println!("plasmd: network failed: {e:#}; retrying");
@@ -114,9 +120,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .iter()
         .filter_map(|p| p.parse().ok())
         .collect();
-    let listen = format!("/ip4/0.0.0.0/tcp/{}", crate::init_swarm::P2P_PORT)
-        .parse()
-        .context("listen multiaddr")?;
+    let listen = phase_swarm::addr::tcp([0, 0, 0, 0].into(), first_stage::P2P_PORT);
     crate::runtime()?.block_on(serve(c, store, liar, listen, peers, token))
 }
 
@@ -137,7 +141,7 @@ async fn serve(
     node.seed(c.manifest)
         .await
         .context("seeding the carried manifest")?;
-    let addrs = crate::init_swarm::addrs(&node).await;
+    let addrs = first_stage::addrs(&node).await;
     println!(
         "plasmd: phase serving root={root} peer={} addrs={} liar={}",
         node.peer_id(),

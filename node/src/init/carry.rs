@@ -1,4 +1,4 @@
-//! The carried store (DESIGN.md decision 6): before kexec the first stage
+//! The carried store (the top-level DESIGN.md, decision 6): before kexec the first stage
 //! appends a cpio newc archive holding the signed manifest, the first stage's
 //! `phase.*` parameters and every verified chunk to the target's initramfs.
 //! Linux unpacks concatenated archives into one rootfs, so the booted system

@@ -1,0 +1,328 @@
+//! The one fetch path of `plasmd fetch` and of PID 1's first stage.
+//!
+//! A [`Fetcher`] owns the libp2p node, the chunk store and the HTTP seed
+//! client for as long as it lives, so a retry resumes from the chunks already
+//! verified and keeps the peers it found. One attempt: get the signed
+//! manifest (from the seed over HTTP, else from peers), check it is the
+//! channel/arch asked for and not older than one accepted before, then fetch
+//! every chunk through the swarm with the seed's `/chunks/HASH` as the rescue
+//! source. Callers print in their own style: [`Note`]s tell them what
+//! happened on the way, the [`FetchReport`] what came from where.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use phase_content::{ChunkStore, PublicKey, SignedManifest};
+use phase_swarm::{
+    FetchProgress, FetchReport, Handle, Keypair, Multiaddr, Node, NodeConfig, PeerId, addr,
+};
+use tokio::sync::watch;
+
+use super::http::{HttpSeed, ManifestError};
+
+/// What to fetch and how to reach it.
+pub(crate) struct Options {
+    /// The HTTP seed (`http://host:port`): manifest, its swarm addresses, rescue chunks.
+    pub(crate) provider: Option<String>,
+    pub(crate) channel: String,
+    pub(crate) arch: String,
+    /// Only manifests this key signed are accepted.
+    pub(crate) pubkey: PublicKey,
+    pub(crate) listen: Multiaddr,
+    /// Peers dialed at start.
+    pub(crate) peers: Vec<Multiaddr>,
+    pub(crate) mdns: bool,
+    /// The libp2p identity; a fresh one if `None`.
+    pub(crate) keypair: Option<Keypair>,
+    /// How long peers may take to offer a manifest when the seed gives none.
+    pub(crate) manifest_wait: Duration,
+}
+
+/// Something the caller may want to tell its user.
+pub(crate) enum Note<'a> {
+    /// The seed's `/swarm` could not be read: no seed peer to dial.
+    SeedSwarmUnknown(&'a anyhow::Error),
+    /// The seed gave no manifest; peers are asked next.
+    SeedManifest(&'a ManifestError),
+}
+
+/// Where a manifest came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    Http,
+    Swarm,
+}
+
+impl Via {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Via::Http => "http",
+            Via::Swarm => "swarm",
+        }
+    }
+}
+
+/// What kind of source sent verified bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The seed's HTTP `/chunks/HASH` (the rescue).
+    Http,
+    /// The seed's own swarm node.
+    Seed,
+    /// Any other peer.
+    Peer,
+}
+
+impl Kind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::Seed => "seed",
+            Kind::Peer => "peer",
+        }
+    }
+}
+
+/// The fetch state that outlives one attempt.
+pub(crate) struct Fetcher {
+    node: Handle,
+    store: Arc<dyn ChunkStore>,
+    seed: Option<HttpSeed>,
+    /// The seed's swarm node(s), as listed by its `/swarm`.
+    seed_peers: HashSet<PeerId>,
+    opts: Options,
+    /// The highest sequence accepted so far: a retry never goes back.
+    floor: Option<u64>,
+    say: fn(Note<'_>),
+}
+
+impl Fetcher {
+    /// Starts the node on `store` and dials the seed's swarm node.
+    pub(crate) async fn start(
+        opts: Options,
+        store: Arc<dyn ChunkStore>,
+        say: fn(Note<'_>),
+    ) -> anyhow::Result<Fetcher> {
+        let mut cfg = NodeConfig::default()
+            .with_listen(vec![opts.listen.clone()])
+            .with_peers(opts.peers.clone())
+            .with_mdns(opts.mdns);
+        if let Some(k) = &opts.keypair {
+            cfg = cfg.with_keypair(k.clone());
+        }
+        let node = Node::spawn(cfg, store.clone()).context("starting the libp2p node")?;
+        let mut f = Fetcher {
+            node,
+            store,
+            seed: opts.provider.as_deref().map(HttpSeed::new),
+            seed_peers: HashSet::new(),
+            opts,
+            floor: None,
+            say,
+        };
+        f.dial_seed().await?;
+        Ok(f)
+    }
+
+    pub(crate) fn node(&self) -> &Handle {
+        &self.node
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.store
+    }
+
+    /// Reads the seed's `/swarm` and dials what it lists (until it answers once).
+    async fn dial_seed(&mut self) -> anyhow::Result<()> {
+        let Some(seed) = self.seed.clone() else {
+            return Ok(());
+        };
+        if !self.seed_peers.is_empty() {
+            return Ok(());
+        }
+        match tokio::task::spawn_blocking(move || seed.swarm()).await? {
+            Ok(addrs) => {
+                for a in addrs {
+                    self.seed_peers.extend(addr::peer_id(&a));
+                    if let Err(e) = self.node.dial(a).await {
+                        tracing::debug!(error = %e, "dialing the seed's swarm node");
+                    }
+                }
+            }
+            Err(e) => (self.say)(Note::SeedSwarmUnknown(&e)),
+        }
+        Ok(())
+    }
+
+    /// The manifest to fetch: the seed's over HTTP, else the newest a peer
+    /// offers; refused if it is for another channel/arch or older than one
+    /// accepted before.
+    pub(crate) async fn manifest(&mut self) -> anyhow::Result<(SignedManifest, Via)> {
+        self.dial_seed().await?;
+        let o = &self.opts;
+        let mut found = None;
+        if let Some(seed) = self.seed.clone() {
+            let (ch, ar, pk) = (o.channel.clone(), o.arch.clone(), o.pubkey);
+            match tokio::task::spawn_blocking(move || seed.manifest(&ch, &ar, &pk)).await? {
+                Ok(m) => found = Some((m, Via::Http)),
+                Err(e) => (self.say)(Note::SeedManifest(&e)),
+            }
+        }
+        let (m, via) = match found {
+            Some(f) => f,
+            None => {
+                let m = self
+                    .node
+                    .find_manifest(&o.channel, &o.arch, o.pubkey, o.manifest_wait)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "no {}/{} manifest from the seed, and no peer offered one signed by \
+                             the pinned key within {} s",
+                            o.channel,
+                            o.arch,
+                            o.manifest_wait.as_secs()
+                        )
+                    })?;
+                (m, Via::Swarm)
+            }
+        };
+        self.floor = Some(accept(&m, &self.opts.channel, &self.opts.arch, self.floor)?);
+        Ok((m, via))
+    }
+
+    /// Fetches every chunk of `manifest` into the store (resuming from what
+    /// it holds), within `timeout` if one is given.
+    pub(crate) async fn fetch(
+        &self,
+        manifest: &SignedManifest,
+        progress: Option<watch::Sender<FetchProgress>>,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<FetchReport> {
+        let fallback = self
+            .seed
+            .clone()
+            .map(|s| Arc::new(s) as Arc<dyn phase_swarm::Fallback>);
+        let fetch = self.node.fetch(manifest.clone(), fallback, progress);
+        let report = match timeout {
+            Some(t) => tokio::time::timeout(t, fetch)
+                .await
+                .with_context(|| format!("the fetch did not finish within {} s", t.as_secs()))??,
+            None => fetch.await?,
+        };
+        Ok(report)
+    }
+
+    /// What kind of source `name` (a key of [`FetchReport::peers`]) is.
+    pub(crate) fn kind(&self, name: &str) -> Kind {
+        match name.parse::<PeerId>() {
+            Ok(p) if self.seed_peers.contains(&p) => Kind::Seed,
+            Ok(_) => Kind::Peer,
+            Err(_) => Kind::Http,
+        }
+    }
+
+    /// The node's addresses with `/p2p/ID`, routable first; loopback only if
+    /// `loopback`.
+    pub(crate) async fn addrs(&self, loopback: bool) -> Vec<Multiaddr> {
+        addrs(&self.node, loopback).await
+    }
+}
+
+/// `node`'s listen addresses with `/p2p/ID`, routable first; loopback ones
+/// only if `loopback`.
+pub(crate) async fn addrs(node: &Handle, loopback: bool) -> Vec<Multiaddr> {
+    let peer = node.peer_id();
+    let list = tokio::time::timeout(Duration::from_secs(10), node.listen_addrs())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    addr::routable_first(list)
+        .into_iter()
+        .filter(|a| loopback || !addr::is_loopback(a))
+        .map(|a| addr::with_peer(a, peer))
+        .collect()
+}
+
+/// Checks `m` is for `channel`/`arch` and not older than `floor`; returns
+/// the new floor.
+fn accept(
+    m: &SignedManifest,
+    channel: &str,
+    arch: &str,
+    floor: Option<u64>,
+) -> anyhow::Result<u64> {
+    let mm = m.manifest();
+    anyhow::ensure!(
+        mm.channel == channel && mm.arch == arch,
+        "the manifest is signed for {}/{}, not the {channel}/{arch} asked for",
+        mm.channel,
+        mm.arch
+    );
+    m.check_not_older(floor)?;
+    Ok(mm.sequence.max(floor.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use phase_content::{Artifact, FORMAT, Hash, Manifest, SecretKey, chunk_hashes};
+
+    fn manifest(channel: &str, arch: &str, sequence: u64) -> SignedManifest {
+        let key = SecretKey::from_seed([3; 32]);
+        let kernel = vec![7u8; 100];
+        Manifest {
+            format: FORMAT,
+            channel: channel.into(),
+            arch: arch.into(),
+            sequence,
+            created: 0,
+            publisher: key.public(),
+            cmdline: None,
+            artifacts: vec![Artifact {
+                name: "kernel".into(),
+                size: kernel.len() as u64,
+                hash: Hash::of(&kernel),
+                chunk_size: 4096,
+                chunks: chunk_hashes(&kernel, 4096),
+            }],
+            seeds: vec![],
+            peers: vec![],
+        }
+        .sign(&key)
+        .unwrap()
+    }
+
+    #[test]
+    fn a_retry_never_accepts_an_older_or_foreign_manifest() {
+        let floor = accept(&manifest("stable", "x86_64", 5), "stable", "x86_64", None).unwrap();
+        assert_eq!(floor, 5);
+        let e = accept(
+            &manifest("stable", "x86_64", 4),
+            "stable",
+            "x86_64",
+            Some(floor),
+        );
+        let e = format!("{:#}", e.unwrap_err());
+        assert!(
+            e.contains('4') && e.contains('5'),
+            "names both sequences: {e}"
+        );
+        assert_eq!(
+            accept(
+                &manifest("stable", "x86_64", 5),
+                "stable",
+                "x86_64",
+                Some(5)
+            )
+            .unwrap(),
+            5
+        );
+        let e = accept(&manifest("beta", "x86_64", 9), "stable", "x86_64", None).unwrap_err();
+        assert!(format!("{e}").contains("beta/x86_64"), "{e}");
+    }
+}
