@@ -5,8 +5,9 @@ use std::io::Read;
 use crate::Hash;
 
 /// Default chunk size: 256 KiB. A 13 MB boot set is then about 52 chunks, far
-/// more than log2 of any storm size we run (the M >> log2 N of DESIGN.md), while
-/// per-chunk request overhead stays under 1 %.
+/// more than log2 of any storm size we run (the M >> log2 N of decision 1 in the
+/// workspace's top-level DESIGN.md), while per-chunk request overhead stays
+/// under 1 %.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 
 /// The blake3 hash of every `chunk_size` piece of `data`.
