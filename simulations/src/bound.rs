@@ -21,7 +21,8 @@ mod tests {
 
     #[test]
     fn matches_the_measured_baselines() {
-        // FACTS.md: 13.2 MB at 20 Mbit/s: T_min 5.28 s; HTTP 8 x 5.28 s at N = 8.
+        // The default storm of simulations/README.md: 13.2 MB at 20 Mbit/s,
+        // T_min 5.28 s; HTTP 8 x 5.28 s at N = 8.
         let f = 13.2e6 * 8.0;
         assert!((t_min(f, 20e6, &[20e6; 32], 20e6) - 5.28).abs() < 0.01);
         assert!((t_http(f, 20e6, 8) - 42.24).abs() < 0.01);
