@@ -10,6 +10,11 @@
 //! bytes of the `manifest` value as they appear in the envelope. Verification
 //! never re-serialises, so there is no canonical-JSON question: the bytes that
 //! were signed are the bytes that are checked, then parsed.
+//!
+//! An HTTP seed may add `"urls":{"kernel":"http://HOST/CHANNEL/ARCH/kernel",...}`
+//! beside `manifest` and `signature`, for shell inits that fetch artifacts
+//! by URL ([`with_urls`]). Nothing signs or trusts it: [`SignedManifest::verify`]
+//! ignores it and keeps the envelope without it.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -159,11 +164,10 @@ impl Manifest {
             reason: e.to_string(),
         })?;
         let signature = key.sign_manifest(body.as_bytes());
-        let envelope = format!("{{\"manifest\":{body},\"signature\":\"{signature}\"}}\n");
         Ok(SignedManifest {
             manifest: self.clone(),
             root: Hash::of(body.as_bytes()),
-            envelope: envelope.into_bytes(),
+            envelope: envelope_bytes(&body, &signature),
         })
     }
 }
@@ -184,6 +188,30 @@ struct Envelope<'a> {
     #[serde(borrow)]
     manifest: &'a RawValue,
     signature: Signature,
+    /// Unsigned artifact URLs from an HTTP seed: accepted, never used.
+    #[serde(default, borrow)]
+    urls: Option<&'a RawValue>,
+}
+
+fn envelope_bytes(body: &str, signature: &Signature) -> Vec<u8> {
+    format!("{{\"manifest\":{body},\"signature\":\"{signature}\"}}\n").into_bytes()
+}
+
+/// `envelope` (as [`SignedManifest::envelope`] gives it) with an unsigned
+/// `"urls"` object naming each artifact's absolute URL, in the order given.
+pub fn with_urls<'a>(
+    envelope: &[u8],
+    urls: impl IntoIterator<Item = (&'a str, String)>,
+) -> Vec<u8> {
+    let map: serde_json::Map<String, serde_json::Value> = urls
+        .into_iter()
+        .map(|(name, url)| (name.to_owned(), serde_json::Value::String(url)))
+        .collect();
+    let text = String::from_utf8_lossy(envelope);
+    let Some(open) = text.trim_end().strip_suffix('}') else {
+        return envelope.to_vec();
+    };
+    format!("{open},\"urls\":{}}}\n", serde_json::Value::Object(map)).into_bytes()
 }
 
 /// A manifest whose signature has been checked, with the exact bytes it came in.
@@ -201,7 +229,7 @@ impl SignedManifest {
     /// with `pinned`, the manifest names another publisher, or the manifest is
     /// structurally invalid.
     pub fn verify(bytes: &[u8], pinned: &PublicKey) -> Result<Self, Error> {
-        let (body, sig) = split_envelope(bytes)?;
+        let (body, sig, unsigned) = split_envelope(bytes)?;
         if !pinned.verify_manifest(body.get().as_bytes(), &sig) {
             return Err(Error::BadSignature {
                 key: Box::new(*pinned),
@@ -220,10 +248,16 @@ impl SignedManifest {
             });
         }
         manifest.check()?;
+        // What travels on (to peers, into files) is the signed part only.
+        let envelope = if unsigned {
+            envelope_bytes(body.get(), &sig)
+        } else {
+            bytes.to_vec()
+        };
         Ok(SignedManifest {
             root: Hash::of(body.get().as_bytes()),
             manifest,
-            envelope: bytes.to_vec(),
+            envelope,
         })
     }
 
@@ -235,7 +269,7 @@ impl SignedManifest {
         struct Claim {
             publisher: PublicKey,
         }
-        let (body, _) = split_envelope(bytes)?;
+        let (body, _, _) = split_envelope(bytes)?;
         let c: Claim = serde_json::from_str(body.get()).map_err(|e| Error::BadManifest {
             reason: e.to_string(),
         })?;
@@ -265,13 +299,15 @@ impl SignedManifest {
         self.root
     }
 
-    /// The envelope exactly as received or written.
+    /// The envelope exactly as received or written (without an HTTP seed's
+    /// unsigned `urls`).
     pub fn envelope(&self) -> &[u8] {
         &self.envelope
     }
 }
 
-fn split_envelope(bytes: &[u8]) -> Result<(&RawValue, Signature), Error> {
+/// The signed body, its signature, and whether unsigned fields came along.
+fn split_envelope(bytes: &[u8]) -> Result<(&RawValue, Signature, bool), Error> {
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(Error::BadManifest {
             reason: format!(
@@ -283,7 +319,7 @@ fn split_envelope(bytes: &[u8]) -> Result<(&RawValue, Signature), Error> {
     let env: Envelope<'_> = serde_json::from_slice(bytes).map_err(|e| Error::BadManifest {
         reason: format!("not a signed manifest envelope: {e}"),
     })?;
-    Ok((env.manifest, env.signature))
+    Ok((env.manifest, env.signature, env.urls.is_some()))
 }
 
 #[cfg(test)]
@@ -312,6 +348,39 @@ mod tests {
             seeds: vec!["http://127.0.0.1:8080".into()],
             peers: vec![],
         }
+    }
+
+    #[test]
+    fn unsigned_urls_are_ignored_and_dropped() {
+        let k = SecretKey::from_seed([5; 32]);
+        let s = sample(&k, 3).sign(&k).unwrap();
+        let with = with_urls(
+            s.envelope(),
+            [(
+                "kernel",
+                "http://10.0.0.1:8080/stable/x86_64/kernel".to_owned(),
+            )],
+        );
+        let text = String::from_utf8(with.clone()).unwrap();
+        assert!(
+            text.contains(r#""urls":{"kernel":"http://10.0.0.1:8080/stable/x86_64/kernel"}"#),
+            "{text}"
+        );
+        let v = SignedManifest::verify(&with, &k.public()).unwrap();
+        assert_eq!(
+            v.envelope(),
+            s.envelope(),
+            "the unsigned part does not travel on"
+        );
+        assert_eq!(v.root(), s.root());
+        // Any other field is still refused.
+        let other = String::from_utf8(s.envelope().to_vec())
+            .unwrap()
+            .trim_end()
+            .trim_end_matches('}')
+            .to_owned()
+            + r#","extra":1}"#;
+        assert!(SignedManifest::verify(other.as_bytes(), &k.public()).is_err());
     }
 
     #[test]

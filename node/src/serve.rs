@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,7 +23,7 @@ use phase_content::{
     Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
 };
 
-use crate::swarm_serve::{self, SwarmInfo, SwarmOptions};
+use crate::swarm_serve::{self, SeedSwarm, SwarmOptions};
 
 /// Requests served at once; more wait in the accept queue.
 const MAX_CONCURRENT_REQUESTS: usize = 256;
@@ -57,7 +57,7 @@ pub(crate) struct Args {
 pub(crate) struct AppState {
     store: FsStore,
     manifests: BTreeMap<(String, String), SignedManifest>,
-    swarm: SwarmInfo,
+    swarm: SeedSwarm,
 }
 
 /// The host's architecture in the names manifests use.
@@ -141,7 +141,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     )
     .await
     .context("starting the swarm node")?;
-    for addr in &swarm.addrs {
+    let on = swarm.info(local.ip(), None).await;
+    for addr in &on.addrs {
         eprintln!("plasmd serve: swarm listening on {addr}");
     }
 
@@ -151,12 +152,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         swarm,
     });
     eprintln!("plasmd serve: serving http://{local}");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("HTTP server")?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<Conn>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .context("HTTP server")?;
     Ok(())
 }
 
@@ -171,6 +175,26 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             MAX_CONCURRENT_REQUESTS,
         ))
         .with_state(state)
+}
+
+/// Both ends of an HTTP connection: who asks, and which of our addresses
+/// they reached.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conn {
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Conn
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Conn {
+            remote: *s.remote_addr(),
+            local: s.io().local_addr().ok(),
+        }
+    }
 }
 
 fn not_found(what: String) -> Response {
@@ -198,25 +222,56 @@ struct Select {
     arch: Option<String>,
 }
 
-fn manifest_response(s: &AppState, channel: &str, arch: &str) -> Response {
-    match s.manifests.get(&(channel.to_owned(), arch.to_owned())) {
-        Some(m) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            Bytes::copy_from_slice(m.envelope()),
-        )
-            .into_response(),
-        None => not_found(format!("no manifest for {channel}/{arch}")),
-    }
+/// The envelope plus, outside the signed bytes, each artifact's absolute URL
+/// on the host the client named (the prototype's wget init reads those).
+fn manifest_response(
+    s: &AppState,
+    channel: &str,
+    arch: &str,
+    headers: &HeaderMap,
+    conn: &Conn,
+) -> Response {
+    let Some(m) = s.manifests.get(&(channel.to_owned(), arch.to_owned())) else {
+        return not_found(format!("no manifest for {channel}/{arch}"));
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.parse::<axum::http::uri::Authority>().is_ok())
+        .map(str::to_owned)
+        .or_else(|| conn.local.map(|a| a.to_string()));
+    let body = match host {
+        Some(host) => phase_content::with_urls(
+            m.envelope(),
+            m.manifest().artifacts.iter().map(|a| {
+                (
+                    a.name.as_str(),
+                    format!("http://{host}/{channel}/{arch}/{}", a.name),
+                )
+            }),
+        ),
+        None => m.envelope().to_vec(),
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn default_manifest(State(s): State<Arc<AppState>>, Query(q): Query<Select>) -> Response {
+async fn default_manifest(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Query(q): Query<Select>,
+    headers: HeaderMap,
+) -> Response {
     let channel = q.channel.as_deref().unwrap_or("stable");
     let arch = q.arch.as_deref().unwrap_or(host_arch());
-    manifest_response(&s, channel, arch)
+    manifest_response(&s, channel, arch, &headers, &conn)
 }
 
-async fn swarm_info(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(s.swarm.clone()).into_response()
+async fn swarm_info(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+) -> Response {
+    let reached = conn.local.map(|a| a.ip());
+    axum::Json(s.swarm.info(conn.remote.ip(), reached).await).into_response()
 }
 
 async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Response {
@@ -285,11 +340,12 @@ pub(crate) fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
 
 async fn artifact(
     State(s): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((channel, arch, name)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
     if name == "manifest.json" {
-        return manifest_response(&s, &channel, &arch);
+        return manifest_response(&s, &channel, &arch, &headers, &conn);
     }
     let Some(m) = s.manifests.get(&(channel.clone(), arch.clone())) else {
         return not_found(format!("no manifest for {channel}/{arch}"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use phase_content::{FsStore, SignedManifest};
-use phase_swarm::{Node, NodeConfig, addr, load_or_create_key};
+use phase_swarm::{Handle, Node, NodeConfig, addr, load_or_create_key};
 
 /// What the HTTP seed tells clients about the swarm node (`GET /swarm`).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -45,13 +45,50 @@ impl Default for SwarmOptions {
     }
 }
 
+/// The seed's running swarm node.
+pub(crate) struct SeedSwarm {
+    handle: Handle,
+    roots: Vec<String>,
+}
+
+impl SeedSwarm {
+    /// What `GET /swarm` tells a client at `client` that reached us at
+    /// `reached`: every address the node listens on now (a node bound to
+    /// 0.0.0.0 listens on each interface), the one the client reached first,
+    /// loopback ones only to a client on loopback.
+    pub(crate) async fn info(&self, client: IpAddr, reached: Option<IpAddr>) -> SwarmInfo {
+        let peer_id = self.handle.peer_id();
+        let now = tokio::time::timeout(Duration::from_secs(2), self.handle.listen_addrs())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let mut addrs: Vec<_> = addr::routable_first(now)
+            .into_iter()
+            .filter(|a| client.is_loopback() || !addr::is_loopback(a))
+            .collect();
+        if let Some(ip) = reached {
+            // Stable: the reached address first, the rest as they were.
+            addrs.sort_by_key(|a| addr::ip(a) != Some(ip));
+        }
+        SwarmInfo {
+            peer_id: Some(peer_id.to_string()),
+            addrs: addrs
+                .into_iter()
+                .map(|a| addr::with_peer(a, peer_id).to_string())
+                .collect(),
+            roots: self.roots.clone(),
+        }
+    }
+}
+
 /// Starts the swarm node that seeds `manifests` from `store`; returns once it
 /// listens, leaving the node running in the background.
 pub(crate) async fn start(
     store: FsStore,
     manifests: Vec<SignedManifest>,
     opts: SwarmOptions,
-) -> anyhow::Result<SwarmInfo> {
+) -> anyhow::Result<SeedSwarm> {
     let mut cfg = NodeConfig::default()
         .with_mdns(opts.mdns)
         .with_listen(vec![addr::tcp(opts.bind, opts.port)]);
@@ -67,22 +104,8 @@ pub(crate) async fn start(
             .await
             .context("seeding a published manifest")?;
     }
-    let addrs = tokio::time::timeout(Duration::from_secs(10), handle.listen_addrs())
+    tokio::time::timeout(Duration::from_secs(10), handle.listen_addrs())
         .await
         .context("the libp2p node did not start listening within 10 s")??;
-    let peer_id = handle.peer_id();
-    let info = SwarmInfo {
-        peer_id: Some(peer_id.to_string()),
-        addrs: addr::routable_first(addrs)
-            .into_iter()
-            .map(|a| addr::with_peer(a, peer_id).to_string())
-            .collect(),
-        roots,
-    };
-    // The node runs as long as the process: keep one handle alive for it.
-    tokio::spawn(async move {
-        let _keep = handle;
-        std::future::pending::<()>().await
-    });
-    Ok(info)
+    Ok(SeedSwarm { handle, roots })
 }
