@@ -60,4 +60,6 @@ pub use manifest::{
     ARTIFACT_NAMES, Artifact, FORMAT, MAX_ARTIFACT_SIZE, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
     MIN_CHUNK_SIZE, Manifest, SignedManifest, valid_component, with_urls,
 };
-pub use store::{ChunkStore, FsStore, MemStore, reassemble, verify_file, write_artifact};
+pub use store::{
+    ChunkStore, CorruptingStore, FsStore, MemStore, reassemble, verify_file, write_artifact,
+};

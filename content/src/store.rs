@@ -221,6 +221,53 @@ impl ChunkStore for FsStore {
     }
 }
 
+/// A test aid for lying peers: serves every chunk of the wrapped store with
+/// its first byte flipped, so a node serving from it sends bytes that fail
+/// verification at the receiver. `has` and `put` pass through, so the node
+/// still claims (and takes in) the real chunks; only what it serves is wrong.
+///
+/// ```
+/// use phase_content::{ChunkStore, CorruptingStore, Hash, MemStore};
+///
+/// let store = CorruptingStore::new(MemStore::new());
+/// let h = Hash::of(b"chunk");
+/// store.put(&h, b"chunk")?;
+/// assert!(store.has(&h));
+/// assert_ne!(Hash::of(&store.get(&h)?.unwrap()), h);
+/// # Ok::<(), phase_content::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct CorruptingStore<S> {
+    inner: S,
+}
+
+impl<S: ChunkStore> CorruptingStore<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        CorruptingStore { inner }
+    }
+}
+
+impl<S: ChunkStore> ChunkStore for CorruptingStore<S> {
+    fn has(&self, hash: &Hash) -> bool {
+        self.inner.has(hash)
+    }
+
+    fn get(&self, hash: &Hash) -> Result<Option<Bytes>, Error> {
+        Ok(self.inner.get(hash)?.map(|b| {
+            let mut v = b.to_vec();
+            if let Some(x) = v.first_mut() {
+                *x ^= 0xff;
+            }
+            Bytes::from(v)
+        }))
+    }
+
+    fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, Error> {
+        self.inner.put(hash, data)
+    }
+}
+
 /// Writes `artifact` to `out` from the chunks in `store`, checking every
 /// chunk's length and the whole-artifact hash. Returns the bytes written.
 ///
@@ -338,6 +385,23 @@ mod tests {
         for c in data.chunks(cs as usize) {
             store.put(&Hash::of(c), c).unwrap();
         }
+    }
+
+    #[test]
+    fn corrupting_store_flips_what_it_serves_only() {
+        let store = CorruptingStore::new(MemStore::new());
+        let h = Hash::of(b"right");
+        assert!(matches!(
+            store.put(&h, b"wrong"),
+            Err(Error::ChunkMismatch { .. })
+        ));
+        assert!(store.put(&h, b"right").unwrap());
+        assert!(store.has(&h));
+        let served = store.get(&h).unwrap().unwrap();
+        assert_eq!(&served[..], &[b'r' ^ 0xff, b'i', b'g', b'h', b't'][..]);
+        assert_ne!(Hash::of(&served), h, "a receiver's check fails");
+        assert!(store.get(&Hash::of(b"absent")).unwrap().is_none());
+        assert_eq!(&store.inner.get(&h).unwrap().unwrap()[..], b"right");
     }
 
     #[test]

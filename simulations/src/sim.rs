@@ -161,8 +161,9 @@ struct Flow {
 }
 
 struct Host {
-    sched: Option<Scheduler<Peer>>,
-    held: Vec<bool>,
+    /// Also the record of which chunks the host holds and serves, as in the
+    /// node; the seed's has every chunk marked held and is never driven.
+    sched: Scheduler<Peer>,
     is_provider: bool,
     up: f64,
     down: f64,
@@ -217,22 +218,19 @@ impl World {
     }
 
     fn drive(&mut self, node: Peer, input: Input<Peer>) {
-        let now = Duration::from_secs_f64(self.now);
-        let Some(s) = self.hosts[node].sched.as_mut() else {
+        if node == SEED {
             return;
-        };
+        }
+        let now = Duration::from_secs_f64(self.now);
+        let s = &mut self.hosts[node].sched;
         let newly = match &input {
             Input::ChunkOk { chunk, .. } => !s.is_held(*chunk),
             _ => false,
         };
         let actions = s.handle(input, now);
-        if newly {
-            let held: Vec<bool> = s.held().to_vec();
-            self.hosts[node].held = held;
-            if !self.hosts[node].is_provider {
-                self.hosts[node].is_provider = true;
-                self.providers.push(node);
-            }
+        if newly && !self.hosts[node].is_provider {
+            self.hosts[node].is_provider = true;
+            self.providers.push(node);
         }
         let lat = self.lat();
         for a in actions {
@@ -363,10 +361,10 @@ impl World {
             Ev::Deliver(n, input) => self.drive(n, input),
             Ev::MapAsk { server, client } => {
                 let h = &self.hosts[server];
-                let have = if self.cfg.super_seed && h.held.iter().all(|&x| x) {
+                let have = if self.cfg.super_seed && h.sched.is_done() {
                     h.sent.offer_map()
                 } else {
-                    h.held.clone()
+                    h.sched.held().to_vec()
                 };
                 self.at(
                     self.now + lat,
@@ -384,10 +382,9 @@ impl World {
                     .iter()
                     .filter(|&&f| self.flows[f].as_ref().is_some_and(|f| f.to == client))
                     .count();
-                let oversent = self.cfg.super_seed
-                    && h.held.iter().all(|&x| x)
-                    && !h.sent.offer(chunk as usize);
-                let reply = if !h.held.get(chunk as usize).copied().unwrap_or(false) || oversent {
+                let oversent =
+                    self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(chunk as usize);
+                let reply = if !h.sched.is_held(chunk) || oversent {
                     Some(Input::DoNotHave {
                         peer: server,
                         chunk,
@@ -465,9 +462,13 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let eff = cfg.efficiency;
     let mut hosts = Vec::with_capacity(cfg.nodes + 1);
+    // Not drawn from `rng`: the nodes' seeds stay what they were.
+    let mut seed_sched = Scheduler::new(m, cfg.sched.clone(), 0);
+    for i in 0..m {
+        seed_sched.mark_held(i as u32);
+    }
     hosts.push(Host {
-        sched: None,
-        held: vec![true; m],
+        sched: seed_sched,
         is_provider: true,
         up: cfg.seed_up_bps * eff,
         down: cfg.down_bps * eff,
@@ -479,8 +480,7 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
     });
     for _ in 0..cfg.nodes {
         hosts.push(Host {
-            sched: Some(Scheduler::new(m, cfg.sched.clone(), rng.r#gen())),
-            held: vec![false; m],
+            sched: Scheduler::new(m, cfg.sched.clone(), rng.r#gen()),
             is_provider: false,
             up: cfg.up_bps * eff,
             down: cfg.down_bps * eff,

@@ -102,7 +102,7 @@ async fn swarm_fetch(m: &SignedManifest, seeders: &[(Handle, Multiaddr)]) -> (Du
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let r = f.fetch(m.clone(), None, None).await.unwrap();
-    let used = r.peers.values().filter(|p| p.chunks > 0).count();
+    let used = r.sources.values().filter(|p| p.chunks > 0).count();
     (r.wall, used)
 }
 

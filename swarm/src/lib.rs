@@ -35,5 +35,6 @@ pub mod superseed;
 pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use node::{
-    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, load_or_create_key,
+    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Source,
+    load_or_create_key,
 };

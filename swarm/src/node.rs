@@ -2,6 +2,7 @@
 //! and the running fetch; a cloneable [`Handle`] sends it commands.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,9 +62,6 @@ pub struct NodeConfig {
     /// A node holding every chunk offers only its least-sent ones
     /// ([`crate::superseed`]), so a seed's upload goes to chunks the swarm lacks.
     pub super_seed: bool,
-    /// Test only: corrupt every chunk served.
-    #[cfg(feature = "test-liar")]
-    pub liar: bool,
 }
 
 impl Default for NodeConfig {
@@ -86,8 +84,6 @@ impl Default for NodeConfig {
             scheduler: SchedulerConfig::default(),
             rng_seed: rand::random(),
             super_seed: true,
-            #[cfg(feature = "test-liar")]
-            liar: false,
         }
     }
 }
@@ -164,10 +160,9 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, Error> {
     }
 }
 
-/// A chunk source of last resort (the HTTP seed). Called on a blocking thread.
+/// A chunk source of last resort: the HTTP seed ([`Source::HttpSeed`] in
+/// reports). Called on a blocking thread.
 pub trait Fallback: Send + Sync + 'static {
-    /// The name used in statistics, e.g. `http-seed`.
-    fn name(&self) -> String;
     /// The bytes of the chunk with `hash` (verified by the caller).
     fn get(&self, hash: &Hash) -> Result<Vec<u8>, String>;
 }
@@ -181,17 +176,45 @@ pub struct PeerStats {
     pub chunks: u64,
 }
 
+/// Where verified bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// A swarm peer.
+    Peer(PeerId),
+    /// The HTTP seed (the [`Fallback`]).
+    HttpSeed,
+}
+
+/// The peer id's base58 text, or `http-seed`.
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Peer(p) => fmt::Display::fmt(p, f),
+            Source::HttpSeed => f.write_str("http-seed"),
+        }
+    }
+}
+
+/// As its [`Display`](fmt::Display) text, so a map keyed by `Source` is a
+/// JSON object keyed by peer id.
+impl serde::Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// The outcome of a completed fetch.
 #[derive(Debug, Clone, Default)]
 pub struct FetchReport {
     /// From start to the last chunk.
     pub wall: Duration,
-    /// Verified bytes received (duplicates included).
+    /// Verified bytes received during this fetch (duplicates included; not
+    /// the chunks an earlier, abandoned fetch already held).
     pub bytes: u64,
-    /// Per source (peer id, or the fallback's name).
-    pub peers: BTreeMap<String, PeerStats>,
-    /// Peers banned for bad bytes.
-    pub banned: Vec<String>,
+    /// Per source.
+    pub sources: BTreeMap<Source, PeerStats>,
+    /// Peers banned during this fetch for bad bytes, in ban order.
+    pub banned: Vec<PeerId>,
 }
 
 /// Progress of a running fetch.
@@ -286,6 +309,11 @@ impl Handle {
     /// Fetches every chunk of `manifest` into the store, verifying each, and
     /// serves them onward as they arrive. Chunks no peer holds come from
     /// `fallback`. Returns when every chunk is held.
+    ///
+    /// One fetch runs at a time: while a caller still waits for one, another
+    /// fails. Dropping the returned future (a caller's timeout) abandons the
+    /// fetch; the next one replaces it and resumes from the chunks already
+    /// held, so a retry does not download them again.
     pub async fn fetch(
         &self,
         manifest: SignedManifest,
@@ -322,8 +350,9 @@ struct Held {
     lens: Vec<u64>,
     /// (name, first chunk, chunk count, size) per artifact.
     artifacts: Vec<(String, usize, usize, u64)>,
-    have: Vec<bool>,
-    count: usize,
+    /// The one record of which chunks are held (what this node serves), and
+    /// the fetch state while this root is being fetched.
+    sched: Scheduler<Source>,
     /// Verified bytes held per artifact.
     done: Vec<u64>,
     announced: bool,
@@ -332,7 +361,7 @@ struct Held {
 }
 
 impl Held {
-    fn new(manifest: SignedManifest) -> Self {
+    fn new(manifest: SignedManifest, cfg: SchedulerConfig, rng_seed: u64) -> Self {
         let mut hashes = Vec::new();
         let mut lens = Vec::new();
         let mut artifacts = Vec::new();
@@ -350,19 +379,19 @@ impl Held {
             hashes,
             lens,
             artifacts,
-            have: vec![false; n],
-            count: 0,
+            sched: Scheduler::new(n, cfg, rng_seed),
             done,
             announced: false,
             sent: crate::superseed::SendCounts::new(n),
         }
     }
 
-    /// Marks chunk `i` held (it must not have been) and counts it.
+    /// Marks chunk `i` held and counts its bytes, once.
     fn mark(&mut self, i: usize) {
-        self.have[i] = true;
-        self.count += 1;
-        self.add_done(i);
+        if !self.sched.is_held(i as u32) {
+            self.sched.mark_held(i as u32);
+            self.add_done(i);
+        }
     }
 
     fn add_done(&mut self, i: usize) {
@@ -382,28 +411,25 @@ impl Held {
                 .zip(&self.done)
                 .map(|((name, _, _, size), done)| (name.clone(), *done, *size))
                 .collect(),
-            held: self.count,
+            held: self.sched.held_count(),
             total: self.hashes.len(),
             peers,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Src {
-    Peer(PeerId),
-    Fallback,
-}
-
+/// What belongs to one fetch; the chunks and the scheduler belong to the
+/// root's [`Held`], so a later fetch of the same root resumes.
 struct Fetch {
     root: Root,
-    sched: Scheduler<Src>,
     start: Instant,
-    stats: HashMap<Src, PeerStats>,
+    stats: BTreeMap<Source, PeerStats>,
     bytes: u64,
+    /// Peers banned while this fetch ran (the node's set holds them all).
+    banned: Vec<PeerId>,
     fallback: Option<Arc<dyn Fallback>>,
     progress: Option<watch::Sender<FetchProgress>>,
-    reply: Option<oneshot::Sender<Result<FetchReport, Error>>>,
+    reply: oneshot::Sender<Result<FetchReport, Error>>,
     last_lookup: Instant,
 }
 
@@ -440,6 +466,8 @@ pub struct Node {
     /// Per peer: start of the current one-second window and busy answers in it.
     busy_log: HashMap<PeerId, (Instant, u32)>,
     connected: HashSet<PeerId>,
+    /// Peers that sent bytes failing verification, for the life of the
+    /// process: the one ban list (schedulers forget a banned peer).
     banned: HashSet<PeerId>,
     blocked: HashMap<PeerId, Instant>,
     listen: Vec<Multiaddr>,
@@ -639,18 +667,18 @@ impl Node {
 
     fn seed(&mut self, m: SignedManifest) -> Result<(), Error> {
         let root = *m.root().as_bytes();
-        let mut held = Held::new(m);
+        let mut held = Held::new(m, self.cfg.scheduler.clone(), self.cfg.rng_seed);
         for i in 0..held.hashes.len() {
             if self.store.has(&held.hashes[i]) {
                 held.mark(i);
             }
         }
-        if held.count < held.hashes.len() {
+        if !held.sched.is_done() {
             return Err(Error::Fetch {
                 root: Hash::from_bytes(root).to_hex(),
                 reason: format!(
                     "cannot seed: the store holds {} of {} chunks",
-                    held.count,
+                    held.sched.held_count(),
                     held.hashes.len()
                 ),
             });
@@ -682,73 +710,92 @@ impl Node {
         progress: Option<watch::Sender<FetchProgress>>,
         reply: oneshot::Sender<Result<FetchReport, Error>>,
     ) {
-        if self.fetch.is_some() {
-            let _ = reply.send(Err(Error::Fetch {
-                root: m.root().to_hex(),
-                reason: "another fetch is running on this node".into(),
-            }));
-            return;
+        if let Some(f) = &self.fetch {
+            if !f.reply.is_closed() {
+                let _ = reply.send(Err(Error::Fetch {
+                    root: m.root().to_hex(),
+                    reason: "another fetch is running on this node; wait for it to finish \
+                             or drop it before fetching again"
+                        .into(),
+                }));
+                return;
+            }
+            // Its caller gave up (a timeout): this fetch takes over and
+            // resumes from what that one verified.
+            tracing::debug!(root = %Hash::from_bytes(f.root), "replacing an abandoned fetch");
+            self.fetch = None;
         }
         let root = *m.root().as_bytes();
-        let held = self.held.entry(root).or_insert_with(|| Held::new(m));
-        let mut sched = Scheduler::new(
-            held.hashes.len(),
-            self.cfg.scheduler.clone(),
-            self.cfg.rng_seed,
-        );
-        if fallback.is_some() {
-            sched = sched.with_fallback(Src::Fallback);
-        }
-        let mut any = false;
+        let (cfg, seed) = (self.cfg.scheduler.clone(), self.cfg.rng_seed);
+        let held = self
+            .held
+            .entry(root)
+            .or_insert_with(|| Held::new(m, cfg, seed));
+        // A fresh view of peers and timers, but not of the chunks held.
+        held.sched.reset();
+        held.sched
+            .set_fallback(fallback.is_some().then_some(Source::HttpSeed));
         for i in 0..held.hashes.len() {
-            if held.have[i] || self.store.has(&held.hashes[i]) {
-                if !held.have[i] {
-                    held.mark(i);
-                }
-                sched.mark_held(i as u32);
-                any = true;
+            if self.store.has(&held.hashes[i]) {
+                held.mark(i);
             }
         }
-        let need_announce = any && !held.announced;
+        let need_announce = held.sched.held_count() > 0 && !held.announced;
         self.swarm
             .behaviour_mut()
             .kad
             .get_providers(root_key(&root));
         self.fetch = Some(Fetch {
             root,
-            sched,
             start: Instant::now(),
-            stats: HashMap::new(),
+            stats: BTreeMap::new(),
             bytes: 0,
+            banned: Vec::new(),
             fallback,
             progress,
-            reply: Some(reply),
+            reply,
             last_lookup: Instant::now(),
         });
         if need_announce {
             self.announce(root);
         }
-        let peers: Vec<Src> = self
-            .connected
-            .iter()
-            .filter(|p| !self.banned.contains(p))
-            .map(|p| Src::Peer(*p))
-            .collect();
+        let peers: Vec<Source> = self.connected.iter().map(|p| Source::Peer(*p)).collect();
         self.drive(Input::ProvidersFound(peers));
     }
 
-    /// Feeds the scheduler and carries out its actions.
-    fn drive(&mut self, input: Input<Src>) {
+    /// Feeds the running fetch's scheduler and carries out its actions.
+    fn drive(&mut self, mut input: Input<Source>) {
         let now = self.now();
-        let Some(f) = self.fetch.as_mut() else {
+        let Some(root) = self.fetch.as_ref().map(|f| f.root) else {
             return;
         };
-        let actions = f.sched.handle(input, now);
-        let root = f.root;
+        // The scheduler forgot every banned peer; it must not hear of one again.
+        let banned = |s: &Source| matches!(s, Source::Peer(p) if self.banned.contains(p));
+        match &mut input {
+            Input::ProvidersFound(ps) => ps.retain(|p| !banned(p)),
+            Input::Tick => {}
+            Input::PeerFound(p)
+            | Input::HaveMap { peer: p, .. }
+            | Input::Have { peer: p, .. }
+            | Input::ChunkOk { peer: p, .. }
+            | Input::ChunkBad { peer: p, .. }
+            | Input::ChunkFailed { peer: p, .. }
+            | Input::DoNotHave { peer: p, .. }
+            | Input::Busy { peer: p, .. }
+            | Input::PeerGone(p) => {
+                if banned(p) {
+                    return;
+                }
+            }
+        }
+        let Some(h) = self.held.get_mut(&root) else {
+            return;
+        };
+        let actions = h.sched.handle(input, now);
         for a in actions {
             match a {
                 Action::Request {
-                    peer: Src::Peer(p),
+                    peer: Source::Peer(p),
                     chunk,
                 } => {
                     let id = self
@@ -760,7 +807,7 @@ impl Node {
                         .insert(id, (p, Outbound::Chunk { root, index: chunk }));
                 }
                 Action::Request {
-                    peer: Src::Fallback,
+                    peer: Source::HttpSeed,
                     chunk,
                 } => {
                     let Some(f) = self.fetch.as_ref() else { return };
@@ -780,7 +827,7 @@ impl Node {
                         let _ = tx.send((root, chunk, res)).await;
                     });
                 }
-                Action::AskHaveMap(Src::Peer(p)) => {
+                Action::AskHaveMap(Source::Peer(p)) => {
                     let id = self
                         .swarm
                         .behaviour_mut()
@@ -788,13 +835,17 @@ impl Node {
                         .send_request(&p, Inbound::Ok(Request::HaveMap { root }));
                     self.outbound.insert(id, (p, Outbound::HaveMap { root }));
                 }
-                Action::AskHaveMap(Src::Fallback) => {}
-                Action::Ban(Src::Peer(p)) => {
-                    tracing::warn!(peer = %p, "banned: sent a chunk that failed verification");
-                    self.banned.insert(p);
+                Action::AskHaveMap(Source::HttpSeed) => {}
+                Action::Ban(Source::Peer(p)) => {
+                    if self.banned.insert(p) {
+                        tracing::warn!(peer = %p, "banned: sent a chunk that failed verification");
+                        if let Some(f) = self.fetch.as_mut() {
+                            f.banned.push(p);
+                        }
+                    }
                     let _ = self.swarm.disconnect_peer_id(p);
                 }
-                Action::Ban(Src::Fallback) => {
+                Action::Ban(Source::HttpSeed) => {
                     tracing::warn!("the HTTP seed sent a chunk that failed verification");
                 }
                 Action::Done => self.finish_fetch(),
@@ -803,36 +854,29 @@ impl Node {
     }
 
     fn finish_fetch(&mut self) {
-        let Some(mut f) = self.fetch.take() else {
+        let Some(f) = self.fetch.take() else {
             return;
-        };
-        let fb_name = f.fallback.as_ref().map(|fb| fb.name());
-        let name = |s: &Src| match s {
-            Src::Peer(p) => p.to_string(),
-            Src::Fallback => fb_name.clone().unwrap_or_else(|| "fallback".into()),
         };
         let report = FetchReport {
             wall: f.start.elapsed(),
             bytes: f.bytes,
-            peers: f.stats.iter().map(|(s, st)| (name(s), *st)).collect(),
-            banned: f.sched.banned().iter().map(name).collect(),
+            sources: f.stats,
+            banned: f.banned,
         };
         if let (Some(p), Some(h)) = (&f.progress, self.held.get(&f.root)) {
             let _ = p.send(h.progress(self.connected.len()));
         }
-        if let Some(r) = f.reply.take() {
-            let _ = r.send(Ok(report));
-        }
+        let _ = f.reply.send(Ok(report));
     }
 
     fn on_fallback(&mut self, root: Root, index: u32, res: Result<Vec<u8>, String>) {
         match res {
-            Ok(data) => self.on_chunk(Src::Fallback, root, index, Some(data)),
+            Ok(data) => self.on_chunk(Source::HttpSeed, root, index, Some(data)),
             Err(e) => {
                 tracing::debug!(index, error = %e, "fallback chunk failed");
                 if self.fetch.as_ref().is_some_and(|f| f.root == root) {
                     self.drive(Input::ChunkFailed {
-                        peer: Src::Fallback,
+                        peer: Source::HttpSeed,
                         chunk: index,
                     });
                 }
@@ -841,7 +885,11 @@ impl Node {
     }
 
     /// A chunk arrived from `src` (`None`: the answer was not a chunk at all).
-    fn on_chunk(&mut self, src: Src, root: Root, index: u32, data: Option<Vec<u8>>) {
+    fn on_chunk(&mut self, src: Source, root: Root, index: u32, data: Option<Vec<u8>>) {
+        if matches!(src, Source::Peer(p) if self.banned.contains(&p)) {
+            // A late answer from a banned peer: its bytes are not wanted.
+            return;
+        }
         let Some(held) = self.held.get_mut(&root) else {
             return;
         };
@@ -861,7 +909,7 @@ impl Node {
         };
         // Verify exactly once: the store checks the hash before it keeps the
         // bytes; a duplicate (end-game) is still checked, so a liar is caught.
-        let verdict = if held.have[i] {
+        let verdict = if held.sched.is_held(index) {
             if Hash::of(&data) == held.hashes[i] {
                 Ok(())
             } else {
@@ -902,7 +950,7 @@ impl Node {
         let first = !held.announced;
         let progress = held.progress(self.connected.len());
         if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
-            let st = f.stats.entry(src.clone()).or_default();
+            let st = f.stats.entry(src).or_default();
             st.bytes += data.len() as u64;
             st.chunks += 1;
             f.bytes += data.len() as u64;
@@ -1027,7 +1075,7 @@ impl Node {
                         self.ask_latest(&mut f, peer_id);
                         self.find = Some(f);
                     }
-                    self.drive(Input::PeerFound(Src::Peer(peer_id)));
+                    self.drive(Input::PeerFound(Source::Peer(peer_id)));
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -1036,7 +1084,7 @@ impl Node {
                 ..
             } => {
                 self.connected.remove(&peer_id);
-                self.drive(Input::PeerGone(Src::Peer(peer_id)));
+                self.drive(Input::PeerGone(Source::Peer(peer_id)));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -1077,7 +1125,7 @@ impl Node {
                         continue;
                     }
                     if self.connected.contains(&p) {
-                        self.drive(Input::PeerFound(Src::Peer(p)));
+                        self.drive(Input::PeerFound(Source::Peer(p)));
                     } else {
                         // The query still knows its addresses: dial now.
                         let _ = self.swarm.dial(p);
@@ -1167,7 +1215,7 @@ impl Node {
                     Outbound::Chunk { root, index } => {
                         if self.fetch.as_ref().is_some_and(|f| f.root == root) {
                             self.drive(Input::ChunkFailed {
-                                peer: Src::Peer(peer),
+                                peer: Source::Peer(peer),
                                 chunk: index,
                             });
                         }
@@ -1211,21 +1259,11 @@ impl Node {
     }
 
     fn read_chunk(&self, held: &Held, i: usize) -> Option<Vec<u8>> {
-        if !held.have[i] {
+        if !held.sched.is_held(i as u32) {
             return None;
         }
         match self.store.get(&held.hashes[i]) {
-            Ok(Some(b)) => {
-                #[allow(unused_mut)]
-                let mut v = b.to_vec();
-                #[cfg(feature = "test-liar")]
-                if self.cfg.liar
-                    && let Some(x) = v.first_mut()
-                {
-                    *x ^= 0xff;
-                }
-                Some(v)
-            }
+            Ok(Some(b)) => Some(b.to_vec()),
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read chunk");
@@ -1238,13 +1276,13 @@ impl Node {
         let refused = |s: &str| Response::Refused(s.to_owned());
         match req {
             Request::HaveMap { root } => match self.held.get(&root) {
-                Some(h) if self.cfg.super_seed && h.count == h.have.len() => Response::HaveMap {
-                    chunks: h.have.len() as u32,
+                Some(h) if self.cfg.super_seed && h.sched.is_done() => Response::HaveMap {
+                    chunks: h.hashes.len() as u32,
                     bits: pack_bits(&h.sent.offer_map()),
                 },
                 Some(h) => Response::HaveMap {
-                    chunks: h.have.len() as u32,
-                    bits: pack_bits(&h.have),
+                    chunks: h.hashes.len() as u32,
+                    bits: pack_bits(h.sched.held()),
                 },
                 None => Response::DoNotHave,
             },
@@ -1273,7 +1311,7 @@ impl Node {
                     tracing::debug!(%peer, index, "chunk index out of range");
                     return refused("chunk index out of range");
                 }
-                if self.cfg.super_seed && h.count == h.have.len() && !h.sent.offer(i) {
+                if self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(i) {
                     // Sent more often than others: let peers serve this one.
                     return Response::DoNotHave;
                 }
@@ -1322,7 +1360,7 @@ impl Node {
         match what {
             Outbound::Chunk { root, index } => {
                 let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
-                let src = Src::Peer(peer);
+                let src = Source::Peer(peer);
                 match resp {
                     Response::Chunks(mut pieces) if pieces.len() == 1 => {
                         let p = pieces.remove(0);
@@ -1353,13 +1391,13 @@ impl Node {
                     Response::HaveMap { chunks, bits } if chunks as usize == n => {
                         if let Some(have) = unpack_bits(chunks, &bits) {
                             self.drive(Input::HaveMap {
-                                peer: Src::Peer(peer),
+                                peer: Source::Peer(peer),
                                 have,
                             });
                         }
                     }
                     Response::DoNotHave => self.drive(Input::HaveMap {
-                        peer: Src::Peer(peer),
+                        peer: Source::Peer(peer),
                         have: vec![false; n],
                     }),
                     _ => {}
@@ -1441,13 +1479,44 @@ mod tests {
         }
         .sign(&key)
         .unwrap();
-        let mut h = Held::new(m);
+        let mut h = Held::new(m, SchedulerConfig::default(), 1);
         assert_eq!(h.hashes.len(), 5);
         h.mark(2);
+        h.mark(4);
         h.mark(4);
         let p = h.progress(0);
         assert_eq!(p.artifacts[0], ("kernel".into(), 10_000 - 8192, 10_000));
         assert_eq!(p.artifacts[1], ("initramfs".into(), 5_000 - 4096, 5_000));
         assert_eq!((p.held, p.total), (2, 5));
+        assert!(
+            h.sched.is_held(4) && !h.sched.is_held(3),
+            "the scheduler is the record"
+        );
+    }
+
+    #[test]
+    fn source_text_is_the_peer_id_or_http_seed() {
+        let p = Keypair::generate_ed25519().public().to_peer_id();
+        assert_eq!(Source::Peer(p).to_string(), p.to_base58());
+        assert_eq!(Source::HttpSeed.to_string(), "http-seed");
+        let mut m = BTreeMap::new();
+        m.insert(
+            Source::HttpSeed,
+            PeerStats {
+                bytes: 7,
+                chunks: 1,
+            },
+        );
+        m.insert(
+            Source::Peer(p),
+            PeerStats {
+                bytes: 9,
+                chunks: 2,
+            },
+        );
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["http-seed"]["bytes"], 7);
+        assert_eq!(json[p.to_base58()]["chunks"], 2);
+        assert_eq!(json.as_object().unwrap().len(), 2);
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use phase_content::{FsStore, PublicKey, SignedManifest};
+use phase_content::{CorruptingStore, FsStore, PublicKey, SignedManifest};
 use phase_swarm::{Node, NodeConfig};
 use phase_tests::swarm::{STEP, SeedSetup, fetcher, peer_of, seeding_addr, sources, summary};
 
@@ -13,8 +13,8 @@ use phase_tests::swarm::{STEP, SeedSetup, fetcher, peer_of, seeding_addr, source
 #[test]
 fn lying_peer_is_banned_and_fetch_completes() {
     let s = SeedSetup::start(3 << 20, 1 << 20, 16 << 10);
-    // The liar: an in-process node holding every chunk (read from the seed's
-    // own store), built with the test-only `test-liar` feature.
+    // The liar: an in-process node holding every chunk (the seed's own
+    // store), serving them through a store that corrupts every chunk.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let pk: PublicKey = s.seed.pubkey.parse().expect("pubkey");
     let body = ureq::get(&format!("{}/stable/x86_64/manifest.json", s.seed.url))
@@ -25,11 +25,11 @@ fn lying_peer_is_banned_and_fetch_completes() {
         .expect("body");
     let manifest = SignedManifest::verify(&body, &pk).expect("verify");
     let store = FsStore::open(s.path("seed-state").join("store")).expect("store");
+    let store = CorruptingStore::new(store);
     let liar_addr = rt.block_on(async {
-        let mut cfg = NodeConfig::default()
+        let cfg = NodeConfig::default()
             .with_mdns(false)
             .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")]);
-        cfg.liar = true;
         let h = Node::spawn(cfg, Arc::new(store)).expect("liar node");
         h.seed(manifest).await.expect("seed");
         let a = h.listen_addrs().await.expect("addrs")[0].clone();
