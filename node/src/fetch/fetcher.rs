@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use phase_content::{ChunkStore, PublicKey, SignedManifest};
 use phase_swarm::{
-    FetchProgress, FetchReport, Handle, Keypair, Multiaddr, Node, NodeConfig, PeerId, addr,
+    FetchProgress, FetchReport, Handle, Keypair, Multiaddr, Node, NodeConfig, PeerId, Source, addr,
 };
 use tokio::sync::watch;
 
@@ -215,12 +215,12 @@ impl Fetcher {
         Ok(report)
     }
 
-    /// What kind of source `name` (a key of [`FetchReport::peers`]) is.
-    pub(crate) fn kind(&self, name: &str) -> Kind {
-        match name.parse::<PeerId>() {
-            Ok(p) if self.seed_peers.contains(&p) => Kind::Seed,
-            Ok(_) => Kind::Peer,
-            Err(_) => Kind::Http,
+    /// What kind of source sent bytes.
+    pub(crate) fn kind(&self, source: &Source) -> Kind {
+        match source {
+            Source::HttpSeed => Kind::Http,
+            Source::Peer(p) if self.seed_peers.contains(p) => Kind::Seed,
+            Source::Peer(_) => Kind::Peer,
         }
     }
 

@@ -117,10 +117,6 @@ impl HttpSeed {
 }
 
 impl Fallback for HttpSeed {
-    fn name(&self) -> String {
-        "http-seed".into()
-    }
-
     fn get(&self, hash: &Hash) -> Result<Vec<u8>, String> {
         HttpSeed::get(self, &format!("/chunks/{hash}"), u64::from(MAX_CHUNK_SIZE))
             .map_err(|e| format!("{e:#}"))

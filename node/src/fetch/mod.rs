@@ -149,15 +149,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     if a.json {
         let peers: serde_json::Map<String, serde_json::Value> = report
-            .peers
+            .sources
             .iter()
             .map(|(k, v)| {
                 (
-                    k.clone(),
+                    k.to_string(),
                     serde_json::json!({"bytes": v.bytes, "chunks": v.chunks}),
                 )
             })
             .collect();
+        let banned: Vec<String> = report.banned.iter().map(ToString::to_string).collect();
         let artifacts: Vec<serde_json::Value> = verified
             .iter()
             .map(
@@ -172,7 +173,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "sequence": m.sequence,
             "peer_id": fetcher.node().peer_id().to_string(),
             "peers": peers,
-            "banned": report.banned,
+            "banned": banned,
             "artifacts": artifacts,
             "ok": ok,
         });
@@ -182,11 +183,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "plasmd fetch: wrote {} in {wall:.2} s ({:.1} MB/s) from {} sources{}",
             a.out.display(),
             report.bytes as f64 / 1e6 / report.wall.as_secs_f64().max(1e-6),
-            report.peers.len(),
+            report.sources.len(),
             if report.banned.is_empty() {
                 String::new()
             } else {
-                format!("; banned {}", report.banned.join(", "))
+                let b: Vec<String> = report.banned.iter().map(ToString::to_string).collect();
+                format!("; banned {}", b.join(", "))
             }
         );
     }

@@ -118,7 +118,7 @@ async fn attempt(f: &mut Fetcher, started: Instant) -> anyhow::Result<SignedMani
     let report = report?;
 
     let (mut seed_bytes, mut peer_bytes) = (0u64, 0u64);
-    for (id, st) in &report.peers {
+    for (id, st) in &report.sources {
         let kind = f.kind(id);
         if kind == Kind::Peer {
             peer_bytes += st.bytes;

@@ -16,9 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bytes::Bytes;
 use phase_boot::cmdline;
-use phase_content::{ChunkStore, Hash, MemStore};
+use phase_content::{ChunkStore, CorruptingStore};
 use phase_swarm::{Node, NodeConfig};
 
 use super::{carry, first_stage, net};
@@ -26,27 +25,6 @@ use super::{carry, first_stage, net};
 /// Whether this boot should serve a carried store (checked by `init::run`).
 pub(crate) fn selected() -> bool {
     carry::present(Path::new("/"))
-}
-
-/// Serves chunks with the first byte flipped (`phase.test_liar=1`).
-struct LyingStore(MemStore);
-
-impl ChunkStore for LyingStore {
-    fn has(&self, hash: &Hash) -> bool {
-        self.0.has(hash)
-    }
-    fn get(&self, hash: &Hash) -> Result<Option<Bytes>, phase_content::Error> {
-        Ok(self.0.get(hash)?.map(|b| {
-            let mut v = b.to_vec();
-            if let Some(x) = v.first_mut() {
-                *x ^= 0xff;
-            }
-            Bytes::from(v)
-        }))
-    }
-    fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, phase_content::Error> {
-        self.0.put(hash, data)
-    }
 }
 
 fn knob(raw: &str, key: &str) -> bool {
@@ -110,7 +88,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let chunks = std::mem::take(&mut c.store);
     let store: Arc<dyn ChunkStore> = if liar {
         println!("plasmd: test knob: phase.test_liar=1: serving corrupted chunks");
-        Arc::new(LyingStore(chunks))
+        Arc::new(CorruptingStore::new(chunks))
     } else {
         Arc::new(chunks)
     };
