@@ -1,21 +1,64 @@
-//! Progress of `plasmd fetch`: bars per artifact on a terminal, plain
-//! periodic lines otherwise.
+//! Progress of `plasmd fetch`: one bar per artifact on a terminal (bytes,
+//! rate, ETA, peers; drawn by `indicatif`), plain periodic lines otherwise.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phase_swarm::FetchProgress;
 use tokio::sync::watch;
 
+/// How often a terminal is redrawn.
+const TTY_EVERY: Duration = Duration::from_millis(200);
+
 /// Shows progress until the sender is dropped or every chunk is held.
-pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool, plain_every: Duration) {
-    let start = Instant::now();
-    let every = if tty {
-        Duration::from_millis(200)
+pub(crate) async fn show(rx: watch::Receiver<FetchProgress>, tty: bool, plain_every: Duration) {
+    if tty {
+        bars(rx).await
     } else {
-        plain_every
-    };
-    let mut drawn = 0usize;
+        lines(rx, plain_every).await
+    }
+}
+
+async fn bars(mut rx: watch::Receiver<FetchProgress>) {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} ETA {eta:>4} {msg}",
+    )
+    .map(|s| s.progress_chars("#>-"))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    loop {
+        let changed = tokio::time::timeout(TTY_EVERY, rx.changed()).await;
+        if let Ok(Err(_)) = changed {
+            break;
+        }
+        let p = rx.borrow_and_update().clone();
+        if p.total == 0 {
+            continue;
+        }
+        if bars.is_empty() {
+            for (name, _, size) in &p.artifacts {
+                let b = multi.add(ProgressBar::new(*size).with_style(style.clone()));
+                b.set_prefix(name.clone());
+                bars.push(b);
+            }
+        }
+        for (b, (_, have, _)) in bars.iter().zip(&p.artifacts) {
+            b.set_position(*have);
+            b.set_message(format!("{} peers", p.peers));
+        }
+        if p.held == p.total {
+            break;
+        }
+    }
+    for b in &bars {
+        b.finish();
+    }
+}
+
+async fn lines(mut rx: watch::Receiver<FetchProgress>, every: Duration) {
+    let start = Instant::now();
     let mut last = Instant::now();
     loop {
         let changed = tokio::time::timeout(every, rx.changed()).await;
@@ -27,30 +70,7 @@ pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool, plai
             continue;
         }
         let done = p.held == p.total;
-        let mut err = std::io::stderr().lock();
-        if tty {
-            if drawn > 0 {
-                let _ = write!(err, "\x1b[{drawn}A");
-            }
-            for (name, have, size) in &p.artifacts {
-                let frac = if *size == 0 {
-                    1.0
-                } else {
-                    *have as f64 / *size as f64
-                };
-                let filled = (frac * 30.0) as usize;
-                let _ = writeln!(
-                    err,
-                    "\x1b[2K{name:>10} [{}{}] {:>5.1}% {:>8.1} MB  {} peers",
-                    "#".repeat(filled),
-                    " ".repeat(30 - filled.min(30)),
-                    frac * 100.0,
-                    *have as f64 / 1e6,
-                    p.peers
-                );
-            }
-            drawn = p.artifacts.len();
-        } else if last.elapsed() >= every || done {
+        if last.elapsed() >= every || done {
             last = Instant::now();
             let parts: Vec<String> = p
                 .artifacts
@@ -58,7 +78,7 @@ pub(crate) async fn show(mut rx: watch::Receiver<FetchProgress>, tty: bool, plai
                 .map(|(n, h, s)| format!("{n} {h}/{s}"))
                 .collect();
             let _ = writeln!(
-                err,
+                std::io::stderr().lock(),
                 "plasmd fetch: {:.1} s: {}/{} chunks, {}, {} peers",
                 start.elapsed().as_secs_f64(),
                 p.held,
