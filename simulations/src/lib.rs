@@ -5,7 +5,9 @@
 //! ends (tbf shapes egress, so both ends are needed for upload and download).
 //! [`storm`] runs one storm per mode (the swarm, HTTP only, BitTorrent) on the
 //! same topology and artifacts, and [`bound`] gives the fluid lower bound the
-//! results are measured against. Everything a run creates is registered in
+//! results are measured against. [`vmnet`] does the same for QEMU guests on a
+//! bridge. Every child runs as a [`proc::Proc`] (also the process harness of
+//! the end-to-end tests); everything a run creates is registered in
 //! [`cleanup`] and removed on drop or Ctrl-C.
 //!
 //! ```
@@ -20,6 +22,7 @@ pub mod cleanup;
 pub mod cpu;
 pub mod netns;
 pub mod plot;
+pub mod proc;
 pub mod sim;
 pub mod storm;
 pub mod vmnet;

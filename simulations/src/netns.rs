@@ -4,10 +4,7 @@
 //! Addresses are 10.77.0.0/16 and exist only inside namespaces this process
 //! creates; nothing is routed to the machine's own network.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::process::Command;
 
 use anyhow::{Context, bail};
 
@@ -174,89 +171,5 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
             cleanup::forget_ns(&ns);
         }
-    }
-}
-
-/// A line of a child's output, stamped when it was read.
-#[derive(Debug, Clone)]
-pub struct Line {
-    /// Which child (index given at spawn).
-    pub who: usize,
-    /// When it was read.
-    pub at: Instant,
-    /// The text.
-    pub text: String,
-}
-
-/// A process running in a namespace, killed with its process group on drop.
-#[derive(Debug)]
-pub struct NsProc {
-    child: Child,
-    pgid: i32,
-}
-
-impl NsProc {
-    /// Spawns `argv` inside `ns` in its own process group; its stdout and
-    /// stderr lines go to `lines` tagged with `who`. Returns at once.
-    pub fn spawn(
-        ns: &str,
-        argv: &[String],
-        who: usize,
-        lines: &mpsc::SyncSender<Line>,
-    ) -> anyhow::Result<NsProc> {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} in {ns}", argv.join(" ")))?;
-        let pgid = child.id() as i32;
-        cleanup::register_pgid(pgid);
-        let out: Vec<Box<dyn std::io::Read + Send>> = vec![
-            Box::new(child.stdout.take().context("stdout")?),
-            Box::new(child.stderr.take().context("stderr")?),
-        ];
-        for r in out {
-            let tx = lines.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(r).lines() {
-                    let Ok(text) = l else { break };
-                    // Bounded channel: if the harness falls behind, the child
-                    // blocks on its pipe rather than memory growing.
-                    if tx
-                        .send(Line {
-                            who,
-                            at: Instant::now(),
-                            text,
-                        })
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-        }
-        Ok(NsProc { child, pgid })
-    }
-
-    /// Whether it has exited, and how.
-    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for NsProc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group we created for this child.
-        unsafe {
-            libc::kill(-self.pgid, libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-        cleanup::forget_pgid(self.pgid);
     }
 }

@@ -2,14 +2,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cpu::{CpuUse, Sampler};
-use crate::netns::{Line, NsProc, Shape, Topology, sh};
+use crate::netns::{Shape, Topology, sh};
+use crate::proc::{Bell, Options, Proc};
 
 /// How nodes get the artifacts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -149,24 +150,12 @@ fn file_ok(path: &Path, want: &blake3::Hash) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits for a line matching `pred` from child `who`; other lines go to `rest`.
-fn wait_line(
-    rx: &mpsc::Receiver<Line>,
-    deadline: Instant,
-    rest: &mut Vec<Line>,
-    pred: impl Fn(&Line) -> bool,
-) -> anyhow::Result<Line> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let l = rx.recv_timeout(left).map_err(|_| {
-            let tail: Vec<String> = rest.iter().rev().take(20).map(|l| l.text.clone()).collect();
-            anyhow::anyhow!("timed out; last output:\n{}", tail.join("\n"))
-        })?;
-        if pred(&l) {
-            return Ok(l);
-        }
-        rest.push(l);
-    }
+/// Starts `argv` inside namespace `ns` as a [`Proc`] named `name`.
+fn spawn_in(ns: &str, argv: &[String], name: &str, opts: &Options) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(argv);
+    Proc::spawn_with(name, cmd, opts)
+        .with_context(|| format!("spawning {} in {ns}", argv.join(" ")))
 }
 
 /// Builds a node's command line from its index and output directory.
@@ -195,11 +184,9 @@ pub fn run_mode(
     let mode_dir = cfg.work.join(mode.name());
     let _ = std::fs::remove_dir_all(&mode_dir);
     std::fs::create_dir_all(&mode_dir)?;
-    let (tx, rx) = mpsc::sync_channel::<Line>(4096);
-    let seed_who = usize::MAX;
-    let mut procs: Vec<NsProc> = Vec::new();
-    let mut rest = Vec::new();
-    let setup_deadline = Instant::now() + Duration::from_secs(60);
+    let setup = Duration::from_secs(60);
+    // The seed side's processes; they live until the nodes are done.
+    let mut seed_procs: Vec<Proc> = Vec::new();
     let s = |p: &Path| p.display().to_string();
     let plasmd = s(&cfg.plasmd);
     let seed_ip = topo.seed.ip.clone();
@@ -223,20 +210,16 @@ pub fn run_mode(
                 "--chunk-size".into(),
                 cfg.chunk_size.to_string(),
             ];
-            procs.push(NsProc::spawn(&topo.seed.ns, &argv, seed_who, &tx)?);
-            let key_line = wait_line(&rx, setup_deadline, &mut rest, |l| {
-                l.text.contains("public key ")
-            })?;
+            let seed = spawn_in(&topo.seed.ns, &argv, "seed", &Options::default())?;
+            let key_line = seed.expect(setup, "public key", |l| l.contains("public key "))?;
             let pubkey = key_line
-                .text
                 .split("public key ")
                 .nth(1)
                 .and_then(|x| x.split_whitespace().next())
                 .context("public key in banner")?
                 .to_owned();
-            wait_line(&rx, setup_deadline, &mut rest, |l| {
-                l.text.contains("serving http://")
-            })?;
+            seed.expect(setup, "serving http://", |l| l.contains("serving http://"))?;
+            seed_procs.push(seed);
             let url = format!("http://{seed_ip}:8080");
             if mode == Mode::Swarm {
                 let plasmd = plasmd.clone();
@@ -310,15 +293,15 @@ pub fn run_mode(
             let hook = bt.join("done.sh");
             std::fs::write(&hook, "#!/bin/sh\necho STORM-DONE \"$3\"\n")?;
             sh(&["chmod", "755", &s(&hook)])?;
-            procs.push(NsProc::spawn(
+            seed_procs.push(spawn_in(
                 &topo.seed.ns,
                 &[
                     "opentracker".into(),
                     "-f".into(),
                     s(&ot.join("opentracker.conf")),
                 ],
-                seed_who,
-                &tx,
+                "opentracker",
+                &Options::default(),
             )?);
             let common = |dir: &Path| -> Vec<String> {
                 vec![
@@ -340,7 +323,12 @@ pub fn run_mode(
                 "--bt-seed-unverified=false".into(),
                 s(&torrent),
             ]);
-            procs.push(NsProc::spawn(&topo.seed.ns, &seeder, seed_who, &tx)?);
+            seed_procs.push(spawn_in(
+                &topo.seed.ns,
+                &seeder,
+                "aria2c seeder",
+                &Options::default(),
+            )?);
             let torrent = s(&torrent);
             let hook = s(&hook);
             Box::new(move |_, out: &Path| {
@@ -359,19 +347,27 @@ pub fn run_mode(
     let sampler = Sampler::start();
     let t0 = Instant::now();
     let deadline = t0 + cfg.timeout;
+    let bell = Bell::default();
+    let node_opts = Options::default().with_bell(bell.clone());
     let mut outs = Vec::new();
+    let mut nodes: Vec<Proc> = Vec::new();
     for (i, host) in topo.nodes.iter().enumerate() {
         if !cfg.stagger.is_zero() && i > 0 {
             std::thread::sleep(cfg.stagger); // the stagger is the experiment, not synchronisation
         }
         let out = mode_dir.join(format!("node{i}"));
         std::fs::create_dir_all(&out)?;
-        procs.push(NsProc::spawn(&host.ns, &node_cmd(i, &out), i, &tx)?);
+        nodes.push(spawn_in(
+            &host.ns,
+            &node_cmd(i, &out),
+            &format!("node{i}"),
+            &node_opts,
+        )?);
         outs.push(out);
     }
     let mut done: HashMap<usize, f64> = HashMap::new();
     let mut error = None;
-    let mut node_lines: Vec<Vec<String>> = vec![Vec::new(); cfg.nodes];
+    let mut cursors = vec![0u64; cfg.nodes];
     while done.len() < cfg.nodes {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -383,53 +379,65 @@ pub fn run_mode(
             ));
             break;
         }
-        let Ok(l) = rx.recv_timeout(left.min(Duration::from_millis(500))) else {
-            // No output for a while: check whether a node died without finishing.
-            let first_node = procs.len() - cfg.nodes;
-            let mut dead = Vec::new();
-            for (i, p) in procs[first_node..].iter_mut().enumerate() {
-                let exited = p
-                    .try_wait()
-                    .is_some_and(|st| !st.success() || mode != Mode::Http);
-                if exited && !done.contains_key(&i) {
-                    dead.push(i);
+        // Read the ring count before scanning, so a line printed during the
+        // scan wakes the wait below instead of being missed.
+        let rung = bell.rung();
+        let mut any = false;
+        for (i, p) in nodes.iter().enumerate() {
+            for l in p.lines_after(&mut cursors[i]) {
+                any = true;
+                let finished = match mode {
+                    Mode::Swarm => l.starts_with('{') && l.contains("\"ok\""),
+                    Mode::Http | Mode::Bittorrent => l.starts_with("STORM-DONE"),
+                };
+                if finished {
+                    done.entry(i).or_insert_with(|| {
+                        (p.started() + l.at)
+                            .saturating_duration_since(t0)
+                            .as_secs_f64()
+                    });
                 }
             }
-            if let Some(&i) = dead.first() {
-                error = Some(format!(
-                    "node {i} exited without finishing: {}",
-                    node_lines[i]
-                        .iter()
-                        .rev()
-                        .take(5)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                ));
+        }
+        if any {
+            continue;
+        }
+        // Nothing new: a node that exited without finishing ends the run.
+        let mut dead = None;
+        for (i, p) in nodes.iter_mut().enumerate() {
+            let exited = p
+                .try_wait()
+                .is_some_and(|st| !st.success() || mode != Mode::Http);
+            if exited && !done.contains_key(&i) {
+                dead = Some(i);
                 break;
             }
-            continue;
-        };
-        if l.who == seed_who {
-            continue;
         }
-        let finished = match mode {
-            Mode::Swarm => l.text.starts_with('{') && l.text.contains("\"ok\""),
-            Mode::Http | Mode::Bittorrent => l.text.starts_with("STORM-DONE"),
-        };
-        if finished {
-            done.entry(l.who)
-                .or_insert_with(|| l.at.duration_since(t0).as_secs_f64());
-        } else if node_lines[l.who].len() < 200 {
-            node_lines[l.who].push(l.text);
+        if let Some(i) = dead {
+            let lines = nodes[i].lines();
+            let tail: Vec<&str> = lines
+                .iter()
+                .rev()
+                .take(5)
+                .map(|l| l.text.as_str())
+                .collect();
+            error = Some(format!(
+                "node {i} exited without finishing: {}",
+                tail.join(" | ")
+            ));
+            break;
         }
+        // An exit closes the node's pipes, which rings too; the cap only
+        // bounds how long a silent, still-running node goes unchecked.
+        bell.wait(rung, left.min(Duration::from_millis(500)));
     }
     let cpu = sampler.finish();
     let tx1: Vec<u64> = std::iter::once(&topo.seed)
         .chain(&topo.nodes)
         .map(Topology::tx_bytes)
         .collect::<anyhow::Result<_>>()?;
-    drop(procs);
+    drop(nodes);
+    drop(seed_procs);
     drop(topo);
 
     let sent: Vec<u64> = tx1

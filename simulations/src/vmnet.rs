@@ -1,22 +1,21 @@
 //! Many QEMU guests on one bridge: the network and processes of the `vms`
-//! harness and of `tests/tests/vm_selfhost.rs` (which includes this file with
-//! `#[path]`, so it uses only `std`, `libc` and `anyhow`).
+//! harness and of `tests/tests/vm_selfhost.rs` (through `phase_tests::selfhost`).
 //!
 //! One network namespace (named with the caller's tag, e.g. the PID) holds a
 //! Linux bridge `br0` with [`BRIDGE_IP`], one tap device per guest, dnsmasq
 //! answering DHCP on the bridge only, the host's `plasmd serve` bound to the
 //! bridge address, and the QEMU guests (TCG), each on its tap. Nothing is
-//! routed out of the namespace. Every child leads its own process group and
-//! is killed by that group on drop; the namespace is deleted on drop.
+//! routed out of the namespace. Every child is a [`Proc`]: it leads its own
+//! process group and is killed by that group on drop; the namespace is
+//! deleted on drop.
 
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use crate::proc::{Options, Proc};
 
 /// The bridge's address (the seed and the DHCP server).
 pub const BRIDGE_IP: &str = "10.79.0.1";
@@ -24,16 +23,6 @@ pub const BRIDGE_IP: &str = "10.79.0.1";
 pub const SEED_PORT: u16 = 8080;
 /// The seed's libp2p port.
 pub const SEED_P2P_PORT: u16 = 4001;
-
-/// Called with each child's process group id when it starts and again
-/// (`false`) once it is killed: the `vms` binary registers groups for its
-/// Ctrl-C cleanup here.
-static SPAWN_HOOK: std::sync::OnceLock<fn(i32, bool)> = std::sync::OnceLock::new();
-
-/// Sets the [`SPAWN_HOOK`] (once per process).
-pub fn set_spawn_hook(hook: fn(i32, bool)) {
-    let _ = SPAWN_HOOK.set(hook);
-}
 
 pub use crate::netns::sh;
 
@@ -99,166 +88,8 @@ impl Drop for Net {
     }
 }
 
-type Lines = Arc<(Mutex<Vec<(Duration, String)>>, Condvar)>;
-
-/// A child in its own process group whose stdout and stderr are collected
-/// line by line with the time since it started. Killed (by group) on drop.
-pub struct Child {
-    /// A name for messages.
-    pub name: String,
-    child: std::process::Child,
-    /// When it was started.
-    pub started: Instant,
-    lines: Lines,
-    killed: bool,
-}
-
-impl std::fmt::Debug for Child {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Child({} pid {})", self.name, self.child.id())
-    }
-}
-
-fn pump(r: impl Read + Send + 'static, lines: Lines, started: Instant, echo: Option<String>) {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let s = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned();
-                    if let Some(p) = &echo {
-                        eprintln!("[{p} {:>6.1}s] {s}", started.elapsed().as_secs_f64());
-                    }
-                    let (m, cv) = &*lines;
-                    if let Ok(mut v) = m.lock() {
-                        v.push((started.elapsed(), s));
-                    }
-                    cv.notify_all();
-                }
-            }
-        }
-        let (_, cv) = &*lines;
-        cv.notify_all();
-    });
-}
-
-impl Child {
-    /// Spawns `cmd` as the leader of a new process group. With `echo`, every
-    /// line is also printed on stderr prefixed with the name.
-    pub fn spawn(name: &str, mut cmd: Command, echo: bool) -> anyhow::Result<Child> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let started = Instant::now();
-        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        if let Some(h) = SPAWN_HOOK.get() {
-            h(child.id() as i32, true);
-        }
-        let lines: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let e = echo.then(|| name.to_owned());
-        if let Some(o) = child.stdout.take() {
-            pump(o, lines.clone(), started, e.clone());
-        }
-        if let Some(o) = child.stderr.take() {
-            pump(o, lines.clone(), started, e);
-        }
-        Ok(Child {
-            name: name.to_owned(),
-            child,
-            started,
-            lines,
-            killed: false,
-        })
-    }
-
-    /// The process (and group) id.
-    pub fn pgid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// The first line (ever) matching `pred`, waiting up to `timeout` for it;
-    /// with the time since start it was printed.
-    pub fn wait_for(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<(Duration, String)> {
-        let deadline = Instant::now() + timeout;
-        let (m, cv) = &*self.lines;
-        let mut v = m.lock().ok()?;
-        loop {
-            if let Some(hit) = v.iter().find(|(_, l)| pred(l)) {
-                return Some(hit.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            v = cv.wait_timeout(v, deadline - now).ok()?.0;
-        }
-    }
-
-    /// Like [`Child::wait_for`], failing with the output when nothing matches.
-    pub fn expect(
-        &self,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> anyhow::Result<(Duration, String)> {
-        self.wait_for(timeout, pred).with_context(|| {
-            format!(
-                "{}: no line {what:?} within {timeout:?}; output:\n{}",
-                self.name,
-                self.output()
-            )
-        })
-    }
-
-    /// Every line so far.
-    pub fn lines(&self) -> Vec<(Duration, String)> {
-        self.lines.0.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    /// Every line so far, joined.
-    pub fn output(&self) -> String {
-        self.lines()
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Kills the whole process group and reaps the leader.
-    pub fn kill(&mut self) {
-        if self.killed {
-            return;
-        }
-        self.killed = true;
-        // SAFETY: kill(2) on the process group this child leads.
-        unsafe {
-            libc::kill(-self.pgid(), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-        if let Some(h) = SPAWN_HOOK.get() {
-            h(self.pgid(), false);
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// dnsmasq answering DHCP on `br0` only (no DNS), leases under `dir`.
-pub fn start_dhcp(net: &Net, dir: &Path) -> anyhow::Result<Child> {
+pub fn start_dhcp(net: &Net, dir: &Path) -> anyhow::Result<Proc> {
     let mut c = net.command("dnsmasq");
     c.args([
         "--keep-in-foreground",
@@ -276,13 +107,13 @@ pub fn start_dhcp(net: &Net, dir: &Path) -> anyhow::Result<Child> {
     ])
     .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
     .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()));
-    Child::spawn("dnsmasq", c, false)
+    Proc::spawn("dnsmasq", c)
 }
 
 /// The host's seed: `plasmd serve` inside the namespace on the bridge address.
 pub struct Seed {
     /// The process.
-    pub proc: Child,
+    pub proc: Proc,
     /// `http://BRIDGE_IP:SEED_PORT`.
     pub url: String,
     /// The publisher key (hex).
@@ -303,8 +134,8 @@ pub fn start_seed(
         .args(["-p", &SEED_PORT.to_string(), "--bind", BRIDGE_IP])
         .args(["--p2p-port", &SEED_P2P_PORT.to_string(), "--state"])
         .arg(state);
-    let proc = Child::spawn("seed", c, false)?;
-    let (_, pk) = proc.expect(Duration::from_secs(120), "public key", |l| {
+    let proc = Proc::spawn("seed", c)?;
+    let pk = proc.expect(Duration::from_secs(120), "public key", |l| {
         l.contains("public key ")
     })?;
     let pubkey = pk
@@ -344,7 +175,7 @@ pub struct GuestSpec {
 
 /// Starts an x86_64 guest on tap `spec.tap` in the namespace; its serial
 /// console is the child's stdout.
-pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Child> {
+pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Proc> {
     let tap = net
         .taps
         .get(spec.tap)
@@ -374,7 +205,7 @@ pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Child> {
         "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:{:02x},romfile=",
         spec.tap + 16
     ));
-    Child::spawn(&spec.name, c, spec.echo)
+    Proc::spawn_with(&spec.name, c, &Options::default().with_echo(spec.echo))
 }
 
 /// The guest kernel and its modules: `$PHASE_VM_KERNEL_X86_64` and
@@ -533,12 +364,13 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Reads a [`Row`] from a guest's console lines.
-pub fn row(guest: &Child) -> Row {
+pub fn row(guest: &Proc) -> Row {
     let mut r = Row {
-        name: guest.name.clone(),
+        name: guest.name().to_owned(),
         ..Row::default()
     };
-    for (t, l) in guest.lines() {
+    for line in guest.lines() {
+        let (t, l) = (line.at, line.text);
         if l.contains("plasmd: phase fetched ") && r.fetched.is_none() {
             r.fetched = Some(t);
             r.seed_bytes = field(&l, "seed_bytes")
@@ -559,12 +391,12 @@ pub fn row(guest: &Child) -> Row {
 }
 
 /// Bytes a guest received per source peer id, from its `phase source` lines.
-pub fn sources(guest: &Child) -> Vec<(String, String, u64)> {
+pub fn sources(guest: &Proc) -> Vec<(String, String, u64)> {
     guest
         .lines()
         .into_iter()
-        .filter(|(_, l)| l.contains("plasmd: phase source "))
-        .filter_map(|(_, l)| {
+        .filter(|l| l.contains("plasmd: phase source "))
+        .filter_map(|l| {
             Some((
                 field(&l, "peer")?.to_owned(),
                 field(&l, "kind")?.to_owned(),

@@ -1,17 +1,18 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: build and locate the
-//! `plasmd` binary, run it as a child that is killed (by PID) on drop, and
-//! wait for what it prints instead of sleeping.
+//! `plasmd` binary, run it as a [`Proc`] (killed by PID on drop, every line
+//! kept, waited for instead of slept on), and fail under CI when a test
+//! cannot run ([`unavailable`]).
 
 pub mod selfhost;
 pub mod swarm;
 pub mod vm;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub use simulations::proc::{Line, Proc};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -58,121 +59,47 @@ pub fn plasmd() -> PathBuf {
     .clone()
 }
 
-/// A child process killed by PID (its whole process group) when dropped, whose
-/// stdout and stderr lines are collected for waiting and for failure messages.
-pub struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Mutex<Vec<String>>,
-    name: String,
+/// Whether this runs under CI: `CI` set to anything but empty, `false` or `0`.
+/// There a test that cannot run fails instead of skipping.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
-impl Proc {
-    /// Spawns `cmd` in its own process group with piped output.
-    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        use std::os::unix::process::CommandExt;
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let (tx, rx) = mpsc::sync_channel(10_000);
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        for r in [
-            Box::new(out) as Box<dyn std::io::Read + Send>,
-            Box::new(err),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines() {
-                    let Ok(line) = line else { break };
-                    // A full channel drops lines rather than blocking the child.
-                    let _ = tx.try_send(line);
-                }
-            });
-        }
-        Proc {
-            child,
-            lines: rx,
-            seen: Mutex::new(Vec::new()),
-            name: name.to_owned(),
-        }
+/// Reports that the running test cannot run because `what` is missing
+/// (e.g. "qemu-system-aarch64 not on PATH"): under CI ([`under_ci`]) it
+/// panics, so the run fails naming what to install; otherwise it prints
+/// `SKIPPED <test>: <what>` and the caller returns.
+pub fn unavailable(what: &str) {
+    let test = test_name();
+    if under_ci() {
+        panic!("{test} cannot run under CI: {what}");
     }
+    eprintln!("SKIPPED {test}: {what}");
+}
 
-    /// The child's PID.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+/// `ok`, or [`unavailable`]`(what)` and `false`: `if !require(have("ip"), "ip not on PATH") { return; }`.
+pub fn require(ok: bool, what: &str) -> bool {
+    if !ok {
+        unavailable(what);
     }
+    ok
+}
 
-    /// Waits until a line satisfies `pred`, returning it; panics with the
-    /// output so far after `timeout`.
-    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.lock().expect("lock").push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: timed out after {timeout:?}; output so far:\n{}",
-                    self.name,
-                    self.output()
-                ),
-            }
-        }
-    }
-
-    /// Everything read so far (drains pending lines first).
-    pub fn output(&self) -> String {
-        let mut seen = self.seen.lock().expect("lock");
-        while let Ok(l) = self.lines.try_recv() {
-            seen.push(l);
-        }
-        seen.join("\n")
-    }
-
-    /// Waits for exit, up to `timeout`; returns the exit status.
-    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{}: did not exit within {timeout:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            // Poll the child at a short interval; there is no portable exit event.
-            let _ = self.lines.recv_timeout(Duration::from_millis(20)).map(|l| {
-                self.seen.lock().expect("lock").push(l);
-            });
-        }
-    }
-
-    /// Kills the process group now.
-    pub fn kill(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-        let _ = self.child.wait();
+/// The running test's name: libtest names each test's thread after it; on
+/// the main thread (one test thread) the binary's name has to do.
+fn test_name() -> String {
+    match std::thread::current().name() {
+        Some(n) if n != "main" => n.to_owned(),
+        _ => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "this test".into()),
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill();
-        }
-    }
+/// Whether this process runs as root (namespaces and taps need it).
+pub fn is_root() -> bool {
+    simulations::vmnet::is_root()
 }
 
 /// A running `plasmd serve` on loopback.
@@ -197,7 +124,7 @@ impl Seed {
             .args(["-p", "0", "--bind", "127.0.0.1", "--state"])
             .arg(state)
             .args(extra);
-        let proc = Proc::spawn("plasmd serve", cmd);
+        let proc = Proc::spawn("plasmd serve", cmd).expect("start plasmd serve");
         let pk = proc.wait_for(Duration::from_secs(60), |l| l.contains("public key "));
         let pubkey = pk
             .split("public key ")

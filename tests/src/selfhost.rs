@@ -9,7 +9,9 @@ use std::time::Duration;
 
 pub use simulations::vmnet;
 
-use vmnet::{Child, GuestSpec, Net, Seed};
+use vmnet::{GuestSpec, Net, Seed};
+
+use crate::{Proc, require};
 
 /// Generous: TCG on a busy 2-core machine, two kernel boots.
 pub const BOOT: Duration = Duration::from_secs(300);
@@ -28,7 +30,7 @@ pub struct Lab {
     pub url: String,
     /// The token the target prints in its marker.
     pub token: String,
-    dhcp: Child,
+    dhcp: Proc,
     kernel: PathBuf,
     initrd: PathBuf,
     /// The namespace (deleted on drop, after the processes in it).
@@ -47,23 +49,31 @@ fn target_dir() -> PathBuf {
 
 impl Lab {
     /// Builds the guest binaries and starts the lab with `taps` taps, or
-    /// prints why it cannot (no root, QEMU, dnsmasq or kernel) and returns `None`.
+    /// says why it cannot (no root, QEMU, dnsmasq or kernel) through
+    /// [`crate::unavailable`] (a failure under CI) and returns `None`.
     pub fn start(taps: usize) -> Option<Lab> {
         let one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
-        if !vmnet::is_root() {
-            eprintln!("SKIP: vm_selfhost needs root (network namespaces and taps)");
+        if !require(
+            vmnet::is_root(),
+            "needs root to create network namespaces and taps",
+        ) {
             return None;
         }
         for p in ["qemu-system-x86_64", "dnsmasq", "ip"] {
-            if !vmnet::have(p) {
-                eprintln!("SKIP: {p} is not installed");
+            if !require(vmnet::have(p), &format!("{p} not on PATH")) {
                 return None;
             }
         }
-        let Some((kernel, modules)) = vmnet::kernel() else {
-            eprintln!("SKIP: no guest kernel (apt install linux-image-cloud-amd64)");
+        let found = vmnet::kernel();
+        if !require(
+            found.is_some(),
+            "no guest kernel at /boot/vmlinuz-*-cloud-amd64 with its /lib/modules tree \
+             (apt install linux-image-cloud-amd64, or set PHASE_VM_KERNEL_X86_64 and \
+             PHASE_VM_MODULES_X86_64)",
+        ) {
             return None;
-        };
+        }
+        let (kernel, modules) = found?;
         let dir = tempfile::tempdir().expect("tempdir");
         let guest =
             vmnet::static_plasmd(&crate::workspace_root(), &target_dir()).expect("static plasmd");
@@ -93,7 +103,7 @@ impl Lab {
 
     /// Starts guest `name` on tap `tap` with `extra` on the first stage's
     /// cmdline (and `pubkey` pinned, default the seed's).
-    pub fn guest(&self, name: &str, tap: usize, pubkey: Option<&str>, extra: &str) -> Child {
+    pub fn guest(&self, name: &str, tap: usize, pubkey: Option<&str>, extra: &str) -> Proc {
         let spec = GuestSpec {
             name: name.to_owned(),
             kernel: self.kernel.clone(),
@@ -119,26 +129,27 @@ impl Lab {
     }
 }
 
-/// Waits for a console line containing `needle`, failing loudly on a kernel
-/// panic or timeout; prints and returns the line with its time.
-pub fn phase(guest: &Child, needle: &str) -> (Duration, String) {
-    let (t, line) = guest
-        .wait_for(BOOT, |l| l.contains(needle) || l.contains("Kernel panic"))
+/// Waits for the next console line (after the one the previous call
+/// returned) containing `needle`, failing loudly on a kernel panic or
+/// timeout; prints and returns the line with its time.
+pub fn phase(guest: &Proc, needle: &str) -> (Duration, String) {
+    let line = guest
+        .try_wait_for(BOOT, |l| l.contains(needle) || l.contains("Kernel panic"))
         .unwrap_or_else(|| {
             panic!(
-                "{}: no {needle:?} within {BOOT:?}:\n{}",
-                guest.name,
+                "{}: no {needle:?} within {BOOT:?} (after the phases already seen):\n{}",
+                guest.name(),
                 guest.output()
             )
         });
     assert!(
         !line.contains("Kernel panic"),
         "{}: kernel panic:\n{}",
-        guest.name,
+        guest.name(),
         guest.output()
     );
-    eprintln!("[{} {:>6.1}s] {line}", guest.name, t.as_secs_f64());
-    (t, line)
+    eprintln!("[{} {:>6.1}s] {line}", guest.name(), line.at.as_secs_f64());
+    (line.at, line.text)
 }
 
 /// The value of `key=` in a console line.

@@ -90,18 +90,20 @@ pub fn fetcher(name: &str, provider: &str, pubkey: &str, out: &Path, extra: &[&s
         .args(["--progress-ms", "20"])
         .args(extra)
         .env("RUST_LOG", "info,phase_swarm=debug,libp2p=warn");
-    Proc::spawn(name, cmd)
+    Proc::spawn(name, cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Waits for the one-line JSON summary of a fetcher.
+/// Waits for the one-line JSON summary of a fetcher (on stdout: it may reach
+/// us before or after stderr lines printed around it, hence `wait_for_first`).
 pub fn summary(p: &Proc) -> serde_json::Value {
-    let line = p.wait_for(STEP, |l| l.starts_with('{') && l.contains("\"ok\""));
-    serde_json::from_str(&line).expect("summary is JSON")
+    let line = p.wait_for_first(STEP, |l| l.starts_with('{') && l.contains("\"ok\""));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {line}"))
 }
 
-/// Waits for `plasmd: seeding ROOT on ADDRS` and returns the loopback address.
+/// Waits for `plasmd: seeding ROOT on ADDRS` (printed once, on stderr, after
+/// the summary on stdout) and returns the loopback address.
 pub fn seeding_addr(p: &Proc) -> String {
-    let line = p.wait_for(STEP, |l| l.starts_with("plasmd: seeding "));
+    let line = p.wait_for_first(STEP, |l| l.starts_with("plasmd: seeding "));
     line.split_whitespace()
         .find(|w| w.starts_with("/ip4/127."))
         .expect("a loopback address in the seeding line")

@@ -50,9 +50,10 @@ pub fn have(program: &str) -> bool {
     simulations::vmnet::have(program)
 }
 
-/// Whether the QEMU for `arch` is installed.
-pub fn qemu_available(arch: Arch) -> bool {
-    have(arch.qemu())
+/// Whether the QEMU for `arch` is installed; if not, [`crate::unavailable`]
+/// says so (failing under CI).
+pub fn require_qemu(arch: Arch) -> bool {
+    crate::require(have(arch.qemu()), &format!("{} not on PATH", arch.qemu()))
 }
 
 /// The cargo target directory of the running test binary.
@@ -226,7 +227,7 @@ pub fn start(arch: Arch, kernel: &Path, initrd: &Path, append: &str, seed_port: 
         "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {seed_port}"
     ))
     .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
-    Proc::spawn(&format!("{} guest", arch.qemu()), cmd)
+    Proc::spawn(&format!("{} guest", arch.qemu()), cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The port of a seed URL `http://127.0.0.1:PORT`.

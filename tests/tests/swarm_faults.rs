@@ -1,6 +1,7 @@
 //! Faults on loopback with real `plasmd` processes: a lying peer, a provider
 //! killed mid-transfer, the seed gone after one fetcher finished.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,37 +72,81 @@ fn lying_peer_is_banned_and_fetch_completes() {
     );
 }
 
-/// Two providers hold everything; one is killed while the fetcher is pulling
-/// from it; the fetch completes from the other (and the seed).
+/// `held/total` from a plain progress line of `plasmd fetch`
+/// (`plasmd fetch: 1.2 s: 300/1024 chunks, kernel ..., 3 peers`).
+fn progress(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("plasmd fetch: ")?.split_once(" s: ")?.1;
+    let (counts, _) = rest.split_once(" chunks")?;
+    let (held, total) = counts.split_once('/')?;
+    Some((held.parse().ok()?, total.parse().ok()?))
+}
+
+/// The chunk files in an `FsStore`'s `chunks/` directory (written by rename,
+/// so every file there is a whole verified chunk).
+fn chunk_files(chunks: &Path) -> u64 {
+    std::fs::read_dir(chunks)
+        .map(|dirs| {
+            dirs.filter_map(Result::ok)
+                .filter_map(|d| std::fs::read_dir(d.path()).ok())
+                .map(|files| files.count() as u64)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Two providers hold everything; one is killed while the fetcher is
+/// mid-transfer, after it has served part of it; the fetch completes
+/// byte-identical from the other (and the seed).
 #[test]
 fn provider_killed_mid_transfer() {
+    // 48 + 16 MiB in 64 KiB chunks: 1024 chunks from four sources (seed node,
+    // HTTP seed, p1, p2), long enough that p1 has served chunks by the time an
+    // eighth are held, and that most are still missing when it dies.
+    const TOTAL: u64 = (64 << 20) / (64 << 10);
     let s = SeedSetup::start(48 << 20, 16 << 20, 64 << 10);
     let (o1, o2, o3) = (s.path("p1"), s.path("p2"), s.path("out"));
-    let p1 = fetcher("p1", &s.seed.url, &s.seed.pubkey, &o1, &["--serve-after"]);
+    let state = s.path("fetcher-state");
+    let mut p1 = fetcher("p1", &s.seed.url, &s.seed.pubkey, &o1, &["--serve-after"]);
     let a1 = seeding_addr(&p1);
+    let killed = peer_of(&a1);
     let p2 = fetcher("p2", &s.seed.url, &s.seed.pubkey, &o2, &["--serve-after"]);
     let a2 = seeding_addr(&p2);
-    let mut p1 = p1;
+    let state_arg = state.to_str().expect("utf-8 temp path");
     let f = fetcher(
         "fetcher",
         &s.seed.url,
         &s.seed.pubkey,
         &o3,
-        &["--peer", &a1, "--peer", &a2],
+        &["--peer", &a1, "--peer", &a2, "--state", state_arg],
     );
-    // Kill p1 once the transfer is under way (some chunks held, not all).
     let line = f.wait_for(STEP, |l| {
-        l.contains(" chunks, ") && !l.contains(" 0/") && {
-            let held = l.split("s: ").nth(1).and_then(|r| r.split('/').next());
-            let total = l.split('/').nth(1).and_then(|r| r.split(' ').next());
-            held != total
-        }
+        progress(l).is_some_and(|(held, total)| held >= total / 8 && held < total)
     });
+    // Frozen, the fetcher cannot get further while p1 dies, so the chunks it
+    // holds on disk at that moment say whether the kill landed mid-transfer.
+    f.signal(libc::SIGSTOP);
     p1.kill();
-    eprintln!("killed p1 at: {line}");
+    let held_at_kill = chunk_files(&state.join("store/chunks"));
+    f.signal(libc::SIGCONT);
+    eprintln!("killed p1 with {held_at_kill}/{TOTAL} chunks held, after: {line}");
+    assert!(
+        held_at_kill < TOTAL,
+        "the fetch had all {TOTAL} chunks before p1 was killed: the transfer is too short"
+    );
+
     let sum = summary(&f);
     s.assert_same(&o3);
-    assert!(sum["ok"].as_bool().unwrap_or(false));
+    assert_eq!(sum["ok"], serde_json::Value::Bool(true), "{sum}");
+    let served = sum["peers"][&killed]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        served > 0,
+        "the killed provider {killed} served nothing before the kill: {sum}"
+    );
+    let bytes = sum["bytes"].as_u64().expect("bytes in summary");
+    assert!(
+        served < bytes,
+        "the killed provider {killed} is counted for every byte: {sum}"
+    );
     eprintln!("summary: {sum}");
 }
 

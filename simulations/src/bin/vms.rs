@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use simulations::cleanup;
-use simulations::vmnet::{self, Child, GuestSpec, Net};
+use simulations::proc::Proc;
+use simulations::vmnet::{self, GuestSpec, Net};
 
 /// Boot N VMs through the swarm on one bridge and tabulate the result.
 #[derive(Debug, Parser)]
@@ -92,17 +93,8 @@ fn host_plasmd(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn stop(mut c: Child) {
+fn stop(mut c: Proc) {
     c.kill();
-}
-
-/// Every child of the run is registered for the Ctrl-C cleanup while it lives.
-fn track(pgid: i32, alive: bool) {
-    if alive {
-        cleanup::register_pgid(pgid);
-    } else {
-        cleanup::forget_pgid(pgid);
-    }
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -132,7 +124,6 @@ fn main() -> anyhow::Result<()> {
     let (kernel, modules) =
         vmnet::kernel().context("no guest kernel: apt install linux-image-cloud-amd64")?;
     cleanup::install_signal_handler();
-    vmnet::set_spawn_hook(track);
     let r = run(&a, &kernel, &modules);
     cleanup::run_all();
     r
@@ -177,7 +168,7 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
     };
     let limit = Duration::from_secs(a.timeout);
     let t0 = Instant::now();
-    let mut guests: Vec<(Duration, Child)> = Vec::new();
+    let mut guests: Vec<(Duration, Proc)> = Vec::new();
     let first = vmnet::start_guest(&net, &spec(0))?;
     first.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
     eprintln!(
@@ -208,7 +199,7 @@ fn run(a: &Args, kernel: &Path, modules: &Path) -> anyhow::Result<()> {
         let i = booting.remove(0);
         let (_, g) = &mut guests[i];
         g.expect(limit, "SAW KEXEC=Y", |l| l.contains("SAW KEXEC=Y"))?;
-        eprintln!("vms: {} target up", g.name);
+        eprintln!("vms: {} target up", g.name());
         if a.retire {
             g.kill();
         }
