@@ -703,9 +703,11 @@ mod tests {
             assert!(l.reason.contains(errno_name(errno)), "{}", l.reason);
             assert!(matches!(k.calls[1], Call::Load(_)));
         }
-        let mut refusals = vec![libc::EPERM];
+        // Only Linux's libc names the key errnos.
         #[cfg(target_os = "linux")]
-        refusals.extend([libc::EKEYREJECTED, libc::ENOKEY]);
+        let refusals = [libc::EPERM, libc::EKEYREJECTED, libc::ENOKEY];
+        #[cfg(not(target_os = "linux"))]
+        let refusals = [libc::EPERM];
         for errno in refusals {
             let mut k = DryRun {
                 file_load_errno: errno,
