@@ -28,9 +28,9 @@ mod swarm_serve;
 mod verify;
 
 #[cfg(not(target_os = "linux"))]
-fn linux_only(what: &str) -> anyhow::Error {
+fn linux_only(what: &str, instead: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "{what} and runs only on Linux (this is {})",
+        "{what} and runs only on Linux (this is {}): {instead}",
         std::env::consts::OS
     )
 }
@@ -47,7 +47,10 @@ mod mkinitramfs {
     }
 
     pub(crate) fn run(_: Args) -> anyhow::Result<()> {
-        Err(crate::linux_only("mkinitramfs builds a Linux initramfs"))
+        Err(crate::linux_only(
+            "mkinitramfs builds a Linux initramfs",
+            "run it on a Linux machine or in a Linux container",
+        ))
     }
 }
 
@@ -56,6 +59,7 @@ mod init {
     pub(crate) fn run() -> anyhow::Result<()> {
         Err(crate::linux_only(
             "init is PID 1 of the Linux boot initramfs (it mounts, loads modules and kexecs)",
+            "boot a machine with the initramfs `plasmd mkinitramfs` builds on Linux",
         ))
     }
 }
