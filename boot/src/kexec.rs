@@ -19,6 +19,13 @@ use std::path::Path;
 use crate::Error;
 use crate::dtb::{self, ChosenPatch};
 
+// The syscalls exist only on Linux; everything else here is pure and builds
+// (and is tested) on any host, e.g. a Mac that seeds.
+#[cfg(target_os = "linux")]
+mod sys;
+#[cfg(target_os = "linux")]
+pub use sys::Syscalls;
+
 /// Page size used to align segments.
 pub const PAGE: u64 = 4096;
 const MIB2: u64 = 2 << 20;
@@ -460,161 +467,14 @@ pub fn errno_name(e: i32) -> &'static str {
         libc::ENOSYS => "ENOSYS",
         libc::EOPNOTSUPP => "ENOTSUP",
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        // Only Linux's libc names the key errnos; only Linux returns them to kexec.
+        #[cfg(target_os = "linux")]
         libc::EKEYREJECTED => "EKEYREJECTED",
+        #[cfg(target_os = "linux")]
         libc::ENOKEY => "ENOKEY",
         libc::EFBIG => "EFBIG",
         libc::E2BIG => "E2BIG",
         _ => "E?",
-    }
-}
-
-/// The real syscalls.
-#[derive(Debug)]
-pub struct Syscalls {
-    arch: Arch,
-}
-
-impl Syscalls {
-    /// For the running architecture.
-    pub fn new() -> Result<Syscalls, Error> {
-        let arch = Arch::current().ok_or_else(|| Error::Unsupported {
-            reason: format!("kexec on {} is not supported", std::env::consts::ARCH),
-        })?;
-        Ok(Syscalls { arch })
-    }
-}
-
-fn memfd(name: &str, data: &[u8]) -> Result<std::fs::File, Error> {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let cname = std::ffi::CString::new(name).map_err(|_| Error::Unsupported {
-        reason: "memfd name has a NUL".into(),
-    })?;
-    // SAFETY: cname is a valid C string; the returned fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::io(
-            "memfd_create",
-            name,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fd was just returned by memfd_create and is not owned elsewhere.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    f.write_all(data)
-        .map_err(|e| Error::io("write memfd", name, e))?;
-    Ok(f)
-}
-
-const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
-
-#[repr(C)]
-struct RawSegment {
-    buf: *const libc::c_void,
-    bufsz: libc::size_t,
-    mem: *const libc::c_void,
-    memsz: libc::size_t,
-}
-
-impl Kexec for Syscalls {
-    fn file_load(
-        &mut self,
-        kernel: &[u8],
-        initrd: Option<&[u8]>,
-        cmdline: &str,
-    ) -> Result<(), Error> {
-        use std::os::fd::AsRawFd;
-        let kfd = memfd("kernel", kernel)?;
-        let ifd = initrd.map(|i| memfd("initrd", i)).transpose()?;
-        let c = std::ffi::CString::new(cmdline).map_err(|_| Error::Unsupported {
-            reason: "command line contains a NUL byte".into(),
-        })?;
-        let len = c.as_bytes_with_nul().len();
-        let flags = if ifd.is_some() {
-            0
-        } else {
-            KEXEC_FILE_NO_INITRAMFS
-        };
-        let ifd_raw = ifd.as_ref().map_or(-1, |f| f.as_raw_fd());
-        let nr = self.arch.syscall_numbers().1;
-        // SAFETY: fds are open, the cmdline pointer/len describe a live C string.
-        let r = unsafe {
-            libc::syscall(
-                nr as libc::c_long,
-                kfd.as_raw_fd(),
-                ifd_raw,
-                len as libc::c_ulong,
-                c.as_ptr(),
-                flags,
-            )
-        };
-        if r != 0 {
-            return Err(Error::Syscall {
-                call: format!(
-                    "SYS_kexec_file_load({}, {}, {}, {:?}, {:#x})",
-                    kfd.as_raw_fd(),
-                    ifd_raw,
-                    len,
-                    cmdline,
-                    flags
-                ),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
-
-    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
-        let raw: Vec<RawSegment> = plan
-            .segments
-            .iter()
-            .map(|s| RawSegment {
-                buf: s.buf.as_ptr().cast(),
-                bufsz: s.buf.len(),
-                mem: s.mem as usize as *const libc::c_void,
-                memsz: s.memsz as usize,
-            })
-            .collect();
-        let nr = self.arch.syscall_numbers().0;
-        // SAFETY: raw points at plan.segments' live buffers for the call's duration.
-        let r = unsafe {
-            libc::syscall(
-                nr as libc::c_long,
-                plan.entry as libc::c_ulong,
-                raw.len() as libc::c_ulong,
-                raw.as_ptr(),
-                0 as libc::c_ulong,
-            )
-        };
-        if r != 0 {
-            let segs: Vec<String> = plan
-                .segments
-                .iter()
-                .map(|s| format!("{}@{:#x}+{:#x}", s.what, s.mem, s.memsz))
-                .collect();
-            return Err(Error::Syscall {
-                call: format!(
-                    "SYS_kexec_load({:#x}, {}, [{}], 0x0)",
-                    plan.entry,
-                    raw.len(),
-                    segs.join(", ")
-                ),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
-
-    fn exec(&mut self) -> Error {
-        // SAFETY: plain syscalls; on success reboot does not return.
-        unsafe {
-            libc::sync();
-            libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
-        }
-        Error::Syscall {
-            call: "reboot(LINUX_REBOOT_CMD_KEXEC)".into(),
-            source: std::io::Error::last_os_error(),
-        }
     }
 }
 
@@ -843,7 +703,12 @@ mod tests {
             assert!(l.reason.contains(errno_name(errno)), "{}", l.reason);
             assert!(matches!(k.calls[1], Call::Load(_)));
         }
-        for errno in [libc::EPERM, libc::EKEYREJECTED, libc::ENOKEY] {
+        // Only Linux's libc names the key errnos.
+        #[cfg(target_os = "linux")]
+        let refusals = [libc::EPERM, libc::EKEYREJECTED, libc::ENOKEY];
+        #[cfg(not(target_os = "linux"))]
+        let refusals = [libc::EPERM];
+        for errno in refusals {
             let mut k = DryRun {
                 file_load_errno: errno,
                 ..DryRun::default()

@@ -13,13 +13,56 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// PID 1 and the initramfs builder are Linux by nature (mounts, modules,
+// kexec, a Linux cpio); elsewhere the stand-ins below keep the CLI the same
+// and say so in one line, and the parts of `fetch` only PID 1 uses lie idle.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 mod fetch;
+#[cfg(target_os = "linux")]
 mod init;
 mod keys;
+#[cfg(target_os = "linux")]
 mod mkinitramfs;
 mod serve;
 mod swarm_serve;
 mod verify;
+
+#[cfg(not(target_os = "linux"))]
+fn linux_only(what: &str, instead: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} and runs only on Linux (this is {}): {instead}",
+        std::env::consts::OS
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+mod mkinitramfs {
+    /// Arguments of `plasmd mkinitramfs`: none are read off Linux.
+    #[derive(Debug, clap::Args)]
+    #[command(disable_help_flag = true)]
+    pub(crate) struct Args {
+        // Whatever Linux would accept, so the answer is the one line below.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        _rest: Vec<std::ffi::OsString>,
+    }
+
+    pub(crate) fn run(_: Args) -> anyhow::Result<()> {
+        Err(crate::linux_only(
+            "mkinitramfs builds a Linux initramfs",
+            "run it on a Linux machine or in a Linux container",
+        ))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod init {
+    pub(crate) fn run() -> anyhow::Result<()> {
+        Err(crate::linux_only(
+            "init is PID 1 of the Linux boot initramfs (it mounts, loads modules and kexecs)",
+            "boot a machine with the initramfs `plasmd mkinitramfs` builds on Linux",
+        ))
+    }
+}
 
 /// Network boot as a peer-to-peer swarm.
 #[derive(Debug, Parser)]
