@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use phase_content::{PublicKey, SignedManifest};
-use phase_tests::{Seed, make_artifacts, plasmd, pseudo_random};
+use phase_tests::{Seed, make_artifacts, plasmd, pseudo_random, require};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -95,6 +95,65 @@ fn wget_style_boot_fetches_exact_bytes() {
     assert_eq!(status, 404);
     let (status, _) = get(&format!("{}/chunks/nothex", seed.url));
     assert_eq!(status, 400);
+}
+
+/// The prototype's shell init: busybox wget fetches `/manifest.json`, finds
+/// the kernel and initramfs by their absolute URLs in it, and wgets them.
+/// The URLs sit outside the signed bytes; the bytes fetched are exact.
+#[test]
+fn a_busybox_wget_init_finds_artifacts_by_url_in_the_manifest() {
+    let busybox = Path::new("/bin/busybox");
+    if !require(
+        busybox.is_file(),
+        "busybox at /bin/busybox (Debian's busybox-static)",
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let arch = std::env::consts::ARCH;
+    let dir = make_artifacts(t.path(), "stable", arch, 700_000, 90_001);
+    let seed = Seed::start(&dir, &t.path().join("state"), &[]);
+    let work = t.path().join("init");
+    fs::create_dir_all(&work).expect("mkdir");
+    let script = r#"set -e
+busybox wget -q -O manifest.json "$SEED/manifest.json"
+for name in kernel initramfs; do
+  url=$(busybox sed -n "s/.*\"urls\":{[^}]*\"$name\":\"\([^\"]*\)\".*/\1/p" manifest.json)
+  [ -n "$url" ] || { echo "no $name URL in the manifest" >&2; exit 1; }
+  echo "$name $url"
+  busybox wget -q -O "$name" "$url"
+done"#;
+    let out = Command::new(busybox)
+        .args(["sh", "-c", script])
+        .env("SEED", &seed.url)
+        .env("PATH", "/bin:/usr/bin")
+        .current_dir(&work)
+        .output()
+        .expect("run busybox sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["kernel", "initramfs"] {
+        assert!(
+            stdout.contains(&format!("{name} {}/stable/{arch}/{name}\n", seed.url)),
+            "the URL names the host the client used: {stdout}"
+        );
+        let want = fs::read(dir.join("stable").join(arch).join(name)).expect("read");
+        let got = fs::read(work.join(name)).expect("fetched");
+        assert!(
+            got == want,
+            "{name}: {} bytes differ from the published file",
+            got.len()
+        );
+    }
+    // The manifest a wget init saw still verifies, and verify drops the URLs.
+    let pinned: PublicKey = seed.pubkey.parse().expect("key");
+    let raw = fs::read(work.join("manifest.json")).expect("manifest");
+    let m = SignedManifest::verify(&raw, &pinned).expect("verifies with the URLs beside it");
+    assert!(!String::from_utf8_lossy(m.envelope()).contains("urls"));
 }
 
 #[test]
@@ -332,7 +391,17 @@ fn serve_keeps_its_key_and_sequence_across_restarts() {
     drop(first);
     let second = Seed::start(&dir, &state, &[]);
     let (_, m2) = get(&format!("{}/manifest.json", second.url));
-    assert_eq!(m1, m2, "an unchanged directory keeps its signed manifest");
+    // The unsigned artifact URLs name each run's port; the signed part must not change.
+    let key: PublicKey = second.pubkey.parse().expect("key");
+    let (v1, v2) = (
+        SignedManifest::verify(&m1, &key).expect("verify"),
+        SignedManifest::verify(&m2, &key).expect("verify"),
+    );
+    assert_eq!(
+        v1.envelope(),
+        v2.envelope(),
+        "an unchanged directory keeps its signed manifest"
+    );
     drop(second);
     fs::write(
         dir.join("stable").join(arch).join("kernel"),
