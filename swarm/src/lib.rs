@@ -1,9 +1,9 @@
 //! The libp2p swarm of Phase swarm boot: who has the bytes and how they move.
 //!
 //! One [`Node`] per process owns a libp2p `Swarm` (TCP + noise + yamux,
-//! Kademlia in server mode, mDNS, identify and the chunk protocol of
-//! [`protocol`]) inside one event loop; a cloneable [`Handle`] talks to it over
-//! a bounded channel. A node seeds the manifests it holds completely, serves
+//! Kademlia in server mode unless [`NodeConfig::dht`] is off, mDNS, identify
+//! and the chunk protocol of [`protocol`]) inside one event loop; a cloneable
+//! [`Handle`] talks to it over a bounded channel. A node seeds the manifests it holds completely, serves
 //! whatever verified chunks it holds while fetching, and announces a manifest
 //! root on the DHT as soon as it holds the first verified chunk. Which chunks a
 //! peer holds travels peer to peer as a have-map.

@@ -36,6 +36,10 @@ pub struct NodeConfig {
     pub peers: Vec<Multiaddr>,
     /// Discover LAN peers with mDNS.
     pub mdns: bool,
+    /// Take part in the Kademlia DHT: announce provider records, look up
+    /// providers, bootstrap. Off (`phase.mode=lan`), the DHT protocol is not
+    /// even offered, and peers come only from `peers`, mDNS and dials.
+    pub dht: bool,
     /// Inbound requests being answered at once, over all peers, before the
     /// node answers "busy".
     pub max_serving: usize,
@@ -71,6 +75,7 @@ impl Default for NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
             peers: Vec::new(),
             mdns: true,
+            dht: true,
             // Few uploads at once, each fast: a chunk reaches a fetcher (and
             // becomes servable there) sooner than when 16 share the link.
             max_serving: 6,
@@ -107,6 +112,11 @@ impl NodeConfig {
     /// Turns mDNS on or off.
     pub fn with_mdns(mut self, on: bool) -> Self {
         self.mdns = on;
+        self
+    }
+    /// Turns the Kademlia DHT on or off.
+    pub fn with_dht(mut self, on: bool) -> Self {
+        self.dht = on;
         self
     }
     /// Turns super-seeding on or off.
@@ -338,7 +348,7 @@ impl Handle {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     rr: request_response::Behaviour<ChunkCodec>,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
@@ -478,6 +488,10 @@ pub struct Node {
     epoch: Instant,
 }
 
+/// The DHT's protocol; a peer that does not list it in identify (a node
+/// with the DHT off) is kept out of the routing table.
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/phase/kad/1");
+
 fn root_key(root: &Root) -> RecordKey {
     RecordKey::new(root)
 }
@@ -500,7 +514,7 @@ impl Node {
             // Above the flood limit, so a flood is seen (and the peer dropped)
             // rather than silently refused stream by stream.
             .with_max_concurrent_streams(cfg.flood_limit * 2);
-        let mdns_on = cfg.mdns;
+        let (mdns_on, dht_on) = (cfg.mdns, cfg.dht);
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
@@ -511,13 +525,19 @@ impl Node {
             .map_err(|e| Error::Transport(e.to_string()))?
             .with_behaviour(|key| {
                 let local = key.public().to_peer_id();
-                let mut kcfg = kad::Config::new(StreamProtocol::new("/phase/kad/1"));
-                kcfg.set_query_timeout(Duration::from_secs(10));
-                kcfg.set_provider_record_ttl(Some(Duration::from_secs(300)));
-                kcfg.set_provider_publication_interval(None);
-                let mut kad =
-                    kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kcfg);
-                kad.set_mode(Some(kad::Mode::Server));
+                let kad = dht_on.then(|| {
+                    let mut kcfg = kad::Config::new(KAD_PROTOCOL);
+                    kcfg.set_query_timeout(Duration::from_secs(10));
+                    kcfg.set_provider_record_ttl(Some(Duration::from_secs(300)));
+                    kcfg.set_provider_publication_interval(None);
+                    let mut kad = kad::Behaviour::with_config(
+                        local,
+                        kad::store::MemoryStore::new(local),
+                        kcfg,
+                    );
+                    kad.set_mode(Some(kad::Mode::Server));
+                    kad
+                });
                 let mdns = if mdns_on {
                     Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
                 } else {
@@ -529,7 +549,7 @@ impl Node {
                         [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                         rr_cfg,
                     ),
-                    kad,
+                    kad: Toggle::from(kad),
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/phase/id/1".into(),
                         key.public(),
@@ -602,6 +622,11 @@ impl Node {
         self.epoch.elapsed()
     }
 
+    /// The DHT, or `None` when this node runs without it.
+    fn kad(&mut self) -> Option<&mut kad::Behaviour<kad::store::MemoryStore>> {
+        self.swarm.behaviour_mut().kad.as_mut()
+    }
+
     fn on_command(&mut self, c: Command) {
         match c {
             Command::ListenAddrs(r) => {
@@ -634,10 +659,9 @@ impl Node {
                     }));
                     return;
                 }
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(latest_key(&channel, &arch));
+                if let Some(kad) = self.kad() {
+                    kad.get_providers(latest_key(&channel, &arch));
+                }
                 let mut find = Find {
                     channel,
                     arch,
@@ -695,7 +719,9 @@ impl Node {
         h.announced = true;
         let m = h.manifest.manifest();
         let latest = latest_key(&m.channel, &m.arch);
-        let kad = &mut self.swarm.behaviour_mut().kad;
+        let Some(kad) = self.kad() else {
+            return;
+        };
         if let Err(e) = kad.start_providing(root_key(&root)) {
             tracing::warn!(error = %e, "cannot announce provider record");
         }
@@ -741,10 +767,9 @@ impl Node {
             }
         }
         let need_announce = held.sched.held_count() > 0 && !held.announced;
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .get_providers(root_key(&root));
+        if let Some(kad) = self.kad() {
+            kad.get_providers(root_key(&root));
+        }
         self.fetch = Some(Fetch {
             root,
             start: Instant::now(),
@@ -1012,10 +1037,9 @@ impl Node {
             if let Some(f) = self.fetch.as_mut() {
                 f.last_lookup = now;
             }
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .get_providers(root_key(&root));
+            if let Some(kad) = self.kad() {
+                kad.get_providers(root_key(&root));
+            }
         }
         if self.last_provide.elapsed() >= self.cfg.provide_interval {
             self.last_provide = now;
@@ -1063,10 +1087,10 @@ impl Node {
                     return;
                 }
                 if endpoint.is_dialer() {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, endpoint.get_remote_address().clone());
+                    let addr = endpoint.get_remote_address().clone();
+                    if let Some(kad) = self.kad() {
+                        kad.add_address(&peer_id, addr);
+                    }
                 }
                 if num_established.get() == 1 {
                     self.connected.insert(peer_id);
@@ -1092,8 +1116,16 @@ impl Node {
                 info,
                 ..
             })) => {
-                for a in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                let Some(kad) = self.kad() else { return };
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for a in info.listen_addrs {
+                        kad.add_address(&peer_id, a);
+                    }
+                } else {
+                    // A node without the DHT: our walks, and the peers we
+                    // answer, must not dial it (it chose where its peers
+                    // come from). A dial may have put it in the table.
+                    kad.remove_peer(&peer_id);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
@@ -1102,10 +1134,9 @@ impl Node {
                         continue;
                     }
                     tracing::debug!(%peer, %addr, "mDNS discovered");
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
+                    if let Some(kad) = self.kad() {
+                        kad.add_address(&peer, addr.clone());
+                    }
                     if !self.connected.contains(&peer) {
                         let _ = self.swarm.dial(addr);
                     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use phase_boot::cmdline::Mode;
 use phase_content::{ChunkStore, PublicKey, SignedManifest};
 use phase_swarm::{
     FetchProgress, FetchReport, Handle, Keypair, Multiaddr, Node, NodeConfig, PeerId, Source, addr,
@@ -34,6 +35,8 @@ pub(crate) struct Options {
     /// Peers dialed at start.
     pub(crate) peers: Vec<Multiaddr>,
     pub(crate) mdns: bool,
+    /// `Lan`: no Kademlia DHT; peers only from the seed, `peers` and mDNS.
+    pub(crate) mode: Mode,
     /// The libp2p identity; a fresh one if `None`.
     pub(crate) keypair: Option<Keypair>,
     /// How long peers may take to offer a manifest when the seed gives none.
@@ -108,7 +111,8 @@ impl Fetcher {
         let mut cfg = NodeConfig::default()
             .with_listen(vec![opts.listen.clone()])
             .with_peers(opts.peers.clone())
-            .with_mdns(opts.mdns);
+            .with_mdns(opts.mdns)
+            .with_dht(opts.mode == Mode::Internet);
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }

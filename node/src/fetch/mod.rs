@@ -55,6 +55,10 @@ pub(crate) struct Args {
     /// Do not use mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// `internet`: also find peers through the Kademlia DHT; `lan`: only the seed, `--peer` and
+    /// mDNS (lan|internet, like `phase.mode=`).
+    #[arg(long, default_value = "internet", value_parser = |s: &str| s.parse::<phase_boot::cmdline::Mode>().map_err(|()| "expected lan or internet".to_owned()))]
+    mode: phase_boot::cmdline::Mode,
     /// Keep chunks and the libp2p identity here (default: in memory, a fresh identity).
     #[arg(long)]
     state: Option<PathBuf>,
@@ -90,6 +94,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         listen: a.listen.clone(),
         peers: a.peers.clone(),
         mdns: !a.no_mdns,
+        mode: a.mode,
         keypair,
         manifest_wait: Duration::from_secs(a.manifest_wait),
     };

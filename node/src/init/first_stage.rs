@@ -4,7 +4,7 @@
 //! Peers come from mDNS on the LAN, `phase.peers=` and the seed.
 //!
 //! Console lines (tests and the `vms` harness parse them; keep them stable):
-//! - `plasmd: phase swarm node peer=ID` (this first stage's libp2p identity)
+//! - `plasmd: phase swarm node peer=ID mode=lan|internet` (this first stage's libp2p identity)
 //! - `plasmd: phase manifest ok sequence=S root=R artifacts=N via=http|swarm`
 //! - `plasmd: phase refused manifest from URL: ...` (wrong key: never booted)
 //! - `plasmd: phase source peer=ID kind=seed|peer|http bytes=B chunks=C`
@@ -52,7 +52,8 @@ fn say(n: Note<'_>) {
     }
 }
 
-/// The boot node: listens on [`P2P_PORT`], mDNS on, `phase.peers` dialed.
+/// The boot node: listens on [`P2P_PORT`], mDNS on, `phase.peers` dialed, the
+/// DHT only with `phase.mode=internet`.
 async fn start(
     cfg: &PhaseConfig,
     provider: Option<&str>,
@@ -78,11 +79,16 @@ async fn start(
         listen: addr::tcp([0, 0, 0, 0].into(), P2P_PORT),
         peers,
         mdns: true,
+        mode: cfg.mode,
         keypair: None,
         manifest_wait: MANIFEST_WAIT,
     };
     let f = Fetcher::start(opts, store, say).await?;
-    println!("plasmd: phase swarm node peer={}", f.node().peer_id());
+    println!(
+        "plasmd: phase swarm node peer={} mode={}",
+        f.node().peer_id(),
+        cfg.mode
+    );
     Ok(f)
 }
 

@@ -113,7 +113,8 @@ async fn serve(
     let cfg = NodeConfig::default()
         .with_listen(vec![listen])
         .with_peers(peers)
-        .with_mdns(true);
+        .with_mdns(true)
+        .with_dht(c.params.mode == cmdline::Mode::Internet);
     let node = Node::spawn(cfg, store).context("starting the libp2p node")?;
     let root = c.manifest.root();
     node.seed(c.manifest)
