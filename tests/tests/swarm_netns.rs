@@ -1,7 +1,12 @@
-//! mDNS-only discovery between nodes in network namespaces this test creates
-//! (multicast does not cross loopback reliably): a seed in one namespace, a
-//! fetcher with no seed URL and no peer address in a second, and, once the
-//! seed is gone, a third fetcher that finds the second by mDNS alone.
+//! The swarm across network namespaces this file creates (one host each on a
+//! bridge), where loopback tests cannot show it:
+//! - mDNS-only discovery (multicast does not cross loopback reliably): a seed
+//!   in one namespace, a fetcher with no seed URL and no peer address in a
+//!   second, and, once the seed is gone, a third fetcher that finds the second
+//!   by mDNS alone;
+//! - a seed started with default flags (listening on 0.0.0.0) hands a fetcher
+//!   on another host its routable libp2p address, so the bytes come over the
+//!   swarm and not through the HTTP rescue.
 //!
 //! Needs root and iproute2; skips (loudly) otherwise, or fails under CI (`CI=true`).
 
@@ -15,7 +20,12 @@ use phase_tests::{Proc, is_root, make_artifacts, plasmd, require};
 struct Net {
     hub: String,
     nodes: Vec<String>,
+    /// The X of the 10.213.X.0/24 the hosts sit on.
+    subnet: u32,
 }
+
+/// Tests in one process each get their own names and subnet.
+static NETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -31,12 +41,14 @@ impl Net {
     /// A hub namespace with a bridge and `n` node namespaces on it, at
     /// 10.213.X.(i+1)/24, each with lo up and a 224.0.0.0/4 route.
     fn new(n: usize) -> Net {
-        let pid = std::process::id();
+        let k = NETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = format!("{}{k}", std::process::id());
+        let subnet = (std::process::id() + 97 * k) % 250;
         let net = Net {
             hub: format!("phs{pid}h"),
             nodes: (0..n).map(|i| format!("phs{pid}n{i}")).collect(),
+            subnet,
         };
-        let subnet = pid % 250;
         ip(&["netns", "add", &net.hub]);
         ip(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &net.hub, "link", "set", "br0", "up"]);
@@ -154,4 +166,77 @@ fn mdns_only_discovery_in_namespaces() {
         "the third node fetched from the second alone: {s2}"
     );
     eprintln!("fetcher1: {s1}\nfetcher2: {s2}");
+}
+
+/// `plasmd serve -a DIR` with nothing else (port 8080, every interface, as a
+/// newcomer types it) in one namespace; `plasmd fetch --no-mdns` in another
+/// knows only the seed's URL. The seed's `/swarm` must name an address the
+/// fetcher can reach (not loopback), so at least 90 % of the bytes come over
+/// libp2p and the HTTP rescue sends nothing.
+#[test]
+fn a_seed_with_default_flags_serves_another_host_over_the_swarm() {
+    if !can_run() {
+        return;
+    }
+    let bin = plasmd();
+    assert!(bin.is_file());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let artifacts = make_artifacts(dir.path(), "stable", "x86_64", 6 << 20, 1 << 20);
+    let net = Net::new(2);
+
+    let mut seed = net.cmd(0);
+    seed.arg("serve")
+        .arg("-a")
+        .arg(&artifacts)
+        .arg("--state")
+        .arg(dir.path().join("seed-state"));
+    let seed = Proc::spawn("seed", seed).expect("start the seed");
+    let banner = seed.wait_for(STEP, |l| l.contains("public key "));
+    let pubkey = banner
+        .split("public key ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("key")
+        .to_owned();
+    seed.wait_for(STEP, |l| l.contains("serving http://0.0.0.0:8080"));
+    let seed_ip = format!("10.213.{}.1", net.subnet);
+
+    let out = dir.path().join("out");
+    let mut c = net.cmd(1);
+    c.args([
+        "fetch",
+        "--pubkey",
+        &pubkey,
+        "--arch",
+        "x86_64",
+        "--json",
+        "--no-mdns",
+    ])
+    .args(["--provider", &format!("http://{seed_ip}:8080"), "--out"])
+    .arg(&out);
+    let mut f = Proc::spawn("fetcher", c).expect("start the fetcher");
+    let sum = summary(&f);
+    assert!(f.wait_exit(Duration::from_secs(30)).success(), "{sum}");
+    for name in ["kernel", "initramfs"] {
+        let a = std::fs::read(artifacts.join("stable/x86_64").join(name)).expect("read");
+        let b = std::fs::read(out.join(name)).expect("read out");
+        assert!(a == b, "{name} differs");
+    }
+    let total = sum["bytes"].as_u64().expect("bytes");
+    let peers = sum["peers"].as_object().expect("peers");
+    let http = peers
+        .get("http-seed")
+        .and_then(|v| v["bytes"].as_u64())
+        .unwrap_or(0);
+    let swarm: u64 = peers
+        .iter()
+        .filter(|(k, _)| *k != "http-seed")
+        .filter_map(|(_, v)| v["bytes"].as_u64())
+        .sum();
+    assert!(
+        total > 0 && swarm * 10 >= total * 9,
+        "at least 90 % over libp2p: {sum}"
+    );
+    assert_eq!(http, 0, "the HTTP rescue was not needed: {sum}");
+    eprintln!("fetcher: {sum}");
 }
