@@ -222,9 +222,72 @@ pub fn chunk_file(
     })
 }
 
+/// Chunks `data` into the store and describes it as artifact `name`.
+pub fn chunk_bytes(
+    name: &str,
+    data: &[u8],
+    store: &dyn ChunkStore,
+    chunk_size: u32,
+) -> Result<Artifact, Error> {
+    let (hash, size, chunks) = chunk_reader(data, chunk_size, |h, c| store.put(&h, c).map(|_| ()))
+        .map_err(|e| match e {
+            ChunkReadError::Io(e) => Error::io("read", name, e),
+            ChunkReadError::Sink(e) => e,
+        })?;
+    Ok(Artifact {
+        name: name.to_owned(),
+        size,
+        hash,
+        chunk_size,
+        chunks,
+    })
+}
+
+/// Signs a manifest of `artifacts` for `channel`/`arch` at `sequence`, with no
+/// cmdline, seeds or peers: what tests, benchmarks and tools that publish
+/// from memory need.
+pub fn sign_artifacts(
+    key: &SecretKey,
+    channel: &str,
+    arch: &str,
+    sequence: u64,
+    artifacts: Vec<Artifact>,
+) -> Result<SignedManifest, Error> {
+    Manifest {
+        format: FORMAT,
+        channel: channel.to_owned(),
+        arch: arch.to_owned(),
+        sequence,
+        created: 0,
+        publisher: key.public(),
+        cmdline: None,
+        artifacts,
+        seeds: vec![],
+        peers: vec![],
+    }
+    .sign(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_chunk_like_files() {
+        let t = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let path = t.path().join("k");
+        fs::write(&path, &data).unwrap();
+        let store = crate::MemStore::new();
+        let a = chunk_bytes("kernel", &data, &store, 4096).unwrap();
+        assert_eq!(a, chunk_file("kernel", &path, &store, 4096).unwrap());
+        assert_eq!(a.chunks.len(), 5);
+        assert!(a.chunks.iter().all(|h| store.has(h)));
+        let key = SecretKey::from_seed([8; 32]);
+        let m = sign_artifacts(&key, "stable", "x86_64", 3, vec![a]).unwrap();
+        assert_eq!(m.manifest().sequence, 3);
+        assert!(SignedManifest::verify(m.envelope(), &key.public()).is_ok());
+    }
 
     fn setup() -> (tempfile::TempDir, PathBuf, FsStore, SecretKey) {
         let t = tempfile::tempdir().unwrap();

@@ -8,9 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phase_content::{
-    Artifact, ChunkStore, FORMAT, Hash, Manifest, MemStore, SecretKey, SignedManifest, chunk_hashes,
-};
+use phase_content::publish::{chunk_bytes, sign_artifacts};
+use phase_content::{MemStore, SecretKey, SignedManifest};
 use phase_swarm::{Handle, Multiaddr, Node, NodeConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -28,29 +27,8 @@ fn data(len: usize) -> Vec<u8> {
 
 fn manifest(store: &MemStore, data: &[u8], cs: u32) -> SignedManifest {
     let key = SecretKey::from_seed([5; 32]);
-    for c in data.chunks(cs as usize) {
-        store.put(&Hash::of(c), c).unwrap();
-    }
-    Manifest {
-        format: FORMAT,
-        channel: "stable".into(),
-        arch: "x86_64".into(),
-        sequence: 1,
-        created: 0,
-        publisher: key.public(),
-        cmdline: None,
-        artifacts: vec![Artifact {
-            name: "kernel".into(),
-            size: data.len() as u64,
-            hash: Hash::of(data),
-            chunk_size: cs,
-            chunks: chunk_hashes(data, cs),
-        }],
-        seeds: vec![],
-        peers: vec![],
-    }
-    .sign(&key)
-    .unwrap()
+    let art = chunk_bytes("kernel", data, store, cs).unwrap();
+    sign_artifacts(&key, "stable", "x86_64", 1, vec![art]).unwrap()
 }
 
 fn cfg() -> NodeConfig {

@@ -13,9 +13,8 @@ use futures::prelude::*;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, noise, tcp, yamux};
-use phase_content::{
-    Artifact, ChunkStore, FORMAT, Hash, Manifest, MemStore, SecretKey, SignedManifest, chunk_hashes,
-};
+use phase_content::publish::{chunk_bytes, sign_artifacts};
+use phase_content::{MemStore, SecretKey, SignedManifest};
 use phase_swarm::protocol::{PROTOCOL, Request, Response, decode_response, encode_request};
 use phase_swarm::{Handle, Node, NodeConfig};
 
@@ -140,29 +139,8 @@ fn manifest(store: &MemStore, len: usize) -> SignedManifest {
         .map(|i| (i * 31 % 251) as u8 ^ (i >> 12) as u8)
         .collect();
     let cs = 16 << 10;
-    for c in data.chunks(cs as usize) {
-        store.put(&Hash::of(c), c).unwrap();
-    }
-    Manifest {
-        format: FORMAT,
-        channel: "stable".into(),
-        arch: "x86_64".into(),
-        sequence: 1,
-        created: 0,
-        publisher: key.public(),
-        cmdline: None,
-        artifacts: vec![Artifact {
-            name: "kernel".into(),
-            size: len as u64,
-            hash: Hash::of(&data),
-            chunk_size: cs,
-            chunks: chunk_hashes(&data, cs),
-        }],
-        seeds: vec![],
-        peers: vec![],
-    }
-    .sign(&key)
-    .unwrap()
+    let art = chunk_bytes("kernel", &data, store, cs).unwrap();
+    sign_artifacts(&key, "stable", "x86_64", 1, vec![art]).unwrap()
 }
 
 fn loopback() -> Vec<Multiaddr> {

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use phase_content::{
-    Artifact, ChunkStore, FORMAT, Hash, Manifest, MemStore, SecretKey, SignedManifest, chunk_hashes,
-};
+use phase_content::publish::{chunk_bytes, sign_artifacts};
+use phase_content::{ChunkStore, Hash, MemStore, SecretKey, SignedManifest};
 use phase_swarm::{FetchProgress, Node, NodeConfig, Source};
 use tokio::sync::watch;
 
@@ -55,29 +54,8 @@ fn manifest(store: &MemStore) -> SignedManifest {
     let data: Vec<u8> = (0..CHUNK * CHUNKS)
         .map(|i| (i * 7 % 253) as u8 ^ (i >> 14) as u8)
         .collect();
-    for c in data.chunks(CHUNK) {
-        store.put(&Hash::of(c), c).unwrap();
-    }
-    Manifest {
-        format: FORMAT,
-        channel: "stable".into(),
-        arch: "x86_64".into(),
-        sequence: 1,
-        created: 0,
-        publisher: key.public(),
-        cmdline: None,
-        artifacts: vec![Artifact {
-            name: "kernel".into(),
-            size: data.len() as u64,
-            hash: Hash::of(&data),
-            chunk_size: CHUNK as u32,
-            chunks: chunk_hashes(&data, CHUNK as u32),
-        }],
-        seeds: vec![],
-        peers: vec![],
-    }
-    .sign(&key)
-    .unwrap()
+    let art = chunk_bytes("kernel", &data, store, CHUNK as u32).unwrap();
+    sign_artifacts(&key, "stable", "x86_64", 1, vec![art]).unwrap()
 }
 
 fn cfg() -> NodeConfig {

@@ -274,31 +274,13 @@ fn accept(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use phase_content::{Artifact, FORMAT, Hash, Manifest, SecretKey, chunk_hashes};
+    use phase_content::publish::{chunk_bytes, sign_artifacts};
+    use phase_content::{MemStore, SecretKey};
 
     fn manifest(channel: &str, arch: &str, sequence: u64) -> SignedManifest {
         let key = SecretKey::from_seed([3; 32]);
-        let kernel = vec![7u8; 100];
-        Manifest {
-            format: FORMAT,
-            channel: channel.into(),
-            arch: arch.into(),
-            sequence,
-            created: 0,
-            publisher: key.public(),
-            cmdline: None,
-            artifacts: vec![Artifact {
-                name: "kernel".into(),
-                size: kernel.len() as u64,
-                hash: Hash::of(&kernel),
-                chunk_size: 4096,
-                chunks: chunk_hashes(&kernel, 4096),
-            }],
-            seeds: vec![],
-            peers: vec![],
-        }
-        .sign(&key)
-        .unwrap()
+        let kernel = chunk_bytes("kernel", &[7u8; 100], &MemStore::new(), 4096).unwrap();
+        sign_artifacts(&key, channel, arch, sequence, vec![kernel]).unwrap()
     }
 
     #[test]
