@@ -208,18 +208,7 @@ pub fn chunk_file(
     chunk_size: u32,
 ) -> Result<Artifact, Error> {
     let f = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let (hash, size, chunks) = chunk_reader(f, chunk_size, |h, c| store.put(&h, c).map(|_| ()))
-        .map_err(|e| match e {
-            ChunkReadError::Io(e) => Error::io("read", path, e),
-            ChunkReadError::Sink(e) => e,
-        })?;
-    Ok(Artifact {
-        name: name.to_owned(),
-        size,
-        hash,
-        chunk_size,
-        chunks,
-    })
+    chunk_into(name, f, path, store, chunk_size)
 }
 
 /// Chunks `data` into the store and describes it as artifact `name`.
@@ -229,9 +218,19 @@ pub fn chunk_bytes(
     store: &dyn ChunkStore,
     chunk_size: u32,
 ) -> Result<Artifact, Error> {
-    let (hash, size, chunks) = chunk_reader(data, chunk_size, |h, c| store.put(&h, c).map(|_| ()))
+    chunk_into(name, data, Path::new(name), store, chunk_size)
+}
+
+fn chunk_into(
+    name: &str,
+    r: impl std::io::Read,
+    path: &Path,
+    store: &dyn ChunkStore,
+    chunk_size: u32,
+) -> Result<Artifact, Error> {
+    let (hash, size, chunks) = chunk_reader(r, chunk_size, |h, c| store.put(&h, c).map(|_| ()))
         .map_err(|e| match e {
-            ChunkReadError::Io(e) => Error::io("read", name, e),
+            ChunkReadError::Io(e) => Error::io("read", path, e),
             ChunkReadError::Sink(e) => e,
         })?;
     Ok(Artifact {

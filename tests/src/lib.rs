@@ -126,21 +126,18 @@ impl Seed {
             .args(extra);
         let proc = Proc::spawn("plasmd serve", cmd).expect("start plasmd serve");
         let pk = proc.wait_for(Duration::from_secs(60), |l| l.contains("public key "));
-        let pubkey = pk
-            .split("public key ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .expect("key in banner")
-            .to_owned();
+        let pubkey = word_after(&pk, "public key ").expect("key in banner");
         let line = proc.wait_for(Duration::from_secs(60), |l| l.contains("serving http://"));
-        let url = line
-            .split("serving ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .expect("url in banner")
-            .to_owned();
+        let url = word_after(&line, "serving ").expect("url in banner");
         Seed { proc, url, pubkey }
     }
+}
+
+/// The word that follows `marker` in `line` (`plasmd serve` banners:
+/// `public key KEY`, `serving URL`).
+pub fn word_after(line: &str, marker: &str) -> Option<String> {
+    let rest = line.split(marker).nth(1)?;
+    rest.split_whitespace().next().map(str::to_owned)
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a test's artifacts differ

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use phase_tests::swarm::{STEP, seeding_addr, sources, summary};
-use phase_tests::{Proc, is_root, make_artifacts, plasmd, require};
+use phase_tests::{Proc, is_root, make_artifacts, plasmd, require, word_after};
 
 /// Namespaces, a bridge and veth pairs, deleted on drop.
 struct Net {
@@ -87,6 +87,15 @@ impl Drop for Net {
     }
 }
 
+/// The fetched kernel and initramfs in `out` are the published ones.
+fn assert_same(artifacts: &std::path::Path, out: &std::path::Path) {
+    for name in ["kernel", "initramfs"] {
+        let a = std::fs::read(artifacts.join("stable/x86_64").join(name)).expect("read");
+        let b = std::fs::read(out.join(name)).expect("read out");
+        assert!(a == b, "{name} differs in {}", out.display());
+    }
+}
+
 /// Root and `ip`, or [`phase_tests::unavailable`] (a failure under CI).
 fn can_run() -> bool {
     require(is_root(), "needs root to create network namespaces")
@@ -123,12 +132,7 @@ fn mdns_only_discovery_in_namespaces() {
         .arg(dir.path().join("seed-state"));
     let mut seed = Proc::spawn("seed", seed).expect("start the seed");
     let banner = seed.wait_for(STEP, |l| l.contains("public key "));
-    let pubkey = banner
-        .split("public key ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("key")
-        .to_owned();
+    let pubkey = word_after(&banner, "public key ").expect("key");
     seed.wait_for(STEP, |l| l.contains("serving http://"));
 
     // No --provider, no --peer: the manifest and the chunks come via mDNS.
@@ -152,13 +156,8 @@ fn mdns_only_discovery_in_namespaces() {
     let s2 = summary(&f2);
     assert!(f2.wait_exit(Duration::from_secs(30)).success());
 
-    for out in [&o1, &o2] {
-        for name in ["kernel", "initramfs"] {
-            let a = std::fs::read(artifacts.join("stable/x86_64").join(name)).expect("read");
-            let b = std::fs::read(out.join(name)).expect("read out");
-            assert!(a == b, "{name} differs in {}", out.display());
-        }
-    }
+    assert_same(&artifacts, &o1);
+    assert_same(&artifacts, &o2);
     let me1 = s1["peer_id"].as_str().expect("peer_id").to_owned();
     assert_eq!(
         sources(&s2),
@@ -192,12 +191,7 @@ fn a_seed_with_default_flags_serves_another_host_over_the_swarm() {
         .arg(dir.path().join("seed-state"));
     let seed = Proc::spawn("seed", seed).expect("start the seed");
     let banner = seed.wait_for(STEP, |l| l.contains("public key "));
-    let pubkey = banner
-        .split("public key ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("key")
-        .to_owned();
+    let pubkey = word_after(&banner, "public key ").expect("key");
     seed.wait_for(STEP, |l| l.contains("serving http://0.0.0.0:8080"));
     let seed_ip = format!("10.213.{}.1", net.subnet);
 
@@ -217,11 +211,7 @@ fn a_seed_with_default_flags_serves_another_host_over_the_swarm() {
     let mut f = Proc::spawn("fetcher", c).expect("start the fetcher");
     let sum = summary(&f);
     assert!(f.wait_exit(Duration::from_secs(30)).success(), "{sum}");
-    for name in ["kernel", "initramfs"] {
-        let a = std::fs::read(artifacts.join("stable/x86_64").join(name)).expect("read");
-        let b = std::fs::read(out.join(name)).expect("read out");
-        assert!(a == b, "{name} differs");
-    }
+    assert_same(&artifacts, &out);
     let total = sum["bytes"].as_u64().expect("bytes");
     let peers = sum["peers"].as_object().expect("peers");
     let http = peers
