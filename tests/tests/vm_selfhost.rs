@@ -152,7 +152,7 @@ fn a_wrong_pubkey_is_refused_and_never_kexecs() {
     let g = lab.guest("wrongkey", 0, Some(&wrong), "");
     let (_, refused) = phase(&g, "plasmd: phase refused manifest from");
     assert!(
-        refused.contains(&format!("pinned phase.pubkey={wrong}")) && refused.contains("refusing"),
+        refused.contains(&format!("pinned key {wrong}")) && refused.contains("refusing"),
         "{refused}"
     );
     // It asks the swarm too, finds nothing signed by that key, and retries:
