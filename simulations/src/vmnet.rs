@@ -1,10 +1,13 @@
 //! Many QEMU guests on one bridge: the network and processes of the `vms`
-//! harness and of `tests/tests/vm_selfhost.rs` (through `phase_tests::selfhost`).
+//! harness and of `tests/tests/vm_selfhost*.rs` (through `phase_tests::selfhost`),
+//! and the guest pieces (kernel, static `plasmd`, boot initramfs) that
+//! `tests/tests/vm_kexec.rs` uses too (through `phase_tests::vm`).
 //!
 //! One network namespace (named with the caller's tag, e.g. the PID) holds a
 //! Linux bridge `br0` with [`BRIDGE_IP`], one tap device per guest, dnsmasq
-//! answering DHCP on the bridge only, the host's `plasmd serve` bound to the
-//! bridge address, and the QEMU guests (TCG), each on its tap. Nothing is
+//! answering DHCP on the bridge only, the host's `plasmd serve` with its
+//! default addresses (0.0.0.0, as a user runs it), and the QEMU guests (TCG,
+//! x86_64 or aarch64), each on its tap. Nothing is
 //! routed out of the namespace. Every child is a [`Proc`]: it leads its own
 //! process group and is killed by that group on drop; the namespace is
 //! deleted on drop.
@@ -21,8 +24,83 @@ use crate::proc::{Options, Proc};
 pub const BRIDGE_IP: &str = "10.79.0.1";
 /// The seed's HTTP port.
 pub const SEED_PORT: u16 = 8080;
-/// The seed's libp2p port.
-pub const SEED_P2P_PORT: u16 = 4001;
+
+/// Guest architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `qemu-system-x86_64 -M q35`.
+    X86_64,
+    /// `qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on`.
+    Aarch64,
+}
+
+impl Arch {
+    /// The `phase.arch` name (and `stable/NAME` on the seed).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// The architecture named `name` (`x86_64`, `aarch64`; `arm64` too).
+    pub fn from_name(name: &str) -> Option<Arch> {
+        match name {
+            "x86_64" | "amd64" => Some(Arch::X86_64),
+            "aarch64" | "arm64" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+
+    /// The QEMU system emulator.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// QEMU's machine arguments. `pauth-impdef` because TCG's default
+    /// pointer-authentication algorithm is slow to emulate.
+    pub fn machine(self) -> &'static [&'static str] {
+        match self {
+            Arch::X86_64 => &["-M", "q35"],
+            Arch::Aarch64 => &["-M", "virt", "-cpu", "max,pauth-impdef=on"],
+        }
+    }
+
+    /// The Rust target of the guest's static `plasmd`.
+    pub fn triple(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        }
+    }
+
+    /// The serial console device name in the guest.
+    pub fn console(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        }
+    }
+
+    /// What to install or run when [`kernel`] finds nothing.
+    pub fn kernel_hint(self) -> &'static str {
+        match self {
+            Arch::X86_64 => {
+                "no guest kernel at /boot/vmlinuz-*-cloud-amd64 with its /lib/modules tree \
+                 (apt install linux-image-cloud-amd64, or set PHASE_VM_KERNEL_X86_64 and \
+                 PHASE_VM_MODULES_X86_64)"
+            }
+            Arch::Aarch64 => {
+                "no arm64 guest kernel under TARGET/vm-arm64-kernel (run scripts/vm-arm64-kernel.sh \
+                 with the same CARGO_TARGET_DIR, or set PHASE_VM_KERNEL_AARCH64 and \
+                 PHASE_VM_MODULES_AARCH64)"
+            }
+        }
+    }
+}
 
 pub use crate::netns::sh;
 
@@ -110,7 +188,7 @@ pub fn start_dhcp(net: &Net, dir: &Path) -> anyhow::Result<Proc> {
     Proc::spawn("dnsmasq", c)
 }
 
-/// The host's seed: `plasmd serve` inside the namespace on the bridge address.
+/// The host's seed: `plasmd serve` inside the namespace, default addresses.
 pub struct Seed {
     /// The process.
     pub proc: Proc,
@@ -120,7 +198,9 @@ pub struct Seed {
     pub pubkey: String,
 }
 
-/// Starts `plasmd serve -a artifacts` in the namespace.
+/// Starts `plasmd serve -a artifacts -p SEED_PORT` in the namespace with no
+/// `--bind` and no `--p2p-port`, as a user runs it: guests must reach its
+/// swarm through the addresses it advertises.
 pub fn start_seed(
     net: &Net,
     plasmd: &Path,
@@ -131,8 +211,7 @@ pub fn start_seed(
     c.arg("serve")
         .arg("-a")
         .arg(artifacts)
-        .args(["-p", &SEED_PORT.to_string(), "--bind", BRIDGE_IP])
-        .args(["--p2p-port", &SEED_P2P_PORT.to_string(), "--state"])
+        .args(["-p", &SEED_PORT.to_string(), "--state"])
         .arg(state);
     let proc = Proc::spawn("seed", c)?;
     let pk = proc.expect(Duration::from_secs(120), "public key", |l| {
@@ -159,6 +238,8 @@ pub fn start_seed(
 pub struct GuestSpec {
     /// A name for messages and tables.
     pub name: String,
+    /// Guest architecture.
+    pub arch: Arch,
     /// Guest kernel.
     pub kernel: PathBuf,
     /// Boot initramfs.
@@ -173,55 +254,67 @@ pub struct GuestSpec {
     pub echo: bool,
 }
 
-/// Starts an x86_64 guest on tap `spec.tap` in the namespace; its serial
+/// Starts a guest on tap `spec.tap` in the namespace; its serial
 /// console is the child's stdout.
 pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Proc> {
     let tap = net
         .taps
         .get(spec.tap)
         .with_context(|| format!("no tap {} (made {})", spec.tap, net.taps.len()))?;
-    let mut c = net.command("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        &spec.accel,
-        "-M",
-        "q35",
-        "-smp",
-        "1",
-        "-m",
-        "1024",
-    ])
-    .args(["-nodefaults", "-no-reboot", "-display", "none"])
-    .args(["-serial", "stdio", "-monitor", "none"])
-    .arg("-kernel")
-    .arg(&spec.kernel)
-    .arg("-initrd")
-    .arg(&spec.initrd)
-    .args(["-append", &spec.append])
-    .arg("-netdev")
-    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
-    .arg("-device")
-    .arg(format!(
-        "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:{:02x},romfile=",
-        spec.tap + 16
-    ));
+    let mut c = net.command(spec.arch.qemu());
+    c.args(["-accel", &spec.accel])
+        .args(spec.arch.machine())
+        .args(["-smp", "1", "-m", "1024"])
+        .args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&spec.kernel)
+        .arg("-initrd")
+        .arg(&spec.initrd)
+        .args(["-append", &spec.append])
+        .arg("-netdev")
+        .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:{:02x},romfile=",
+            spec.tap + 16
+        ));
     Proc::spawn_with(&spec.name, c, &Options::default().with_echo(spec.echo))
 }
 
-/// The guest kernel and its modules: `$PHASE_VM_KERNEL_X86_64` and
-/// `$PHASE_VM_MODULES_X86_64`, else the newest installed Debian cloud kernel.
-pub fn kernel() -> Option<(PathBuf, PathBuf)> {
+/// The guest kernel and its module tree for `arch`: `$PHASE_VM_KERNEL_<ARCH>`
+/// and `$PHASE_VM_MODULES_<ARCH>`, else the newest installed Debian cloud
+/// kernel (x86_64) or the arm64 package that `scripts/vm-arm64-kernel.sh`
+/// unpacked under `target_dir/vm-arm64-kernel` (aarch64).
+pub fn kernel(arch: Arch, target_dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let up = arch.name().to_uppercase();
     if let (Some(k), Some(m)) = (
-        std::env::var_os("PHASE_VM_KERNEL_X86_64"),
-        std::env::var_os("PHASE_VM_MODULES_X86_64"),
+        std::env::var_os(format!("PHASE_VM_KERNEL_{up}")),
+        std::env::var_os(format!("PHASE_VM_MODULES_{up}")),
     ) {
         return Some((k.into(), m.into()));
     }
-    find_kernel(
-        Path::new("/boot"),
-        Path::new("/lib/modules"),
-        "-cloud-amd64",
-    )
+    match arch {
+        Arch::X86_64 => find_kernel(
+            Path::new("/boot"),
+            Path::new("/lib/modules"),
+            "-cloud-amd64",
+        ),
+        Arch::Aarch64 => {
+            let root = target_dir.join("vm-arm64-kernel");
+            find_kernel(&root.join("boot"), &root.join("lib/modules"), "-arm64")
+        }
+    }
+}
+
+/// A static busybox for the guest: the host's for x86_64, the unpacked arm64
+/// package's (`scripts/vm-arm64-kernel.sh`) for aarch64.
+pub fn busybox(arch: Arch, target_dir: &Path) -> Option<PathBuf> {
+    let p = match arch {
+        Arch::X86_64 => PathBuf::from("/bin/busybox"),
+        Arch::Aarch64 => target_dir.join("vm-arm64-kernel/bin/busybox"),
+    };
+    p.is_file().then_some(p)
 }
 
 /// The newest `BOOT/vmlinuz-*SUFFIX` whose module tree `MODULES/VERSION` exists.
@@ -247,21 +340,22 @@ pub fn find_kernel(boot: &Path, modules: &Path, suffix: &str) -> Option<(PathBuf
     m.is_dir().then_some((k, m))
 }
 
-/// Builds the static (musl) `plasmd` for the guest in `target_dir`, or
-/// takes `$PLASMD_STATIC` when set.
-pub fn static_plasmd(workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("PLASMD_STATIC") {
+/// Builds the static (musl, `initramfs` profile) `plasmd` for `arch` in
+/// `target_dir`, or takes `$PLASMD_STATIC` (x86_64) or
+/// `$PLASMD_STATIC_AARCH64` when set. aarch64 uses Debian's
+/// aarch64-linux-gnu-gcc as C compiler and linker (ring and mimalloc have C).
+pub fn static_plasmd(arch: Arch, workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
+    let given = match arch {
+        Arch::X86_64 => "PLASMD_STATIC",
+        Arch::Aarch64 => "PLASMD_STATIC_AARCH64",
+    };
+    if let Some(p) = std::env::var_os(given) {
         return Ok(p.into());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let triple = "x86_64-unknown-linux-musl";
-    let cc = if Command::new("musl-gcc").arg("--version").output().is_ok() {
-        "musl-gcc"
-    } else {
-        "gcc"
-    };
-    let status = Command::new(cargo)
-        .current_dir(workspace)
+    let triple = arch.triple();
+    let mut c = Command::new(cargo);
+    c.current_dir(workspace)
         .args([
             "build",
             "--locked",
@@ -271,22 +365,41 @@ pub fn static_plasmd(workspace: &Path, target_dir: &Path) -> anyhow::Result<Path
             "initramfs",
         ])
         .args(["--target", triple])
-        .env("CARGO_TARGET_DIR", target_dir)
-        .env("CC_x86_64_unknown_linux_musl", cc)
+        .env("CARGO_TARGET_DIR", target_dir);
+    match arch {
+        Arch::X86_64 => {
+            let cc = if have("musl-gcc") { "musl-gcc" } else { "gcc" };
+            c.env("CC_x86_64_unknown_linux_musl", cc);
+        }
+        Arch::Aarch64 => {
+            c.env("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc")
+                .env(
+                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                    "aarch64-linux-gnu-gcc",
+                );
+        }
+    }
+    let status = c
         .status()
-        .context("running cargo build for the static plasmd")?;
+        .with_context(|| format!("running cargo build for the static {triple} plasmd"))?;
     if !status.success() {
-        bail!("the static plasmd build failed ({status})");
+        bail!(
+            "the static {triple} plasmd build failed ({status}); aarch64 needs \
+             `rustup target add aarch64-unknown-linux-musl` and gcc-aarch64-linux-gnu, \
+             or set ${given}"
+        );
     }
     Ok(target_dir.join(triple).join("initramfs").join("plasmd"))
 }
 
 /// `plasmd mkinitramfs` (host binary `plasmd`) with the static `guest` binary,
-/// the kernel's `modules` and the host's static busybox, written to `out`.
+/// the kernel's `modules` and a static `busybox` of the guest's architecture
+/// (its udhcpc), written to `out`.
 pub fn boot_initramfs(
     plasmd: &Path,
     guest: &Path,
     modules: &Path,
+    busybox: &Path,
     out: &Path,
 ) -> anyhow::Result<u64> {
     let o = Command::new(plasmd)
@@ -297,7 +410,8 @@ pub fn boot_initramfs(
         .arg(modules)
         .arg("--plasmd")
         .arg(guest)
-        .args(["--udhcpc", "/bin/busybox"])
+        .arg("--udhcpc")
+        .arg(busybox)
         .output()
         .context("running plasmd mkinitramfs")?;
     if !o.status.success() {
@@ -309,31 +423,37 @@ pub fn boot_initramfs(
     Ok(std::fs::metadata(out)?.len())
 }
 
-/// Writes `dir/stable/x86_64/{kernel,initramfs,cmdline}` for the seed: the
+/// Writes `dir/stable/ARCH/{kernel,initramfs,cmdline}` for the seed: the
 /// guest kernel and the boot initramfs itself as the target, so the target's
 /// init is `plasmd`, which finds the carried store and serves it.
 pub fn write_artifacts(
     dir: &Path,
+    arch: Arch,
     kernel: &Path,
     initramfs: &Path,
     token: &str,
 ) -> anyhow::Result<()> {
-    let a = dir.join("stable").join("x86_64");
+    let a = dir.join("stable").join(arch.name());
     std::fs::create_dir_all(&a)?;
     std::fs::copy(kernel, a.join("kernel")).context("copying the kernel")?;
     std::fs::copy(initramfs, a.join("initramfs")).context("copying the initramfs")?;
     std::fs::write(
         a.join("cmdline"),
-        format!("console=ttyS0 loglevel=4 panic=-1 token={token}\n"),
+        format!(
+            "console={} loglevel=4 panic=-1 token={token}\n",
+            arch.console()
+        ),
     )?;
     Ok(())
 }
 
-/// The first-stage cmdline for a guest of `seed_url` pinning `pubkey`.
-pub fn guest_cmdline(seed_url: &str, pubkey: &str, extra: &str) -> String {
+/// The first-stage cmdline for an `arch` guest of `seed_url` pinning `pubkey`.
+pub fn guest_cmdline(arch: Arch, seed_url: &str, pubkey: &str, extra: &str) -> String {
     format!(
-        "console=ttyS0 loglevel=4 panic=-1 phase.provider={seed_url} phase.pubkey={pubkey} \
-         phase.arch=x86_64 {extra}"
+        "console={} loglevel=4 panic=-1 phase.provider={seed_url} phase.pubkey={pubkey} \
+         phase.arch={} {extra}",
+        arch.console(),
+        arch.name()
     )
     .trim_end()
     .to_owned()
@@ -350,6 +470,12 @@ pub struct Row {
     pub marker: Option<Duration>,
     /// Bytes from the seed (its swarm node and its HTTP fallback).
     pub seed_bytes: u64,
+    /// Of those, bytes from the seed's swarm node (`kind=seed`).
+    pub seed_swarm_bytes: u64,
+    /// Of those, bytes through the seed's HTTP rescue (`kind=http`).
+    pub http_bytes: u64,
+    /// The first stage's `phase kexec path=` (`kexec_file_load`, `kexec_load`).
+    pub kexec_path: Option<String>,
     /// Bytes from other peers.
     pub peer_bytes: u64,
     /// Peers banned for bad chunks.
@@ -385,6 +511,15 @@ pub fn row(guest: &Proc) -> Row {
             r.banned.extend(field(&l, "peer").map(str::to_owned));
         } else if l.contains("plasmd: phase serving root=") {
             r.serving_peer = field(&l, "peer").map(str::to_owned);
+        } else if l.contains("plasmd: phase kexec path=") && r.kexec_path.is_none() {
+            r.kexec_path = field(&l, "path").map(str::to_owned);
+        }
+    }
+    for (_, kind, bytes) in sources(guest) {
+        match kind.as_str() {
+            "seed" => r.seed_swarm_bytes += bytes,
+            "http" => r.http_bytes += bytes,
+            _ => {}
         }
     }
     r

@@ -1,5 +1,6 @@
-//! The self-hosting lab for `tests/tests/vm_selfhost.rs`: a namespace with a
-//! bridge, DHCP, the host's seed on the bridge and QEMU guests on taps. The
+//! The self-hosting lab for `tests/tests/vm_selfhost*.rs`: a namespace with a
+//! bridge, DHCP, the host's seed (default flags, no `--bind`) and QEMU guests
+//! (x86_64 or aarch64) on taps. The
 //! network code is the `vms` harness's own (`simulations::vmnet`), so both
 //! run the same thing.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 pub use simulations::vmnet;
 
-use vmnet::{GuestSpec, Net, Seed};
+use vmnet::{Arch, GuestSpec, Net, Seed};
 
 use crate::{Proc, require};
 
@@ -30,6 +31,8 @@ pub struct Lab {
     pub url: String,
     /// The token the target prints in its marker.
     pub token: String,
+    /// The guests' architecture.
+    pub arch: Arch,
     dhcp: Proc,
     kernel: PathBuf,
     initrd: PathBuf,
@@ -48,10 +51,16 @@ fn target_dir() -> PathBuf {
 }
 
 impl Lab {
-    /// Builds the guest binaries and starts the lab with `taps` taps, or
-    /// says why it cannot (no root, QEMU, dnsmasq or kernel) through
-    /// [`crate::unavailable`] (a failure under CI) and returns `None`.
+    /// [`Lab::start_arch`] for x86_64 guests.
     pub fn start(taps: usize) -> Option<Lab> {
+        Lab::start_arch(Arch::X86_64, taps)
+    }
+
+    /// Builds the guest binaries for `arch` and starts the lab with `taps`
+    /// taps, or says why it cannot (no root, QEMU, dnsmasq, kernel or
+    /// busybox) through [`crate::unavailable`] (a failure under CI) and
+    /// returns `None`.
+    pub fn start_arch(arch: Arch, taps: usize) -> Option<Lab> {
         let one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
         if !require(
             vmnet::is_root(),
@@ -59,30 +68,38 @@ impl Lab {
         ) {
             return None;
         }
-        for p in ["qemu-system-x86_64", "dnsmasq", "ip"] {
+        for p in [arch.qemu(), "dnsmasq", "ip"] {
             if !require(vmnet::have(p), &format!("{p} not on PATH")) {
                 return None;
             }
         }
-        let found = vmnet::kernel();
-        if !require(
-            found.is_some(),
-            "no guest kernel at /boot/vmlinuz-*-cloud-amd64 with its /lib/modules tree \
-             (apt install linux-image-cloud-amd64, or set PHASE_VM_KERNEL_X86_64 and \
-             PHASE_VM_MODULES_X86_64)",
-        ) {
+        let found = vmnet::kernel(arch, &target_dir());
+        if !require(found.is_some(), arch.kernel_hint()) {
             return None;
         }
         let (kernel, modules) = found?;
+        let busybox = vmnet::busybox(arch, &target_dir());
+        if !require(
+            busybox.is_some(),
+            &format!(
+                "no static busybox for {} (x86_64: apt install busybox-static; aarch64: \
+                 scripts/vm-arm64-kernel.sh with the same CARGO_TARGET_DIR)",
+                arch.name()
+            ),
+        ) {
+            return None;
+        }
+        let busybox = busybox?;
         let dir = tempfile::tempdir().expect("tempdir");
-        let guest =
-            vmnet::static_plasmd(&crate::workspace_root(), &target_dir()).expect("static plasmd");
+        let guest = vmnet::static_plasmd(arch, &crate::workspace_root(), &target_dir())
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let initrd = dir.path().join("boot.cpio.gz");
-        vmnet::boot_initramfs(&crate::plasmd(), &guest, &modules, &initrd).expect("boot initramfs");
+        vmnet::boot_initramfs(&crate::plasmd(), &guest, &modules, &busybox, &initrd)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let tag = std::process::id().to_string();
         let token = format!("self{tag}");
         let art = dir.path().join("artifacts");
-        vmnet::write_artifacts(&art, &kernel, &initrd, &token).expect("artifacts");
+        vmnet::write_artifacts(&art, arch, &kernel, &initrd, &token).expect("artifacts");
         let net = Net::create(&tag, taps).expect("namespace with bridge and taps");
         let dhcp = vmnet::start_dhcp(&net, dir.path()).expect("dnsmasq");
         let seed = vmnet::start_seed(&net, &crate::plasmd(), &art, &dir.path().join("state"))
@@ -92,6 +109,7 @@ impl Lab {
             url: seed.url.clone(),
             seed: Some(seed),
             token,
+            arch,
             dhcp,
             kernel,
             initrd,
@@ -106,9 +124,15 @@ impl Lab {
     pub fn guest(&self, name: &str, tap: usize, pubkey: Option<&str>, extra: &str) -> Proc {
         let spec = GuestSpec {
             name: name.to_owned(),
+            arch: self.arch,
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            append: vmnet::guest_cmdline(&self.url, pubkey.unwrap_or(&self.pubkey), extra),
+            append: vmnet::guest_cmdline(
+                self.arch,
+                &self.url,
+                pubkey.unwrap_or(&self.pubkey),
+                extra,
+            ),
             tap,
             accel: "tcg".into(),
             echo: std::env::var_os("PHASE_VM_ECHO").is_some(),
@@ -157,4 +181,30 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .map(str::to_owned)
+}
+
+/// Asserts that at least 90 % of the bytes `guest` fetched came from the
+/// seed's swarm node (`kind=seed`), not its HTTP rescue: the seed runs with
+/// default flags, so this holds only if it advertises an address the guest
+/// can reach. Returns that share.
+pub fn assert_mostly_seed_swarm(guest: &Proc) -> f64 {
+    let src = vmnet::sources(guest);
+    let total: u64 = src.iter().map(|s| s.2).sum();
+    let swarm: u64 = src.iter().filter(|s| s.1 == "seed").map(|s| s.2).sum();
+    assert!(
+        total > 0,
+        "{}: no source lines:\n{}",
+        guest.name(),
+        guest.output()
+    );
+    let share = swarm as f64 / total as f64;
+    assert!(
+        share >= 0.9,
+        "{}: only {swarm} of {total} bytes ({:.1} %) came from the seed's swarm node; sources: \
+         {src:?}\n{}",
+        guest.name(),
+        share * 100.0,
+        guest.output()
+    );
+    share
 }
