@@ -119,6 +119,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     ));
     let timeout = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
     let report = fetcher.fetch(&manifest, Some(ptx), timeout).await;
+    if report.is_err() {
+        // A timed-out fetch still holds the progress sender inside the node
+        // (until the node stops), so the printer would wait for ever.
+        printer.abort();
+    }
     let _ = printer.await;
     let report = report?;
 
