@@ -807,6 +807,7 @@ impl Node {
             | Input::ChunkFailed { peer: p, .. }
             | Input::DoNotHave { peer: p, .. }
             | Input::Busy { peer: p, .. }
+            | Input::Unchoke(p)
             | Input::PeerGone(p) => {
                 if banned(p) {
                     return;

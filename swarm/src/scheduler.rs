@@ -194,6 +194,9 @@ pub enum Input<P> {
         /// The chunk asked for.
         chunk: ChunkIndex,
     },
+    /// The peer takes requests again (it unchoked us): a back-off from an
+    /// earlier `Busy` ends now.
+    Unchoke(P),
     /// The peer disconnected or is otherwise unusable (not banned).
     PeerGone(P),
     /// Time passed: expire requests, end back-offs, refresh have-maps.
@@ -486,6 +489,11 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 self.finish(&peer, chunk);
                 if let Some(st) = self.peers.get_mut(&peer) {
                     st.backoff_until = now + self.cfg.busy_backoff;
+                }
+            }
+            Input::Unchoke(p) => {
+                if let Some(st) = self.peers.get_mut(&p) {
+                    st.backoff_until = st.backoff_until.min(now);
                 }
             }
             Input::PeerGone(p) => self.gone(&p),
@@ -977,6 +985,20 @@ mod tests {
             ms(3),
         );
         assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
+    fn unchoke_ends_a_busy_back_off_at_once() {
+        let mut s = Scheduler::new(1, test_cfg(), 1);
+        add(&mut s, "a", vec![true]);
+        let busy = Input::Busy {
+            peer: "a",
+            chunk: 0,
+        };
+        assert!(reqs(&s.handle(busy, ms(10))).is_empty(), "backed off");
+        assert_eq!(reqs(&s.handle(Input::Unchoke("a"), ms(20))), vec![("a", 0)]);
+        // An unchoke from a peer it does not know changes nothing.
+        assert!(s.handle(Input::Unchoke("b"), ms(21)).is_empty());
     }
 
     #[test]
