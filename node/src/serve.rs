@@ -67,11 +67,11 @@ pub(crate) fn host_arch() -> &'static str {
 
 fn load_key(a: &Args, state: &std::path::Path) -> anyhow::Result<SecretKey> {
     if let Some(k) = &a.key {
-        return Ok(SecretKey::read(k)?);
+        return crate::files::read_secret_key(k);
     }
     let path = state.join("publisher.key");
     if path.exists() {
-        return Ok(SecretKey::read(&path)?);
+        return crate::files::read_secret_key(&path);
     }
     let key = SecretKey::generate();
     key.write_new(&path)?;
@@ -92,7 +92,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
     })?;
     let local = listener.local_addr()?;
-    std::fs::create_dir_all(&state_dir)
+    crate::files::private_dir(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let key = load_key(&a, &state_dir)?;
     eprintln!("plasmd serve: publisher public key {}", key.public());

@@ -44,11 +44,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
         net::mount_basics();
     }
     // The target's own command line carries the test's `token=`.
-    let own = match cmdline::read(Path::new("/proc/cmdline")) {
-        Ok((raw, _, _)) => raw,
+    let (own, own_min) = match cmdline::read(Path::new("/proc/cmdline")) {
+        Ok((raw, cfg, _)) => (raw, cfg.min_sequence),
         Err(e) => {
             println!("plasmd: warning: {e}");
-            String::new()
+            (String::new(), None)
         }
     };
     let token = cmdline::split(&own)
@@ -58,6 +58,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .unwrap_or("")
         .to_owned();
     let mut c = carry::load(Path::new("/")).context("checking the carried store")?;
+    carry::check_floor(
+        &c.manifest,
+        own_min,
+        "phase.min_sequence on this system's cmdline",
+    )?;
     let m = c.manifest.manifest();
     println!(
         "plasmd: phase carried ok root={} channel={} arch={} chunks={} bytes={}",
