@@ -107,13 +107,28 @@ pub fn encode_request(r: &Request) -> std::io::Result<Vec<u8>> {
     crate::codec::encode(r, MAX_REQUEST_BYTES)
 }
 
+/// A response as it goes on the wire (length prefix included), for other
+/// implementations and tests.
+pub fn encode_response(r: &Response) -> std::io::Result<Vec<u8>> {
+    crate::codec::encode(r, MAX_RESPONSE_BYTES)
+}
+
+/// Decodes a request frame as read off the wire (length prefix included).
+pub fn decode_request(frame: &[u8]) -> std::io::Result<Request> {
+    decode_frame(frame, MAX_REQUEST_BYTES)
+}
+
 /// Decodes a response frame as read off the wire (length prefix included).
 pub fn decode_response(frame: &[u8]) -> std::io::Result<Response> {
+    decode_frame(frame, MAX_RESPONSE_BYTES)
+}
+
+fn decode_frame<T: serde::de::DeserializeOwned>(frame: &[u8], max: usize) -> std::io::Result<T> {
     let (len, body) = frame
         .split_at_checked(4)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short frame"))?;
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len != body.len() || len > MAX_RESPONSE_BYTES {
+    if len != body.len() || len > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "bad length prefix",
