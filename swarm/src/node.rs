@@ -814,9 +814,19 @@ impl Node {
                 }
             }
         }
+        // Alone (no peer connected, no dial in flight): the HTTP rescue need
+        // not wait for anyone (the top-level DESIGN.md, decision 11).
+        let alone = self.connected.is_empty()
+            && self
+                .swarm
+                .network_info()
+                .connection_counters()
+                .num_pending_outgoing()
+                == 0;
         let Some(h) = self.held.get_mut(&root) else {
             return;
         };
+        h.sched.set_alone(alone, now);
         let actions = h.sched.handle(input, now);
         for a in actions {
             match a {

@@ -32,7 +32,10 @@
 //!   takes any missing chunk with no request out, whatever peers claim; and a
 //!   chunk that peers have refused for [`SchedulerConfig::stall_grace`] (no
 //!   delivery, no new holder) goes to it even while others arrive, so peers
-//!   that claim everything and answer busy, or trickle, cannot hold a fetch off.
+//!   that claim everything and answer busy, or trickle, cannot hold a fetch off;
+//!   with no grace at all while the caller says it is alone (no peer connected,
+//!   no dial in flight: [`Scheduler::set_alone`]), because then there is nobody
+//!   to wait for.
 //!
 //! ```
 //! use std::time::Duration;
@@ -315,6 +318,10 @@ pub struct Scheduler<P> {
     started: Option<Time>,
     /// When a peer (not the fallback) last delivered a good chunk.
     last_peer_chunk: Option<Time>,
+    /// The caller's word: no peer connected and no dial in flight.
+    alone: bool,
+    /// When the caller last stopped being alone: the grace restarts there.
+    joined: Option<Time>,
     rng: ChaCha8Rng,
     done_sent: bool,
 }
@@ -340,6 +347,8 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             fallback_backoff_until: Duration::ZERO,
             started: None,
             last_peer_chunk: None,
+            alone: false,
+            joined: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
             done_sent: false,
         }
@@ -373,7 +382,37 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         self.fallback_backoff_until = Duration::ZERO;
         self.started = None;
         self.last_peer_chunk = None;
+        self.joined = None;
         self.done_sent = false;
+    }
+
+    /// Tells the scheduler whether its caller is alone: no peer connected and
+    /// no dial in flight (or every dial failed). While alone, the fallback is
+    /// used at once: there is nobody to give a grace period to (the top-level
+    /// DESIGN.md, decision 11). When that ends at `now` (a dial or a
+    /// connection), the grace period starts again from `now`, so the new peer
+    /// has time to report its have-map. The scheduler cannot tell on its own:
+    /// it hears of a peer only once connected, and of its chunks only once
+    /// its have-map arrives, but a dial in flight is a peer on its way.
+    pub fn set_alone(&mut self, alone: bool, now: Time) {
+        if self.alone && !alone {
+            self.joined = Some(now);
+        }
+        self.alone = alone;
+    }
+
+    /// Whether the caller said it is alone (see [`Scheduler::set_alone`]).
+    pub fn is_alone(&self) -> bool {
+        self.alone
+    }
+
+    /// When the fallback's grace period started, if it applies at all.
+    fn grace_from(&self) -> Option<Time> {
+        if self.alone {
+            return None;
+        }
+        let s = self.last_peer_chunk.or(self.started)?;
+        Some(self.joined.map_or(s, |j| j.max(s)))
     }
 
     /// Marks a chunk held that did not come through [`Input::ChunkOk`]: found
@@ -449,8 +488,10 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 min(at + self.cfg.have_refresh);
             }
         }
-        if let (Some(_), Some(s)) = (&self.fallback, self.last_peer_chunk.or(self.started)) {
-            min(s + self.cfg.fallback_grace);
+        if self.fallback.is_some() && self.started.is_some() {
+            if let Some(s) = self.grace_from() {
+                min(s + self.cfg.fallback_grace);
+            }
             min(self.fallback_backoff_until);
             for (i, r) in self.refused_since.iter().enumerate() {
                 if let Some(r) = r
@@ -899,12 +940,13 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         // when the swarm stalls), it takes any chunk with no request out,
         // whatever peers claim; otherwise only chunks peers have refused for
         // the stall grace. Used more freely, a super-seeding seed (which
-        // offers few chunks at a time) would be bypassed over HTTP.
+        // offers few chunks at a time) would be bypassed over HTTP. Alone, there
+        // is nobody to wait for.
         if now < self.fallback_backoff_until {
             return;
         }
-        let since = self.last_peer_chunk.or(self.started).unwrap_or(now);
-        let stalled = now >= since + self.cfg.fallback_grace;
+        let stalled =
+            self.alone || now >= self.grace_from().unwrap_or(now) + self.cfg.fallback_grace;
         let mut i = 0;
         while self.fallback_in_flight < self.cfg.fallback_in_flight && i < self.n {
             let refused = self.refused_since[i].is_some_and(|t| now >= t + self.cfg.stall_grace);
@@ -1354,6 +1396,52 @@ mod tests {
             ms(1002),
         );
         assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
+    fn fallback_at_once_while_alone_grace_again_once_a_peer_is_on_its_way() {
+        let cfg = test_cfg().with_fallback_grace(ms(1000));
+        let mut s = Scheduler::new(8, cfg, 1).with_fallback("http");
+        // Nobody connected, nothing dialling: the rescue starts at once.
+        s.set_alone(true, T0);
+        let a = s.handle(Input::Tick, T0);
+        assert_eq!(
+            reqs(&a),
+            vec![("http", 0), ("http", 1), ("http", 2), ("http", 3)]
+        );
+        assert_eq!(
+            s.next_wakeup(T0),
+            Some(test_cfg().request_timeout),
+            "no grace timer, only the requests' deadlines"
+        );
+        // A dial starts at 100 ms: the grace period runs again from there,
+        // although no have-map (and no peer) has reached the scheduler yet.
+        s.set_alone(false, ms(100));
+        let ok = |c| Input::ChunkOk {
+            peer: "http",
+            chunk: c,
+        };
+        assert!(reqs(&s.handle(ok(0), ms(110))).is_empty(), "grace");
+        assert_eq!(s.next_wakeup(ms(110)), Some(ms(1100)));
+        assert!(reqs(&s.handle(Input::Tick, ms(1099))).is_empty());
+        assert_eq!(reqs(&s.handle(Input::Tick, ms(1100))), vec![("http", 4)]);
+        // Every dial failed: nobody to wait for again.
+        s.set_alone(true, ms(1200));
+        assert_eq!(reqs(&s.handle(ok(1), ms(1201))), vec![("http", 5)]);
+    }
+
+    #[test]
+    fn not_alone_keeps_the_grace_even_before_any_peer_is_known() {
+        // A dial to the seed's swarm node is in flight: its chunks must come
+        // over the swarm, not over HTTP while the connection is being set up.
+        let cfg = test_cfg().with_fallback_grace(ms(1000));
+        let mut s = Scheduler::new(4, cfg, 1).with_fallback("http");
+        s.set_alone(false, T0);
+        assert!(reqs(&s.handle(Input::Tick, T0)).is_empty());
+        assert!(reqs(&s.handle(Input::Tick, ms(500))).is_empty());
+        let a = add(&mut s, "seed", vec![true; 4]);
+        assert_eq!(reqs(&a).len(), 4);
+        assert!(reqs(&a).iter().all(|(p, _)| *p == "seed"), "{a:?}");
     }
 
     #[test]
