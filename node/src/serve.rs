@@ -292,50 +292,12 @@ async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Resp
     }
 }
 
-/// A byte range request, resolved against a length: `start..end` (exclusive).
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RangeReq {
-    /// No usable Range header: the whole body.
-    Full,
-    /// One satisfiable range.
-    Part(u64, u64),
-    /// A range outside the body.
-    Unsatisfiable,
-}
+pub(crate) use phase_content::range::RangeReq;
 
-/// Parses a `Range` header for one range; several ranges are served as the
-/// whole body, which RFC 9110 allows.
+/// Parses a `Range` header for one range (`phase_content::range`, pure and
+/// fuzzed there); a value that is not visible ASCII counts as absent.
 pub(crate) fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
-    let Some(spec) = h
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("bytes="))
-    else {
-        return RangeReq::Full;
-    };
-    if spec.contains(',') {
-        return RangeReq::Full;
-    }
-    let Some((a, b)) = spec.split_once('-') else {
-        return RangeReq::Unsatisfiable;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let parsed = match (a.is_empty(), b.is_empty()) {
-        (true, false) => b
-            .parse::<u64>()
-            .ok()
-            .filter(|&n| n > 0)
-            .map(|n| (len.saturating_sub(n), len)),
-        (false, true) => a.parse::<u64>().ok().map(|s| (s, len)),
-        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some((s, e.saturating_add(1).min(len))),
-            _ => None,
-        },
-        (true, true) => None,
-    };
-    match parsed {
-        Some((s, e)) if s < len && s < e => RangeReq::Part(s, e),
-        _ => RangeReq::Unsatisfiable,
-    }
+    phase_content::range::parse_range(h.and_then(|v| v.to_str().ok()), len)
 }
 
 async fn artifact(

@@ -25,12 +25,12 @@ pub(crate) struct ChunkCodec;
 
 /// Standard bincode with a decode limit, so a claimed length inside a
 /// message cannot make the decoder allocate more than a frame can hold.
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ MAX_RESPONSE_BYTES }>()
+fn config<const LIMIT: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<LIMIT>()
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T, max: usize) -> io::Result<Vec<u8>> {
-    let body = bincode::serde::encode_to_vec(v, config())
+    let body = bincode::serde::encode_to_vec(v, config::<{ MAX_RESPONSE_BYTES }>())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if body.len() > max {
         return Err(io::Error::new(
@@ -44,8 +44,19 @@ pub(crate) fn encode<T: Serialize>(v: &T, max: usize) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> io::Result<T> {
-    let (v, used) = bincode::serde::decode_from_slice(body, config())
+/// A request body: a claimed length inside it is checked against the
+/// request limit, so a 4 KiB request cannot make us allocate more.
+pub(crate) fn decode_request(body: &[u8]) -> io::Result<Request> {
+    decode::<Request, { MAX_REQUEST_BYTES }>(body)
+}
+
+/// A response body.
+pub(crate) fn decode_response(body: &[u8]) -> io::Result<Response> {
+    decode::<Response, { MAX_RESPONSE_BYTES }>(body)
+}
+
+fn decode<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> io::Result<T> {
+    let (v, used) = bincode::serde::decode_from_slice(body, config::<LIMIT>())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if used != body.len() {
         return Err(io::Error::new(
@@ -88,7 +99,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
             }
             Err(e) => return Err(e),
         };
-        Ok(match decode(&frame) {
+        Ok(match decode_request(&frame) {
             Ok(r) => Inbound::Ok(r),
             Err(e) => Inbound::Bad(e.to_string()),
         })
@@ -98,7 +109,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
+        decode_response(&read_frame(io, MAX_RESPONSE_BYTES).await?)
     }
 
     async fn write_request<T>(
@@ -226,6 +237,25 @@ mod tests {
             futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn claimed_length_over_request_limit_refused_before_allocating() {
+        // A 6-byte `Latest` request claiming an 8 MiB channel name: requests
+        // used to be decoded under the response limit, so bincode allocated
+        // the 8 MiB before noticing the bytes were not there.
+        let mut body = vec![4u8, 0xfc];
+        body.extend_from_slice(&(8u32 << 20).to_le_bytes());
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let r = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &frame[..]))
+            .unwrap();
+        assert!(
+            matches!(&r, Inbound::Bad(e) if e.contains("LimitExceeded")),
+            "{r:?}"
+        );
+        let e = crate::protocol::decode_request(&frame).unwrap_err();
+        assert!(e.to_string().contains("LimitExceeded"), "{e}");
     }
 
     #[test]
