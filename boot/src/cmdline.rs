@@ -154,6 +154,9 @@ pub struct PhaseConfig {
     pub peers: Vec<String>,
     /// `phase.linger=SECONDS`: keep serving this long after the fetch.
     pub linger: Option<u64>,
+    /// `phase.metrics=PORT`: a booted node in serve mode answers Prometheus
+    /// scrapes at `http://ADDR:PORT/metrics`.
+    pub metrics: Option<u16>,
     /// `phase.test_disable_kexec=1`: TEST ONLY. Init sets
     /// `kernel.kexec_load_disabled=1` before the boot path, to prove the
     /// diagnosis of a kernel that refuses kexec.
@@ -170,6 +173,7 @@ impl Default for PhaseConfig {
             mode: Mode::Internet,
             peers: Vec::new(),
             linger: None,
+            metrics: None,
             test_disable_kexec: false,
         }
     }
@@ -244,6 +248,13 @@ impl PhaseConfig {
                 "linger" => {
                     cfg.linger = Some(value.parse().map_err(|_| bad("want whole seconds"))?)
                 }
+                "metrics" => {
+                    cfg.metrics = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("want a TCP port (0-65535)"))?,
+                    )
+                }
                 "test_disable_kexec" => {
                     cfg.test_disable_kexec = match p.value {
                         None | Some("1") | Some("y") => true,
@@ -292,6 +303,9 @@ impl PhaseConfig {
         }
         if let Some(l) = self.linger {
             push("linger", &l.to_string());
+        }
+        if let Some(m) = self.metrics {
+            push("metrics", &m.to_string());
         }
         if self.test_disable_kexec {
             push("test_disable_kexec", "1");
@@ -348,7 +362,7 @@ mod tests {
         let line = format!(
             "console=ttyS0 phase.provider=http://10.0.2.100:80/ phase.pubkey={key} \
              phase.mode=lan phase.peers=/ip4/1.2.3.4/tcp/1,/dns/x/tcp/2 phase.linger=30 \
-             phase.frobnicate=yes phase-channel=beta"
+             phase.metrics=9100 phase.frobnicate=yes phase-channel=beta"
         );
         let (cfg, warnings) = PhaseConfig::parse(&line).expect("parses");
         assert_eq!(cfg.provider.as_deref(), Some("http://10.0.2.100:80"));
@@ -358,6 +372,7 @@ mod tests {
         assert_eq!(cfg.mode, Mode::Lan);
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.linger, Some(30));
+        assert_eq!(cfg.metrics, Some(9100));
         assert!(!cfg.test_disable_kexec);
         assert_eq!(
             warnings,
@@ -377,6 +392,8 @@ mod tests {
             "phase.mode=wan",
             "phase.pubkey=abc",
             "phase.linger=-1",
+            "phase.metrics=70000",
+            "phase.metrics=",
             "phase.channel=../x",
             "phase.provider=",
         ] {
@@ -403,6 +420,7 @@ mod tests {
             lan in any::<bool>(),
             peers in proptest::collection::vec("[a-z0-9/.]{1,20}", 0..4),
             linger in proptest::option::of(any::<u64>()),
+            metrics in proptest::option::of(any::<u16>()),
             test_disable_kexec in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
@@ -414,6 +432,7 @@ mod tests {
                 mode: if lan { Mode::Lan } else { Mode::Internet },
                 peers,
                 linger,
+                metrics,
                 test_disable_kexec,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.
