@@ -140,6 +140,42 @@ fn boots_target(arch: Arch, s: &Setup, want_path: &str) {
         arch.name(),
         started.elapsed().as_secs_f64()
     );
+    // PID 1's timeline beside the QEMU-relative time each line arrived.
+    let steps: Vec<(String, f64)> = guest
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            let step = l.split("plasmd: phase timeline step=").nth(1)?;
+            let step = step.split_whitespace().next()?.to_owned();
+            Some((step, l.at.as_secs_f64()))
+        })
+        .collect();
+    for (step, at) in &steps {
+        eprintln!("{}: timeline {step:<13} qemu={at:.2}s", arch.name());
+    }
+    // First occurrences: a retried attempt repeats its own steps.
+    let mut names: Vec<&str> = Vec::new();
+    for (s, _) in &steps {
+        if !names.contains(&s.as_str()) {
+            names.push(s);
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "start",
+            "modules",
+            "network",
+            "node",
+            "manifest",
+            "first-chunk",
+            "last-chunk",
+            "carry",
+            "kexec-loaded"
+        ],
+        "every milestone on the console timeline, in order:\n{}",
+        guest.output()
+    );
 }
 
 #[test]

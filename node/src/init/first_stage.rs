@@ -12,6 +12,11 @@
 //! - `plasmd: phase fetched chunks=N bytes=B seconds=S seed_bytes=X peer_bytes=Y`
 //! - `plasmd: phase retry held_chunks=N` (a failed attempt; the next resumes from N chunks)
 //! - `plasmd: phase linger seconds=S addrs=...`
+//! - `plasmd: phase timeline step=NAME t=SECONDS uptime=SECONDS` (t since PID 1
+//!   started, uptime from `/proc/uptime`), one per milestone in this order:
+//!   `start`, `modules`, `network`, `node` (swarm node up), `manifest`,
+//!   `first-chunk`, `last-chunk` (every chunk verified), `carry` (carried
+//!   archive built), `kexec-loaded` (the target is loaded; exec follows)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +94,7 @@ async fn start(
         f.node().peer_id(),
         cfg.mode
     );
+    super::timeline("node");
     Ok(f)
 }
 
@@ -103,18 +109,36 @@ async fn attempt(f: &mut Fetcher, started: Instant) -> anyhow::Result<SignedMani
         m.artifacts.len(),
         via.as_str()
     );
+    super::timeline("manifest");
 
     let (ptx, mut prx) = tokio::sync::watch::channel(FetchProgress::default());
+    // Whether `first-chunk` is on the timeline; the fetch may end before the
+    // printer sees a change, and then it is printed after.
+    let first_said = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let said = first_said.clone();
     let printer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
-            tick.tick().await;
-            let p = prx.borrow_and_update().clone();
-            if p.total > 0 {
-                println!(
-                    "plasmd: phase progress chunks={}/{} peers={}",
-                    p.held, p.total, p.peers
-                );
+            tokio::select! {
+                changed = prx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if prx.borrow_and_update().held > 0
+                        && !said.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        super::timeline("first-chunk");
+                    }
+                }
+                _ = tick.tick() => {
+                    let p = prx.borrow().clone();
+                    if p.total > 0 {
+                        println!(
+                            "plasmd: phase progress chunks={}/{} peers={}",
+                            p.held, p.total, p.peers
+                        );
+                    }
+                }
             }
         }
     });
@@ -122,6 +146,10 @@ async fn attempt(f: &mut Fetcher, started: Instant) -> anyhow::Result<SignedMani
     let report = f.fetch(&manifest, Some(ptx), Some(FETCH_TIMEOUT)).await;
     printer.abort();
     let report = report?;
+    if !first_said.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        super::timeline("first-chunk");
+    }
+    super::timeline("last-chunk");
 
     let (mut seed_bytes, mut peer_bytes) = (0u64, 0u64);
     for (id, st) in &report.sources {
@@ -252,6 +280,7 @@ pub(crate) fn first_stage(
         carried.len(),
         fetch.store.len()
     );
+    super::timeline("carry");
     Ok(Ready {
         _rt: rt,
         fetch,

@@ -15,7 +15,8 @@
 //! mounts, modules or network, and the kexec is a dry run.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use phase_boot::cmdline::{self, PhaseConfig};
@@ -29,6 +30,29 @@ mod serve;
 
 /// The longest wait between fetch attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// When PID 1 started: the origin of the console timeline.
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// Prints one `plasmd: phase timeline` line: `step`, seconds since PID 1
+/// started, and the kernel's uptime (so times can be compared with the
+/// kernel's and the host's clocks).
+pub(crate) fn timeline(step: &str) {
+    let t = STARTED.get_or_init(Instant::now).elapsed();
+    let uptime = std::fs::read_to_string("/proc/uptime").ok();
+    println!("{}", timeline_line(step, t, uptime.as_deref()));
+}
+
+/// The timeline line for `step` at `t`, with the first field of `/proc/uptime`.
+fn timeline_line(step: &str, t: Duration, uptime: Option<&str>) -> String {
+    let up = uptime
+        .and_then(|u| u.split_whitespace().next())
+        .unwrap_or("unknown");
+    format!(
+        "plasmd: phase timeline step={step} t={:.2} uptime={up}",
+        t.as_secs_f64()
+    )
+}
 
 fn is_pid1() -> bool {
     std::process::id() == 1
@@ -50,6 +74,7 @@ fn run_inner() -> anyhow::Result<()> {
         // A system booted by plasmd, holding the carried store: serve it.
         return serve::run();
     }
+    STARTED.get_or_init(Instant::now);
     println!(
         "plasmd: phase init start version={}",
         env!("CARGO_PKG_VERSION")
@@ -60,6 +85,7 @@ fn run_inner() -> anyhow::Result<()> {
     } else {
         println!("plasmd: not PID 1: no mounts, modules or network; kexec is a dry run");
     }
+    timeline("start");
     let (raw, cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
         .context("reading the phase.* parameters from /proc/cmdline")?;
     for w in &warnings {
@@ -87,6 +113,7 @@ fn run_inner() -> anyhow::Result<()> {
     if real {
         let n = net::load_modules(Path::new("/lib/modules"))?;
         println!("plasmd: phase modules loaded count={n}");
+        timeline("modules");
         let mut backoff = Duration::from_secs(1);
         loop {
             match net::dhcp() {
@@ -95,6 +122,7 @@ fn run_inner() -> anyhow::Result<()> {
                         "plasmd: phase network up iface={} ip={} router={}",
                         lease.iface, lease.ip, lease.router
                     );
+                    timeline("network");
                     break;
                 }
                 Err(e) => {
@@ -234,10 +262,28 @@ fn boot(
         "plasmd: phase kexec path={} reason={}",
         loaded.path, loaded.reason
     );
+    timeline("kexec-loaded");
     if !real {
         println!("plasmd: dry run: not executing");
         return Ok(());
     }
     println!("plasmd: phase kexec exec");
     Err(k.exec().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_line_names_step_time_and_uptime() {
+        assert_eq!(
+            timeline_line("network", Duration::from_millis(2614), Some("3.71 2.90\n")),
+            "plasmd: phase timeline step=network t=2.61 uptime=3.71"
+        );
+        assert_eq!(
+            timeline_line("start", Duration::ZERO, None),
+            "plasmd: phase timeline step=start t=0.00 uptime=unknown"
+        );
+    }
 }
