@@ -21,6 +21,7 @@ mod fetch;
 #[cfg(target_os = "linux")]
 mod init;
 mod keys;
+mod metrics;
 #[cfg(target_os = "linux")]
 mod mkinitramfs;
 mod serve;

@@ -7,7 +7,7 @@
 //! share the values. The binary registers it ([`Metrics::register`]) in its
 //! registry and hands the registry to [`crate::NodeConfig::with_metrics`], which
 //! also adds libp2p's own metrics (bandwidth, connections, Kademlia,
-//! identify) under `libp2p_`.
+//! identify), named `libp2p_*` after the registry's prefix.
 //!
 //! ```
 //! use phase_swarm::metrics::{Metrics, Registry};
@@ -50,6 +50,7 @@ type ManifestLabel = [(&'static str, String); 2];
 #[derive(Debug, Clone)]
 pub struct Metrics {
     bytes_received: Family<Label, Counter>,
+    bytes_late: Family<Label, Counter>,
     chunks_verified: Family<Label, Counter>,
     chunks_rejected: Family<Label, Counter>,
     bytes_sent: Family<Label, Counter>,
@@ -73,6 +74,7 @@ impl Metrics {
     pub fn new() -> Self {
         Metrics {
             bytes_received: Family::default(),
+            bytes_late: Family::default(),
             chunks_verified: Family::default(),
             chunks_rejected: Family::default(),
             bytes_sent: Family::default(),
@@ -91,13 +93,20 @@ impl Metrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "bytes_received",
-            "Verified chunk bytes received, by source (seed: the HTTP seed's swarm node, \
-             peer: any other peer, http: the seed's /chunks rescue)",
+            "Verified chunk bytes received by fetches, by source (seed: the HTTP seed's swarm \
+             node, peer: any other peer, http: the seed's /chunks rescue); duplicates included, \
+             as in fetch --json",
             self.bytes_received.clone(),
         );
         r.register(
+            "late_bytes_received",
+            "Verified chunk bytes that arrived after their fetch had finished (end-game \
+             duplicates still in flight), by source",
+            self.bytes_late.clone(),
+        );
+        r.register(
             "chunks_verified",
-            "Chunks received that verified against the manifest, by source",
+            "Chunks received by fetches that verified against the manifest, by source",
             self.chunks_verified.clone(),
         );
         r.register(
@@ -173,6 +182,13 @@ impl Metrics {
         self.bytes_received.get_or_create(&l).inc_by(bytes as u64);
     }
 
+    /// A verified chunk that arrived when no fetch wanted it any more.
+    pub(crate) fn late(&self, src: &Source, bytes: usize) {
+        self.bytes_late
+            .get_or_create(&[("source", self.kind(src))])
+            .inc_by(bytes as u64);
+    }
+
     pub(crate) fn rejected(&self, src: &Source) {
         self.chunks_rejected
             .get_or_create(&[("source", self.kind(src))])
@@ -231,6 +247,18 @@ impl Metrics {
     }
 }
 
+/// The OpenMetrics text of `registry` (what `/metrics` answers), ending in `# EOF`.
+pub fn encode(registry: &SharedRegistry) -> String {
+    let r = registry.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut text = String::new();
+    // Writing into a String cannot fail; a metric that could not encode
+    // would be a bug in prometheus-client, and a scrape still gets the rest.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &r) {
+        tracing::error!(error = %e, "encoding metrics");
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -259,6 +287,7 @@ mod tests {
         m.verified(&Source::Peer(other), 7);
         m.verified(&Source::HttpSeed, 5);
         m.verified(&Source::HttpSeed, 5);
+        m.late(&Source::Peer(seed), 9);
         m.rejected(&Source::Peer(other));
         m.answered(&Response::Chunks(vec![
             Piece {
@@ -281,6 +310,7 @@ mod tests {
             "plasmd_bytes_received_total{source=\"peer\"} 7",
             "plasmd_bytes_received_total{source=\"http\"} 10",
             "plasmd_chunks_verified_total{source=\"http\"} 2",
+            "plasmd_late_bytes_received_total{source=\"seed\"} 9",
             "plasmd_chunks_rejected_total{source=\"peer\"} 1",
             "plasmd_chunks_sent_total{via=\"swarm\"} 2",
             "plasmd_bytes_sent_total{via=\"swarm\"} 7",

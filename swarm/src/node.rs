@@ -542,7 +542,8 @@ impl Node {
             .as_ref()
             .map(|r| r.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let lib = match shared.as_mut() {
-            Some(r) => r.sub_registry_with_prefix("libp2p"),
+            // libp2p names its own metrics `libp2p_*`.
+            Some(r) => &mut **r,
             None => &mut scratch,
         };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
@@ -994,7 +995,7 @@ impl Node {
             }
         };
         match verdict {
-            Ok(()) => self.metrics.verified(&src, data.len()),
+            Ok(()) => {}
             Err(None) => {
                 self.metrics.rejected(&src);
                 if fetching {
@@ -1018,6 +1019,11 @@ impl Node {
         }
         let first = !held.announced;
         let progress = held.progress(self.connected.len());
+        if fetching {
+            self.metrics.verified(&src, data.len());
+        } else {
+            self.metrics.late(&src, data.len());
+        }
         if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
             let st = f.stats.entry(src).or_default();
             st.bytes += data.len() as u64;
