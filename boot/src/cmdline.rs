@@ -157,6 +157,9 @@ pub struct PhaseConfig {
     /// `phase.min_sequence=N`: refuse any manifest with a lower sequence
     /// (rollback protection for a machine that has no state of its own).
     pub min_sequence: Option<u64>,
+    /// `phase.metrics=PORT`: a booted node in serve mode answers Prometheus
+    /// scrapes at `http://ADDR:PORT/metrics`.
+    pub metrics: Option<u16>,
     /// `phase.test_disable_kexec=1`: TEST ONLY. Init sets
     /// `kernel.kexec_load_disabled=1` before the boot path, to prove the
     /// diagnosis of a kernel that refuses kexec.
@@ -174,6 +177,7 @@ impl Default for PhaseConfig {
             peers: Vec::new(),
             linger: None,
             min_sequence: None,
+            metrics: None,
             test_disable_kexec: false,
         }
     }
@@ -251,6 +255,13 @@ impl PhaseConfig {
                 "min_sequence" => {
                     cfg.min_sequence = Some(value.parse().map_err(|_| bad("want a whole number"))?)
                 }
+                "metrics" => {
+                    cfg.metrics = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("want a TCP port (0-65535)"))?,
+                    )
+                }
                 "test_disable_kexec" => {
                     cfg.test_disable_kexec = match p.value {
                         None | Some("1") | Some("y") => true,
@@ -302,6 +313,9 @@ impl PhaseConfig {
         }
         if let Some(n) = self.min_sequence {
             push("min_sequence", &n.to_string());
+        }
+        if let Some(m) = self.metrics {
+            push("metrics", &m.to_string());
         }
         if self.test_disable_kexec {
             push("test_disable_kexec", "1");
@@ -358,7 +372,7 @@ mod tests {
         let line = format!(
             "console=ttyS0 phase.provider=http://10.0.2.100:80/ phase.pubkey={key} \
              phase.mode=lan phase.peers=/ip4/1.2.3.4/tcp/1,/dns/x/tcp/2 phase.linger=30 \
-             phase.frobnicate=yes phase-channel=beta phase.min-sequence=7"
+             phase.metrics=9100 phase.frobnicate=yes phase-channel=beta phase.min-sequence=7"
         );
         let (cfg, warnings) = PhaseConfig::parse(&line).expect("parses");
         assert_eq!(cfg.provider.as_deref(), Some("http://10.0.2.100:80"));
@@ -369,6 +383,7 @@ mod tests {
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.linger, Some(30));
         assert_eq!(cfg.min_sequence, Some(7), "- and _ are the same in names");
+        assert_eq!(cfg.metrics, Some(9100));
         assert!(!cfg.test_disable_kexec);
         assert_eq!(
             warnings,
@@ -390,6 +405,8 @@ mod tests {
             "phase.linger=-1",
             "phase.min_sequence=two",
             "phase.min_sequence=",
+            "phase.metrics=70000",
+            "phase.metrics=",
             "phase.channel=../x",
             "phase.provider=",
         ] {
@@ -417,6 +434,7 @@ mod tests {
             peers in proptest::collection::vec("[a-z0-9/.]{1,20}", 0..4),
             linger in proptest::option::of(any::<u64>()),
             min_sequence in proptest::option::of(any::<u64>()),
+            metrics in proptest::option::of(any::<u16>()),
             test_disable_kexec in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
@@ -429,6 +447,7 @@ mod tests {
                 peers,
                 linger,
                 min_sequence,
+                metrics,
                 test_disable_kexec,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.

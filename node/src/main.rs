@@ -22,6 +22,7 @@ mod files;
 #[cfg(target_os = "linux")]
 mod init;
 mod keys;
+mod metrics;
 #[cfg(target_os = "linux")]
 mod mkinitramfs;
 mod serve;

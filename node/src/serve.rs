@@ -3,6 +3,7 @@
 //! HTTP is the bootstrap: the signed manifest, the seed's libp2p addresses,
 //! chunks by hash (the fallback source when no peer has one), and the raw
 //! artifacts at `/CHANNEL/ARCH/NAME` so a plain wget-based init still boots.
+//! `/metrics` is the Prometheus scrape ([`crate::metrics`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,11 +19,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use phase_content::publish::{PublishOptions, publish_dir};
 use phase_content::{
     Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
 };
 
+use crate::metrics::Exporter;
 use crate::swarm_serve::{self, SeedSwarm, SwarmOptions};
 
 /// Requests served at once; more wait in the accept queue.
@@ -58,6 +61,7 @@ pub(crate) struct AppState {
     store: FsStore,
     manifests: BTreeMap<(String, String), SignedManifest>,
     swarm: SeedSwarm,
+    metrics: Exporter,
 }
 
 /// The host's architecture in the names manifests use.
@@ -128,7 +132,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    let metrics = Exporter::new();
     let swarm = swarm_serve::start(
+        &metrics,
         store.clone(),
         manifests.values().cloned().collect(),
         SwarmOptions {
@@ -150,6 +156,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         store,
         manifests,
         swarm,
+        metrics,
     });
     eprintln!("plasmd serve: serving http://{local}");
     axum::serve(
@@ -169,6 +176,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/", get(index))
         .route("/manifest.json", get(default_manifest))
         .route("/swarm", get(swarm_info))
+        .route("/metrics", get(metrics))
         .route("/chunks/{hash}", get(chunk))
         .route("/{channel}/{arch}/{name}", get(artifact))
         .layer(tower::limit::ConcurrencyLimitLayer::new(
@@ -274,6 +282,10 @@ async fn swarm_info(
     axum::Json(s.swarm.info(conn.remote.ip(), reached).await).into_response()
 }
 
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.metrics.response()
+}
+
 async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Response {
     let Ok(hash) = hash.parse::<Hash>() else {
         return (StatusCode::BAD_REQUEST, "not a chunk hash\n").into_response();
@@ -281,6 +293,7 @@ async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Resp
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
         Ok(Ok(Some(data))) => {
+            s.metrics.metrics().sent_http(data.len() as u64);
             ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
         }
         Ok(Ok(None)) => not_found(format!("no chunk {hash}")),
@@ -333,7 +346,13 @@ async fn artifact(
                 .into_response();
         }
     };
-    let body = Body::from_stream(range_stream(s.store.clone(), art.clone(), start, end));
+    let body = Body::from_stream(range_stream(
+        s.store.clone(),
+        art.clone(),
+        start,
+        end,
+        s.metrics.clone(),
+    ));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -356,12 +375,14 @@ async fn artifact(
 
 /// Streams `start..end` of an artifact chunk by chunk from the store. Every
 /// chunk is verified on read; a bad one ends the stream with an error, so the
-/// client sees a short body rather than wrong bytes.
+/// client sees a short body rather than wrong bytes. Each piece handed to
+/// the connection counts as one chunk sent over HTTP.
 fn range_stream(
     store: FsStore,
     art: Artifact,
     start: u64,
     end: u64,
+    metrics: Exporter,
 ) -> impl futures_util::Stream<Item = Result<Bytes, phase_content::Error>> + Send + 'static {
     let cs = u64::from(art.chunk_size);
     let first = (start / cs) as usize;
@@ -404,6 +425,12 @@ fn range_stream(
             Some((Ok(piece), (store, art, idx + 1, next)))
         },
     )
+    .map(move |piece| {
+        if let Ok(p) = &piece {
+            metrics.metrics().sent_http(p.len() as u64);
+        }
+        piece
+    })
 }
 
 #[cfg(test)]

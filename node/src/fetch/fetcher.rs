@@ -22,6 +22,7 @@ use phase_swarm::{
 use tokio::sync::watch;
 
 use super::http::{HttpSeed, ManifestError};
+use crate::metrics::Exporter;
 
 /// What to fetch and how to reach it.
 pub(crate) struct Options {
@@ -49,6 +50,8 @@ pub(crate) struct Options {
     /// they may take to offer a newer one (0: take the seed's). Nothing is
     /// waited for when no peer is connected.
     pub(crate) offer_window: Duration,
+    /// Where the node counts for Prometheus; nowhere if `None`.
+    pub(crate) metrics: Option<Exporter>,
 }
 
 /// The lowest sequence still accepted, and what set it (for the refusal).
@@ -140,6 +143,9 @@ impl Fetcher {
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }
+        if let Some(e) = &opts.metrics {
+            cfg = e.node_config(cfg);
+        }
         let node = Node::spawn(cfg, store.clone()).context("starting the libp2p node")?;
         let mut f = Fetcher {
             node,
@@ -173,7 +179,13 @@ impl Fetcher {
         match tokio::task::spawn_blocking(move || seed.swarm()).await? {
             Ok(addrs) => {
                 for a in addrs {
-                    self.seed_peers.extend(addr::peer_id(&a));
+                    if let Some(p) = addr::peer_id(&a) {
+                        self.seed_peers.insert(p);
+                        if let Some(e) = &self.opts.metrics {
+                            // Its bytes count as source="seed", as in the summary's kinds.
+                            e.metrics().mark_seed(p);
+                        }
+                    }
                     if let Err(e) = self.node.dial(a).await {
                         tracing::debug!(error = %e, "dialing the seed's swarm node");
                     }

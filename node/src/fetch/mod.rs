@@ -24,6 +24,7 @@ use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, verify_file, write
 use phase_swarm::{FetchProgress, Multiaddr, load_or_create_key};
 
 use crate::files::write_atomic;
+use crate::metrics::Exporter;
 
 /// Arguments of `plasmd fetch`.
 #[derive(Debug, clap::Args)]
@@ -76,6 +77,9 @@ pub(crate) struct Args {
     /// Give up if the fetch has not finished after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Answer Prometheus scrapes at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Milliseconds between plain progress lines (not on a terminal).
     #[arg(long, default_value_t = 2000, hide = true)]
     progress_ms: u64,
@@ -121,6 +125,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let exporter = match a.metrics {
+        Some(at) => {
+            let e = Exporter::new();
+            let on = crate::metrics::listen(e.clone(), at).await?;
+            eprintln!("plasmd fetch: metrics on http://{on}/metrics");
+            Some(e)
+        }
+        None => None,
+    };
     let opts = Options {
         provider: a.provider.clone(),
         channel: a.channel.clone(),
@@ -134,6 +147,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         manifest_wait: Duration::from_secs(a.manifest_wait),
         min_sequence: floor,
         offer_window: Duration::from_millis(a.offer_window_ms),
+        metrics: exporter,
     };
     let mut fetcher = Fetcher::start(opts, store, say).await?;
     let (manifest, _via) = fetcher.manifest().await?;

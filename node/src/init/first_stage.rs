@@ -16,6 +16,8 @@
 //! - `plasmd: phase fetched chunks=N bytes=B seconds=S seed_bytes=X peer_bytes=Y`
 //! - `plasmd: phase retry held_chunks=N` (a failed attempt; the next resumes from N chunks)
 //! - `plasmd: phase linger seconds=S addrs=...`
+//! - `plasmd: phase metrics listening addr=IP:PORT` (serve mode with `phase.metrics=PORT`;
+//!   `plasmd: phase metrics failed: ...` if the port cannot be had, and serving goes on)
 //! - `plasmd: phase timeline step=NAME t=SECONDS uptime=SECONDS` (t since PID 1
 //!   started, uptime from `/proc/uptime`), one per milestone in this order:
 //!   `start`, `modules`, `network`, `node` (swarm node up), `manifest`,
@@ -100,6 +102,7 @@ async fn start(
             from: format!("phase.min_sequence={n}"),
         }),
         offer_window: OFFER_WINDOW,
+        metrics: None,
     };
     let f = Fetcher::start(opts, store, say).await?;
     println!(
