@@ -8,6 +8,17 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::protocol::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Request, Response};
 
+/// An answer is written in slices of this many bytes...
+const WRITE_SLICE: usize = 64 << 10;
+
+/// ...and each slice must leave within this, or the upload is cancelled: a
+/// peer that asks and does not read must not hold an upload slot for the
+/// whole request timeout.
+pub(crate) const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The I/O error of an upload cancelled for making no progress.
+pub(crate) const STALLED: &str = "upload made no progress";
+
 /// A request as read off the wire. Malformed or oversize requests are not
 /// I/O errors here: libp2p drops those silently, and the node needs to see
 /// them to drop the sender.
@@ -78,8 +89,13 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("message of {len} bytes over the {max}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grown as bytes arrive, not allocated to the claimed length up front: a
+    // peer that claims 8 MiB and sends nothing costs nothing.
+    let mut body = Vec::new();
+    io.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(body)
 }
 
@@ -137,8 +153,16 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&encode(&res, MAX_RESPONSE_BYTES)?).await?;
-        io.close().await
+        let bytes = encode(&res, MAX_RESPONSE_BYTES)?;
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, STALLED);
+        for slice in bytes.chunks(WRITE_SLICE) {
+            tokio::time::timeout(WRITE_STALL, io.write_all(slice))
+                .await
+                .map_err(|_| stalled())??;
+        }
+        tokio::time::timeout(WRITE_STALL, io.close())
+            .await
+            .map_err(|_| stalled())?
     }
 }
 

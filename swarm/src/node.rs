@@ -19,10 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::Error;
 use crate::codec::{ChunkCodec, Inbound};
 use crate::metrics::{Metrics, SharedRegistry};
-use crate::protocol::{
-    MAX_NAME, MAX_RANGE_BYTES, MAX_RANGE_CHUNKS, PROTOCOL, Piece, Request, Response, Root,
-    pack_bits, unpack_bits,
-};
+use crate::protocol::{MAX_NAME, PROTOCOL, Piece, Request, Response, Root, pack_bits, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
 
 /// Configuration of a [`Node`]. `Default` listens on all IPv4 addresses on
@@ -85,7 +82,9 @@ impl Default for NodeConfig {
             // Few uploads at once, each fast: a chunk reaches a fetcher (and
             // becomes servable there) sooner than when 16 share the link.
             max_serving: 6,
-            per_peer_serving: 6,
+            // Below the global cap, so one peer (honest ones ask one at a
+            // time) cannot take every upload slot.
+            per_peer_serving: 2,
             flood_limit: 32,
             flood_busy: 32,
             block_time: Duration::from_secs(60),
@@ -1278,7 +1277,9 @@ impl Node {
                 let busy =
                     n > self.cfg.per_peer_serving || self.serving_total > self.cfg.max_serving;
                 let resp = self.answer(peer, request, busy);
-                if resp == Response::Busy {
+                // Busy and refused answers alike: an honest peer backs off
+                // after one, and never sends what we refuse.
+                if matches!(resp, Response::Busy | Response::Refused(_)) {
                     let now = Instant::now();
                     let e = self.busy_log.entry(peer).or_insert((now, 0));
                     if now.duration_since(e.0) >= Duration::from_secs(1) {
@@ -1344,6 +1345,13 @@ impl Node {
             } => {
                 tracing::debug!(%peer, %error, "answering a request failed");
                 self.inbound_done(request_id);
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.to_string() == crate::codec::STALLED
+                {
+                    // It asked and did not read for WRITE_STALL: the upload is
+                    // cancelled (its slot is free) and the peer not served.
+                    self.block(peer, "asked for chunks and did not read them");
+                }
             }
             Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),
         }
@@ -1408,7 +1416,7 @@ impl Node {
                 .map_or(Response::DoNotHave, |h| {
                     Response::Manifest(h.manifest.envelope().to_vec())
                 }),
-            Request::Chunk { .. } | Request::Range { .. } if busy => Response::Busy,
+            Request::Chunk { .. } if busy => Response::Busy,
             Request::Chunk { root, index } => {
                 let Some(h) = self.held.get(&root) else {
                     return Response::DoNotHave;
@@ -1432,34 +1440,10 @@ impl Node {
                     None => Response::DoNotHave,
                 }
             }
-            Request::Range { root, start, count } => {
-                let Some(h) = self.held.get(&root) else {
-                    return Response::DoNotHave;
-                };
-                let end = (start as usize)
-                    .saturating_add(count.min(MAX_RANGE_CHUNKS) as usize)
-                    .min(h.hashes.len());
-                let mut out = Vec::new();
-                let mut bytes = 0usize;
-                for i in start as usize..end {
-                    if bytes + h.lens[i] as usize > MAX_RANGE_BYTES {
-                        break;
-                    }
-                    let Some(data) = self.read_chunk(h, i) else {
-                        break;
-                    };
-                    bytes += data.len();
-                    out.push(Piece {
-                        index: i as u32,
-                        data,
-                    });
-                }
-                if out.is_empty() {
-                    Response::DoNotHave
-                } else {
-                    Response::Chunks(out)
-                }
-            }
+            // Nothing asks for ranges (the scheduler asks chunk by chunk),
+            // and one range holds an upload slot eight times as long as a
+            // chunk: refused. The variant stays so the wire numbering does.
+            Request::Range { .. } => refused("range requests are not served; ask chunk by chunk"),
         }
     }
 

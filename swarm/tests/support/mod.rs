@@ -22,7 +22,7 @@ use phase_swarm::protocol::{
 };
 
 /// Frames as raw bytes (length prefix included) both ways. `unread`: never
-/// read an answer (an attacker holding upload slots).
+/// read an answer over 64 KiB (an attacker holding upload slots).
 #[derive(Clone, Default)]
 pub struct Raw {
     pub unread: bool,
@@ -57,10 +57,19 @@ impl request_response::Codec for Raw {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        if self.unread {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let n = u32::from_be_bytes(len) as usize;
+        if self.unread && n > 64 << 10 {
+            // Holds the stream open without reading a byte of the chunk.
             future::pending::<()>().await;
         }
-        frame(io, MAX_RESPONSE_BYTES).await
+        if n > MAX_RESPONSE_BYTES {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        let mut v = len.to_vec();
+        io.take(n as u64).read_to_end(&mut v).await?;
+        Ok(v)
     }
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
