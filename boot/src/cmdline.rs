@@ -158,6 +158,10 @@ pub struct PhaseConfig {
     /// `kernel.kexec_load_disabled=1` before the boot path, to prove the
     /// diagnosis of a kernel that refuses kexec.
     pub test_disable_kexec: bool,
+    /// `phase.test_force_kexec_load=1`: TEST ONLY. Init answers
+    /// `kexec_file_load` with ENOSYS without calling it, so the `kexec_load`
+    /// fallback runs on a kernel that has both.
+    pub test_force_kexec_load: bool,
 }
 
 impl Default for PhaseConfig {
@@ -171,6 +175,7 @@ impl Default for PhaseConfig {
             peers: Vec::new(),
             linger: None,
             test_disable_kexec: false,
+            test_force_kexec_load: false,
         }
     }
 }
@@ -244,11 +249,16 @@ impl PhaseConfig {
                 "linger" => {
                     cfg.linger = Some(value.parse().map_err(|_| bad("want whole seconds"))?)
                 }
-                "test_disable_kexec" => {
-                    cfg.test_disable_kexec = match p.value {
+                "test_disable_kexec" | "test_force_kexec_load" => {
+                    let on = match p.value {
                         None | Some("1") | Some("y") => true,
                         Some("0") | Some("n") => false,
                         Some(_) => return Err(bad("want 1 or 0")),
+                    };
+                    if name == "test_disable_kexec" {
+                        cfg.test_disable_kexec = on;
+                    } else {
+                        cfg.test_force_kexec_load = on;
                     }
                 }
                 _ => warnings.push(Warning {
@@ -295,6 +305,9 @@ impl PhaseConfig {
         }
         if self.test_disable_kexec {
             push("test_disable_kexec", "1");
+        }
+        if self.test_force_kexec_load {
+            push("test_force_kexec_load", "1");
         }
         words.join(" ")
     }
@@ -359,6 +372,7 @@ mod tests {
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.linger, Some(30));
         assert!(!cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(
             warnings,
             vec![Warning {
@@ -368,7 +382,11 @@ mod tests {
         let (cfg, _) =
             PhaseConfig::parse("phase.test-disable-kexec phase.channel=beta").expect("parses");
         assert!(cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(cfg.channel, "beta");
+        let (cfg, _) = PhaseConfig::parse("phase.test_force_kexec_load=1").expect("parses");
+        assert!(cfg.test_force_kexec_load);
+        assert!(PhaseConfig::parse("phase.test_force_kexec_load=maybe").is_err());
     }
 
     #[test]
@@ -404,6 +422,7 @@ mod tests {
             peers in proptest::collection::vec("[a-z0-9/.]{1,20}", 0..4),
             linger in proptest::option::of(any::<u64>()),
             test_disable_kexec in any::<bool>(),
+            test_force_kexec_load in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
             let cfg = PhaseConfig {
@@ -415,6 +434,7 @@ mod tests {
                 peers,
                 linger,
                 test_disable_kexec,
+                test_force_kexec_load,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.
             let line = format!("console=ttyS0 {} {}", noise.replace('"', ""), cfg.to_cmdline());
