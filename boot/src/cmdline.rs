@@ -164,6 +164,10 @@ pub struct PhaseConfig {
     /// `kernel.kexec_load_disabled=1` before the boot path, to prove the
     /// diagnosis of a kernel that refuses kexec.
     pub test_disable_kexec: bool,
+    /// `phase.test_force_kexec_load=1`: TEST ONLY. Init answers
+    /// `kexec_file_load` with ENOSYS without calling it, so the `kexec_load`
+    /// fallback runs on a kernel that has both.
+    pub test_force_kexec_load: bool,
 }
 
 impl Default for PhaseConfig {
@@ -179,6 +183,7 @@ impl Default for PhaseConfig {
             min_sequence: None,
             metrics: None,
             test_disable_kexec: false,
+            test_force_kexec_load: false,
         }
     }
 }
@@ -262,11 +267,16 @@ impl PhaseConfig {
                             .map_err(|_| bad("want a TCP port (0-65535)"))?,
                     )
                 }
-                "test_disable_kexec" => {
-                    cfg.test_disable_kexec = match p.value {
+                "test_disable_kexec" | "test_force_kexec_load" => {
+                    let on = match p.value {
                         None | Some("1") | Some("y") => true,
                         Some("0") | Some("n") => false,
                         Some(_) => return Err(bad("want 1 or 0")),
+                    };
+                    if name == "test_disable_kexec" {
+                        cfg.test_disable_kexec = on;
+                    } else {
+                        cfg.test_force_kexec_load = on;
                     }
                 }
                 _ => warnings.push(Warning {
@@ -319,6 +329,9 @@ impl PhaseConfig {
         }
         if self.test_disable_kexec {
             push("test_disable_kexec", "1");
+        }
+        if self.test_force_kexec_load {
+            push("test_force_kexec_load", "1");
         }
         words.join(" ")
     }
@@ -385,6 +398,7 @@ mod tests {
         assert_eq!(cfg.min_sequence, Some(7), "- and _ are the same in names");
         assert_eq!(cfg.metrics, Some(9100));
         assert!(!cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(
             warnings,
             vec![Warning {
@@ -394,7 +408,11 @@ mod tests {
         let (cfg, _) =
             PhaseConfig::parse("phase.test-disable-kexec phase.channel=beta").expect("parses");
         assert!(cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(cfg.channel, "beta");
+        let (cfg, _) = PhaseConfig::parse("phase.test_force_kexec_load=1").expect("parses");
+        assert!(cfg.test_force_kexec_load);
+        assert!(PhaseConfig::parse("phase.test_force_kexec_load=maybe").is_err());
     }
 
     #[test]
@@ -436,6 +454,7 @@ mod tests {
             min_sequence in proptest::option::of(any::<u64>()),
             metrics in proptest::option::of(any::<u16>()),
             test_disable_kexec in any::<bool>(),
+            test_force_kexec_load in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
             let cfg = PhaseConfig {
@@ -449,6 +468,7 @@ mod tests {
                 min_sequence,
                 metrics,
                 test_disable_kexec,
+                test_force_kexec_load,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.
             let line = format!("console=ttyS0 {} {}", noise.replace('"', ""), cfg.to_cmdline());
