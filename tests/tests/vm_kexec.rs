@@ -119,8 +119,12 @@ fn kexec_boots_target(arch: Arch, want_path: &str) {
 }
 
 fn boots_target(arch: Arch, s: &Setup, want_path: &str) {
+    boots_target_with(arch, s, want_path, "");
+}
+
+fn boots_target_with(arch: Arch, s: &Setup, want_path: &str, extra: &str) -> Proc {
     let started = Instant::now();
-    let guest = boot(arch, s, "");
+    let guest = boot(arch, s, extra);
     phase(&guest, started, "plasmd: phase cmdline ok");
     phase(&guest, started, "plasmd: phase modules loaded");
     let net = phase(&guest, started, "plasmd: phase network up");
@@ -176,11 +180,36 @@ fn boots_target(arch: Arch, s: &Setup, want_path: &str) {
         "every milestone on the console timeline, in order:\n{}",
         guest.output()
     );
+    guest
 }
 
 #[test]
 fn x86_64_kexec_file_load_boots_the_fetched_kernel() {
     kexec_boots_target(Arch::X86_64, "kexec_file_load");
+}
+
+#[test]
+fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
+    // The amd64 kernel has kexec_file_load; the test knob answers it with
+    // ENOSYS so our bzImage planner, zero page and trampoline boot the target.
+    let Some(s) = setup(Arch::X86_64) else { return };
+    let guest = boots_target_with(
+        Arch::X86_64,
+        &s,
+        "kexec_load",
+        "phase.test_force_kexec_load=1",
+    );
+    let out = guest.output();
+    assert!(
+        out.contains("plasmd: test knob: kexec_file_load answered ENOSYS without calling it"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "plasmd: phase kexec path=kexec_load reason=kexec_file_load failed with ENOSYS"
+        ),
+        "{out}"
+    );
 }
 
 #[test]
