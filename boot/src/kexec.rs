@@ -166,16 +166,19 @@ pub fn parse_iomem(text: &str) -> Vec<Range> {
             let (a, b) = range.trim().split_once('-')?;
             let start = u64::from_str_radix(a, 16).ok()?;
             let last = u64::from_str_radix(b, 16).ok()?;
+            // `end` is exclusive: RAM ending at the top of the address space
+            // loses its last byte rather than wrapping to 0.
             (last > start).then_some(Range {
                 start,
-                end: last + 1,
+                end: last.saturating_add(1),
             })
         })
         .collect()
 }
 
-fn align_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
+/// `x` rounded up to a multiple of `a`, or `None` past `u64::MAX`.
+fn checked_align_up(x: u64, a: u64) -> Option<u64> {
+    x.checked_next_multiple_of(a)
 }
 
 /// Decompresses a gzip'd kernel (`Image.gz`); passes anything else through.
@@ -224,10 +227,18 @@ pub fn arm64_header(image: &[u8]) -> Result<Arm64Header, Error> {
     let (text_offset, image_size) = (le(8), le(16));
     // Kernels before 3.17 leave image_size 0: assume the historical layout.
     let (text_offset, image_size) = if image_size == 0 {
-        (0x80000, align_up(image.len() as u64, MIB2) + MIB2)
+        let size = checked_align_up(image.len() as u64, MIB2)
+            .and_then(|n| n.checked_add(MIB2))
+            .ok_or_else(|| bad(format!("Image of {} bytes is too large", image.len())))?;
+        (0x80000, size)
     } else {
         (text_offset, image_size)
     };
+    if text_offset % PAGE != 0 {
+        return Err(bad(format!(
+            "Image header text_offset {text_offset:#x} is not page aligned"
+        )));
+    }
     if image_size < image.len() as u64 {
         return Err(bad(format!(
             "Image header says {image_size} bytes but the file has {}",
@@ -293,25 +304,36 @@ pub fn plan_arm64(
     // A conservative DTB reservation: the patch adds well under 1 MiB.
     let dtb_room = dtb::MAX_DTB as u64;
     let initrd_len = initrd.map_or(0, |i| i.len() as u64);
-    let need = |base: u64| -> (u64, u64, u64, u64, u64) {
-        let kernel_at = base + hdr.text_offset;
-        let initrd_at = align_up(kernel_at + hdr.image_size, MIB2);
-        let dtb_at = align_up(initrd_at + initrd_len, MIB2);
-        let tramp_at = align_up(dtb_at + dtb_room, MIB2);
-        let end = tramp_at + PAGE;
-        (kernel_at, initrd_at, dtb_at, tramp_at, end)
+    // text_offset and image_size come from the file: every step is checked,
+    // and a layout past the top of the address space fits no RAM range.
+    let need = |base: u64| -> Option<(u64, u64, u64, u64, u64)> {
+        let kernel_at = base.checked_add(hdr.text_offset)?;
+        let initrd_at = checked_align_up(kernel_at.checked_add(hdr.image_size)?, MIB2)?;
+        let dtb_at = checked_align_up(initrd_at.checked_add(initrd_len)?, MIB2)?;
+        let tramp_at = checked_align_up(dtb_at.checked_add(dtb_room)?, MIB2)?;
+        let end = tramp_at.checked_add(PAGE)?;
+        Some((kernel_at, initrd_at, dtb_at, tramp_at, end))
     };
     let (kernel_at, initrd_at, dtb_at, tramp_at) = inputs
         .memory
         .iter()
         .find_map(|r| {
-            let base = align_up(r.start, MIB2);
-            let (k, i, d, t, end) = need(base);
+            let base = checked_align_up(r.start, MIB2)?;
+            let (k, i, d, t, end) = need(base)?;
             (end <= r.end).then_some((k, i, d, t))
         })
-        .ok_or_else(|| Error::NoRoom {
-            need: need(0).4,
-            ranges: inputs.memory.len(),
+        .ok_or_else(|| match need(0) {
+            Some(n) => Error::NoRoom {
+                need: n.4,
+                ranges: inputs.memory.len(),
+            },
+            None => Error::Image {
+                reason: format!(
+                    "Image header text_offset {:#x} + image_size {:#x} overflows the \
+                     64-bit address space",
+                    hdr.text_offset, hdr.image_size
+                ),
+            },
         })?;
 
     let initrd_range = initrd.map(|i| (initrd_at, initrd_at + i.len() as u64));
@@ -324,23 +346,36 @@ pub fn plan_arm64(
             rng_seed,
         },
     )?;
-    let seg = |what, buf: Vec<u8>, mem: u64, memsz: u64| Segment {
-        what,
-        memsz: align_up(memsz.max(buf.len() as u64), PAGE),
-        buf,
-        mem,
+    let seg = |what, buf: Vec<u8>, mem: u64, memsz: u64| -> Result<Segment, Error> {
+        let len = buf.len() as u64;
+        Ok(Segment {
+            what,
+            memsz: checked_align_up(memsz.max(len), PAGE).ok_or_else(|| Error::Image {
+                reason: format!(
+                    "{what} of {:#x} bytes overflows when rounded to a page",
+                    memsz.max(len)
+                ),
+            })?,
+            buf,
+            mem,
+        })
     };
-    let mut segments = vec![seg("kernel", image.into_owned(), kernel_at, hdr.image_size)];
+    let mut segments = vec![seg(
+        "kernel",
+        image.into_owned(),
+        kernel_at,
+        hdr.image_size,
+    )?];
     if let Some(i) = initrd {
-        segments.push(seg("initrd", i.to_vec(), initrd_at, i.len() as u64));
+        segments.push(seg("initrd", i.to_vec(), initrd_at, i.len() as u64)?);
     }
-    segments.push(seg("dtb", dtb, dtb_at, 0));
+    segments.push(seg("dtb", dtb, dtb_at, 0)?);
     segments.push(seg(
         "trampoline",
         arm64_trampoline(kernel_at, dtb_at),
         tramp_at,
         PAGE,
-    ));
+    )?);
     Ok(KexecPlan {
         entry: tramp_at,
         segments,
@@ -702,6 +737,95 @@ mod tests {
         let e = plan_arm64(&img, None, "x", &ctx_inputs(&dtb, &small, &[])).expect_err("no room");
         assert!(matches!(e, Error::NoRoom { .. }), "{e}");
         assert!(plan_arm64(b"not an image", None, "x", &ctx_inputs(&dtb, &mem, &[])).is_err());
+    }
+
+    #[test]
+    fn iomem_ram_at_the_top_of_the_address_space_does_not_wrap() {
+        // Found by fuzzing: `last + 1` overflowed on this entry.
+        let text = "40000000-ffffffffffffffff : System RAM\n\
+                    ffffffffffffff00-ffffffffffffffff : System RAM\n\
+                    ffffffffffffffff-ffffffffffffffff : System RAM\n";
+        assert_eq!(
+            parse_iomem(text),
+            [
+                Range {
+                    start: 0x4000_0000,
+                    end: u64::MAX
+                },
+                Range {
+                    start: 0xffff_ffff_ffff_ff00,
+                    end: u64::MAX
+                }
+            ],
+            "end clamped to u64::MAX (the last byte is given up), a 1-byte range dropped"
+        );
+    }
+
+    /// The error of a plan expected to fail, without printing a plan's
+    /// megabytes when it does not.
+    fn no_plan(r: Result<KexecPlan, Error>) -> Error {
+        match r {
+            Ok(p) => panic!("planned at {:#x}, expected an error", p.entry),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn image_header_sizes_that_overflow_are_errors_not_panics() {
+        let dtb = crate::dtb::tests::synthetic();
+        let top = [Range {
+            start: 0xffff_ffff_ffc0_0000,
+            end: u64::MAX,
+        }];
+        let mem = parse_iomem(IOMEM);
+        // image_size near u64::MAX: kernel_at + image_size wraps.
+        let img = fake_image(1 << 20, u64::MAX - 0x1000);
+        for m in [&top[..], &mem[..]] {
+            let e = no_plan(plan_arm64(&img, None, "x", &ctx_inputs(&dtb, m, &[])));
+            assert!(e.to_string().contains("overflows"), "{e}");
+        }
+        // text_offset near u64::MAX: base + text_offset wraps.
+        let mut img = fake_image(1 << 20, 2 << 20);
+        img[8..16].copy_from_slice(&(!(PAGE - 1)).to_le_bytes());
+        let e = no_plan(plan_arm64(&img, None, "x", &ctx_inputs(&dtb, &mem, &[])));
+        assert!(e.to_string().contains("text_offset"), "{e}");
+        // A layout that fits the address space but not the RAM near its top.
+        let img = fake_image(1 << 20, 2 << 20);
+        let e = no_plan(plan_arm64(&img, None, "x", &ctx_inputs(&dtb, &top, &[])));
+        assert!(matches!(e, Error::NoRoom { .. }), "{e}");
+        // text_offset that is not page aligned would give an unaligned segment.
+        let mut img = fake_image(1 << 20, 2 << 20);
+        img[8..16].copy_from_slice(&0x80001u64.to_le_bytes());
+        let e = arm64_header(&img).expect_err("unaligned");
+        assert!(e.to_string().contains("page aligned"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn iomem_parsing_never_panics(text in "[0-9a-f -:A-Za-z\n]{0,200}") {
+            for r in parse_iomem(&text) {
+                proptest::prop_assert!(r.start < r.end);
+            }
+        }
+
+        #[test]
+        fn arm64_header_sizes_never_panic(
+            text_offset in proptest::prelude::any::<u64>(),
+            image_size in proptest::prelude::any::<u64>(),
+            start in proptest::prelude::any::<u64>(),
+            len in proptest::prelude::any::<u64>(),
+        ) {
+            let dtb = crate::dtb::tests::synthetic();
+            let mut img = fake_image(1 << 16, image_size);
+            img[8..16].copy_from_slice(&text_offset.to_le_bytes());
+            let mem = [Range { start, end: start.saturating_add(len) }];
+            if let Ok(plan) = plan_arm64(&img, Some(b"initrd"), "x", &ctx_inputs(&dtb, &mem, &[])) {
+                for s in &plan.segments {
+                    proptest::prop_assert!(s.mem >= mem[0].start);
+                    proptest::prop_assert!(s.mem.checked_add(s.memsz).is_some_and(|e| e <= mem[0].end));
+                }
+            }
+        }
     }
 
     fn run(arch: Arch, pre: &Preflight, k: &mut DryRun) -> Result<Loaded, Error> {
