@@ -154,10 +154,20 @@ pub struct PhaseConfig {
     pub peers: Vec<String>,
     /// `phase.linger=SECONDS`: keep serving this long after the fetch.
     pub linger: Option<u64>,
+    /// `phase.min_sequence=N`: refuse any manifest with a lower sequence
+    /// (rollback protection for a machine that has no state of its own).
+    pub min_sequence: Option<u64>,
+    /// `phase.metrics=PORT`: a booted node in serve mode answers Prometheus
+    /// scrapes at `http://ADDR:PORT/metrics`.
+    pub metrics: Option<u16>,
     /// `phase.test_disable_kexec=1`: TEST ONLY. Init sets
     /// `kernel.kexec_load_disabled=1` before the boot path, to prove the
     /// diagnosis of a kernel that refuses kexec.
     pub test_disable_kexec: bool,
+    /// `phase.test_force_kexec_load=1`: TEST ONLY. Init answers
+    /// `kexec_file_load` with ENOSYS without calling it, so the `kexec_load`
+    /// fallback runs on a kernel that has both.
+    pub test_force_kexec_load: bool,
 }
 
 impl Default for PhaseConfig {
@@ -170,7 +180,10 @@ impl Default for PhaseConfig {
             mode: Mode::Internet,
             peers: Vec::new(),
             linger: None,
+            min_sequence: None,
+            metrics: None,
             test_disable_kexec: false,
+            test_force_kexec_load: false,
         }
     }
 }
@@ -244,11 +257,26 @@ impl PhaseConfig {
                 "linger" => {
                     cfg.linger = Some(value.parse().map_err(|_| bad("want whole seconds"))?)
                 }
-                "test_disable_kexec" => {
-                    cfg.test_disable_kexec = match p.value {
+                "min_sequence" => {
+                    cfg.min_sequence = Some(value.parse().map_err(|_| bad("want a whole number"))?)
+                }
+                "metrics" => {
+                    cfg.metrics = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("want a TCP port (0-65535)"))?,
+                    )
+                }
+                "test_disable_kexec" | "test_force_kexec_load" => {
+                    let on = match p.value {
                         None | Some("1") | Some("y") => true,
                         Some("0") | Some("n") => false,
                         Some(_) => return Err(bad("want 1 or 0")),
+                    };
+                    if name == "test_disable_kexec" {
+                        cfg.test_disable_kexec = on;
+                    } else {
+                        cfg.test_force_kexec_load = on;
                     }
                 }
                 _ => warnings.push(Warning {
@@ -293,8 +321,17 @@ impl PhaseConfig {
         if let Some(l) = self.linger {
             push("linger", &l.to_string());
         }
+        if let Some(n) = self.min_sequence {
+            push("min_sequence", &n.to_string());
+        }
+        if let Some(m) = self.metrics {
+            push("metrics", &m.to_string());
+        }
         if self.test_disable_kexec {
             push("test_disable_kexec", "1");
+        }
+        if self.test_force_kexec_load {
+            push("test_force_kexec_load", "1");
         }
         words.join(" ")
     }
@@ -348,7 +385,7 @@ mod tests {
         let line = format!(
             "console=ttyS0 phase.provider=http://10.0.2.100:80/ phase.pubkey={key} \
              phase.mode=lan phase.peers=/ip4/1.2.3.4/tcp/1,/dns/x/tcp/2 phase.linger=30 \
-             phase.frobnicate=yes phase-channel=beta"
+             phase.metrics=9100 phase.frobnicate=yes phase-channel=beta phase.min-sequence=7"
         );
         let (cfg, warnings) = PhaseConfig::parse(&line).expect("parses");
         assert_eq!(cfg.provider.as_deref(), Some("http://10.0.2.100:80"));
@@ -358,7 +395,10 @@ mod tests {
         assert_eq!(cfg.mode, Mode::Lan);
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.linger, Some(30));
+        assert_eq!(cfg.min_sequence, Some(7), "- and _ are the same in names");
+        assert_eq!(cfg.metrics, Some(9100));
         assert!(!cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(
             warnings,
             vec![Warning {
@@ -368,7 +408,11 @@ mod tests {
         let (cfg, _) =
             PhaseConfig::parse("phase.test-disable-kexec phase.channel=beta").expect("parses");
         assert!(cfg.test_disable_kexec);
+        assert!(!cfg.test_force_kexec_load);
         assert_eq!(cfg.channel, "beta");
+        let (cfg, _) = PhaseConfig::parse("phase.test_force_kexec_load=1").expect("parses");
+        assert!(cfg.test_force_kexec_load);
+        assert!(PhaseConfig::parse("phase.test_force_kexec_load=maybe").is_err());
     }
 
     #[test]
@@ -377,6 +421,10 @@ mod tests {
             "phase.mode=wan",
             "phase.pubkey=abc",
             "phase.linger=-1",
+            "phase.min_sequence=two",
+            "phase.min_sequence=",
+            "phase.metrics=70000",
+            "phase.metrics=",
             "phase.channel=../x",
             "phase.provider=",
         ] {
@@ -403,7 +451,10 @@ mod tests {
             lan in any::<bool>(),
             peers in proptest::collection::vec("[a-z0-9/.]{1,20}", 0..4),
             linger in proptest::option::of(any::<u64>()),
+            min_sequence in proptest::option::of(any::<u64>()),
+            metrics in proptest::option::of(any::<u16>()),
             test_disable_kexec in any::<bool>(),
+            test_force_kexec_load in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
             let cfg = PhaseConfig {
@@ -414,7 +465,10 @@ mod tests {
                 mode: if lan { Mode::Lan } else { Mode::Internet },
                 peers,
                 linger,
+                min_sequence,
+                metrics,
                 test_disable_kexec,
+                test_force_kexec_load,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.
             let line = format!("console=ttyS0 {} {}", noise.replace('"', ""), cfg.to_cmdline());

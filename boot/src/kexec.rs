@@ -25,6 +25,11 @@ use crate::dtb::{self, ChosenPatch};
 mod sys;
 #[cfg(target_os = "linux")]
 pub use sys::Syscalls;
+mod x86_64;
+pub use x86_64::{
+    BzHeader, E820_MAX, E820_RAM, E820Entry, MEMMAP_MAX, X86Inputs, bzimage_header, e820_type,
+    parse_memmap_entry, plan_x86_64, read_memmap, usable_ram, x86_64_trampoline,
+};
 
 /// Page size used to align segments.
 pub const PAGE: u64 = 4096;
@@ -375,6 +380,8 @@ pub struct LoadContext<'a> {
     pub preflight: &'a Preflight,
     /// For the arm64 `kexec_load` fallback; read lazily by the caller.
     pub arm64: Option<Arm64Inputs<'a>>,
+    /// For the x86_64 `kexec_load` fallback (the firmware memory map).
+    pub x86_64: Option<X86Inputs<'a>>,
 }
 
 fn falls_back(errno: i32) -> bool {
@@ -425,28 +432,53 @@ pub fn load(
         });
     }
     let why = format!("kexec_file_load failed with {}", errno_name(errno));
-    match (ctx.arch, &ctx.arm64) {
-        (Arch::Aarch64, Some(inputs)) => {
-            let plan = plan_arm64(kernel, initrd, cmdline, inputs)?;
-            for seg in &plan.segments {
-                tracing::debug!(what = seg.what, mem = seg.mem, memsz = seg.memsz, "segment");
-            }
-            k.load(&plan)?;
-            tracing::info!(path = "kexec_load", reason = %why, entry = plan.entry, "loaded");
-            Ok(Loaded {
-                path: "kexec_load",
-                reason: why,
-            })
+    let plan = match ctx.arch {
+        Arch::Aarch64 => {
+            let inputs = ctx.arm64.as_ref().ok_or_else(|| Error::Unsupported {
+                reason: format!("{why}, and no DTB/memory map was supplied for kexec_load"),
+            })?;
+            plan_arm64(kernel, initrd, cmdline, inputs)?
         }
-        (Arch::Aarch64, None) => Err(Error::Unsupported {
-            reason: format!("{why}, and no DTB/memory map was supplied for kexec_load"),
-        }),
-        (Arch::X86_64, _) => Err(Error::Unsupported {
-            reason: format!(
-                "{why}; the x86_64 kexec_load path (bzImage boot protocol) is not implemented: \
-                 use a kernel with CONFIG_KEXEC_FILE"
-            ),
-        }),
+        Arch::X86_64 => {
+            let inputs = ctx.x86_64.as_ref().ok_or_else(|| Error::Unsupported {
+                reason: format!(
+                    "{why}, and no firmware memory map (/sys/firmware/memmap, \
+                     CONFIG_FIRMWARE_MEMMAP) was supplied for kexec_load"
+                ),
+            })?;
+            plan_x86_64(kernel, initrd, cmdline, inputs)?
+        }
+    };
+    for seg in &plan.segments {
+        tracing::debug!(what = seg.what, mem = seg.mem, memsz = seg.memsz, "segment");
+    }
+    k.load(&plan)?;
+    tracing::info!(path = "kexec_load", reason = %why, entry = plan.entry, "loaded");
+    Ok(Loaded {
+        path: "kexec_load",
+        reason: why,
+    })
+}
+
+/// TEST ONLY (`phase.test_force_kexec_load=1`): answers `kexec_file_load`
+/// with ENOSYS without calling it, so [`load`] takes the `kexec_load`
+/// fallback on a kernel that has both; everything else goes to the inner one.
+pub struct ForceKexecLoad<'a>(pub &'a mut dyn Kexec);
+
+impl Kexec for ForceKexecLoad<'_> {
+    fn file_load(&mut self, _: &[u8], _: Option<&[u8]>, _: &str) -> Result<(), Error> {
+        Err(Error::Syscall {
+            call: "SYS_kexec_file_load (not called: phase.test_force_kexec_load=1)".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSYS),
+        })
+    }
+
+    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
+        self.0.load(plan)
+    }
+
+    fn exec(&mut self) -> Error {
+        self.0.exec()
     }
 }
 
@@ -679,6 +711,7 @@ mod tests {
             arch,
             preflight: pre,
             arm64: Some(ctx_inputs(&dtb, &mem, &[1; 16])),
+            x86_64: None,
         };
         load(k, &ctx, &fake_image(1 << 20, 2 << 20), Some(b"initrd"), "c")
     }
@@ -751,7 +784,7 @@ mod tests {
     }
 
     #[test]
-    fn x86_64_has_no_kexec_load_fallback() {
+    fn x86_64_without_a_memory_map_has_no_kexec_load_fallback() {
         let mut k = DryRun {
             file_load_errno: libc::ENOSYS,
             ..DryRun::default()

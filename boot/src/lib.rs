@@ -23,10 +23,11 @@
 //! assert_eq!(warnings.len(), 1); // phase.chanel: a typo warns, it does not stop the boot
 //!
 //! // Decide and load against a kernel that has no kexec_file_load (ENOSYS):
-//! // on x86_64 there is no fallback, so this is a clear error, not a guess.
+//! // the x86_64 fallback needs the firmware memory map; without one this is
+//! // a clear error, not a guess.
 //! let mut k = DryRun { file_load_errno: libc::ENOSYS, ..DryRun::default() };
 //! let pre = Preflight { load_disabled: Some(false), lockdown: None };
-//! let ctx = LoadContext { arch: Arch::X86_64, preflight: &pre, arm64: None };
+//! let ctx = LoadContext { arch: Arch::X86_64, preflight: &pre, arm64: None, x86_64: None };
 //! let err = kexec::load(&mut k, &ctx, b"bzImage", None, "console=ttyS0").unwrap_err();
 //! assert!(err.to_string().contains("ENOSYS"));
 //! # Ok::<(), phase_boot::Error>(())
@@ -99,6 +100,12 @@ pub enum Error {
         need: u64,
         /// How many ranges were considered.
         ranges: usize,
+    },
+    /// The firmware memory map (`/sys/firmware/memmap`) is unreadable or unusable.
+    #[error("memory map: {reason}")]
+    MemoryMap {
+        /// What is wrong.
+        reason: String,
     },
     /// This combination cannot be booted by this code.
     #[error("kexec not possible: {reason}")]

@@ -50,6 +50,7 @@ mod hash;
 mod keys;
 mod manifest;
 pub mod publish;
+pub mod range;
 mod store;
 
 pub use chunk::{ChunkReadError, DEFAULT_CHUNK_SIZE, chunk_hashes, chunk_reader};

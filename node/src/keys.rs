@@ -40,7 +40,7 @@ pub(crate) struct PublishArgs {
 }
 
 pub(crate) fn publish(a: PublishArgs) -> anyhow::Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    let key = crate::files::read_secret_key(&a.key)?;
     let store = FsStore::open(&a.store)?;
     let opts = PublishOptions::default()
         .with_chunk_size(a.chunk_size)

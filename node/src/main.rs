@@ -18,9 +18,11 @@ use clap::{Parser, Subcommand};
 // and say so in one line, and the parts of `fetch` only PID 1 uses lie idle.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 mod fetch;
+mod files;
 #[cfg(target_os = "linux")]
 mod init;
 mod keys;
+mod metrics;
 #[cfg(target_os = "linux")]
 mod mkinitramfs;
 mod serve;

@@ -3,6 +3,7 @@
 //! HTTP is the bootstrap: the signed manifest, the seed's libp2p addresses,
 //! chunks by hash (the fallback source when no peer has one), and the raw
 //! artifacts at `/CHANNEL/ARCH/NAME` so a plain wget-based init still boots.
+//! `/metrics` is the Prometheus scrape ([`crate::metrics`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,11 +19,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use phase_content::publish::{PublishOptions, publish_dir};
 use phase_content::{
     Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
 };
 
+use crate::metrics::Exporter;
 use crate::swarm_serve::{self, SeedSwarm, SwarmOptions};
 
 /// Requests served at once; more wait in the accept queue.
@@ -58,6 +61,7 @@ pub(crate) struct AppState {
     store: FsStore,
     manifests: BTreeMap<(String, String), SignedManifest>,
     swarm: SeedSwarm,
+    metrics: Exporter,
 }
 
 /// The host's architecture in the names manifests use.
@@ -67,11 +71,11 @@ pub(crate) fn host_arch() -> &'static str {
 
 fn load_key(a: &Args, state: &std::path::Path) -> anyhow::Result<SecretKey> {
     if let Some(k) = &a.key {
-        return Ok(SecretKey::read(k)?);
+        return crate::files::read_secret_key(k);
     }
     let path = state.join("publisher.key");
     if path.exists() {
-        return Ok(SecretKey::read(&path)?);
+        return crate::files::read_secret_key(&path);
     }
     let key = SecretKey::generate();
     key.write_new(&path)?;
@@ -92,7 +96,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
     })?;
     let local = listener.local_addr()?;
-    std::fs::create_dir_all(&state_dir)
+    crate::files::private_dir(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let key = load_key(&a, &state_dir)?;
     eprintln!("plasmd serve: publisher public key {}", key.public());
@@ -128,7 +132,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    let metrics = Exporter::new();
     let swarm = swarm_serve::start(
+        &metrics,
         store.clone(),
         manifests.values().cloned().collect(),
         SwarmOptions {
@@ -150,6 +156,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         store,
         manifests,
         swarm,
+        metrics,
     });
     eprintln!("plasmd serve: serving http://{local}");
     axum::serve(
@@ -169,6 +176,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/", get(index))
         .route("/manifest.json", get(default_manifest))
         .route("/swarm", get(swarm_info))
+        .route("/metrics", get(metrics))
         .route("/chunks/{hash}", get(chunk))
         .route("/{channel}/{arch}/{name}", get(artifact))
         .layer(tower::limit::ConcurrencyLimitLayer::new(
@@ -274,6 +282,10 @@ async fn swarm_info(
     axum::Json(s.swarm.info(conn.remote.ip(), reached).await).into_response()
 }
 
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.metrics.response()
+}
+
 async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Response {
     let Ok(hash) = hash.parse::<Hash>() else {
         return (StatusCode::BAD_REQUEST, "not a chunk hash\n").into_response();
@@ -281,6 +293,7 @@ async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Resp
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
         Ok(Ok(Some(data))) => {
+            s.metrics.metrics().sent_http(data.len() as u64);
             ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
         }
         Ok(Ok(None)) => not_found(format!("no chunk {hash}")),
@@ -292,50 +305,12 @@ async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Resp
     }
 }
 
-/// A byte range request, resolved against a length: `start..end` (exclusive).
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RangeReq {
-    /// No usable Range header: the whole body.
-    Full,
-    /// One satisfiable range.
-    Part(u64, u64),
-    /// A range outside the body.
-    Unsatisfiable,
-}
+pub(crate) use phase_content::range::RangeReq;
 
-/// Parses a `Range` header for one range; several ranges are served as the
-/// whole body, which RFC 9110 allows.
+/// Parses a `Range` header for one range (`phase_content::range`, pure and
+/// fuzzed there); a value that is not visible ASCII counts as absent.
 pub(crate) fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
-    let Some(spec) = h
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("bytes="))
-    else {
-        return RangeReq::Full;
-    };
-    if spec.contains(',') {
-        return RangeReq::Full;
-    }
-    let Some((a, b)) = spec.split_once('-') else {
-        return RangeReq::Unsatisfiable;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let parsed = match (a.is_empty(), b.is_empty()) {
-        (true, false) => b
-            .parse::<u64>()
-            .ok()
-            .filter(|&n| n > 0)
-            .map(|n| (len.saturating_sub(n), len)),
-        (false, true) => a.parse::<u64>().ok().map(|s| (s, len)),
-        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some((s, e.saturating_add(1).min(len))),
-            _ => None,
-        },
-        (true, true) => None,
-    };
-    match parsed {
-        Some((s, e)) if s < len && s < e => RangeReq::Part(s, e),
-        _ => RangeReq::Unsatisfiable,
-    }
+    phase_content::range::parse_range(h.and_then(|v| v.to_str().ok()), len)
 }
 
 async fn artifact(
@@ -371,7 +346,13 @@ async fn artifact(
                 .into_response();
         }
     };
-    let body = Body::from_stream(range_stream(s.store.clone(), art.clone(), start, end));
+    let body = Body::from_stream(range_stream(
+        s.store.clone(),
+        art.clone(),
+        start,
+        end,
+        s.metrics.clone(),
+    ));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -394,12 +375,14 @@ async fn artifact(
 
 /// Streams `start..end` of an artifact chunk by chunk from the store. Every
 /// chunk is verified on read; a bad one ends the stream with an error, so the
-/// client sees a short body rather than wrong bytes.
+/// client sees a short body rather than wrong bytes. Each piece handed to
+/// the connection counts as one chunk sent over HTTP.
 fn range_stream(
     store: FsStore,
     art: Artifact,
     start: u64,
     end: u64,
+    metrics: Exporter,
 ) -> impl futures_util::Stream<Item = Result<Bytes, phase_content::Error>> + Send + 'static {
     let cs = u64::from(art.chunk_size);
     let first = (start / cs) as usize;
@@ -442,6 +425,12 @@ fn range_stream(
             Some((Ok(piece), (store, art, idx + 1, next)))
         },
     )
+    .map(move |piece| {
+        if let Ok(p) = &piece {
+            metrics.metrics().sent_http(p.len() as u64);
+        }
+        piece
+    })
 }
 
 #[cfg(test)]

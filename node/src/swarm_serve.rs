@@ -9,6 +9,8 @@ use anyhow::Context;
 use phase_content::{FsStore, SignedManifest};
 use phase_swarm::{Handle, Node, NodeConfig, addr, load_or_create_key};
 
+use crate::metrics::Exporter;
+
 /// What the HTTP seed tells clients about the swarm node (`GET /swarm`).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct SwarmInfo {
@@ -85,13 +87,16 @@ impl SeedSwarm {
 /// Starts the swarm node that seeds `manifests` from `store`; returns once it
 /// listens, leaving the node running in the background.
 pub(crate) async fn start(
+    metrics: &Exporter,
     store: FsStore,
     manifests: Vec<SignedManifest>,
     opts: SwarmOptions,
 ) -> anyhow::Result<SeedSwarm> {
-    let mut cfg = NodeConfig::default()
-        .with_mdns(opts.mdns)
-        .with_listen(vec![addr::tcp(opts.bind, opts.port)]);
+    let mut cfg = metrics.node_config(
+        NodeConfig::default()
+            .with_mdns(opts.mdns)
+            .with_listen(vec![addr::tcp(opts.bind, opts.port)]),
+    );
     if let Some(dir) = &opts.state_dir {
         cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);
     }

@@ -65,6 +65,49 @@ pub struct SimConfig {
     pub seed: u64,
     /// Complete hosts offer only their least-sent chunks (the node's super-seeding).
     pub super_seed: bool,
+    /// The chunk protocol modelled: `None` is today's node (`/phase/chunk/1`:
+    /// have-maps pulled, busy answers, a full mesh of every peer heard of);
+    /// `Some` is the planned stream protocol (issue 10).
+    pub v2: Option<V2>,
+    /// Share each link by one round of max-min fairness (as TCP flows
+    /// roughly do) instead of an equal split at each end.
+    pub fair_share: bool,
+}
+
+/// The planned stream protocol (`/phase/swarm/2`, top-level DESIGN.md
+/// decision 7) as the simulator models it: a bounded neighbourhood, the
+/// bitfield once per connection and pushed HAVEs, requests queued at the
+/// server (served first come, first served by a few uploads at a time) and an
+/// explicit choke/unchoke instead of busy answers and back-off.
+#[derive(Debug, Clone)]
+pub struct V2 {
+    /// Connections a node keeps at most (the seed too).
+    pub neighbours: usize,
+    /// Uploads a server runs at once; the rest of the accepted requests wait in its queue.
+    pub upload_slots: usize,
+    /// Clients a server takes requests from at once (unchoked); others are
+    /// answered "choked" and told when a place frees up.
+    pub unchoked: usize,
+    /// Requests a client keeps queued at one unchoked server (the pipeline).
+    pub depth: usize,
+    /// How long a choked client waits for an unchoke before asking again.
+    pub choke_wait: Duration,
+    /// Extra delay before a HAVE goes out (batching).
+    pub have_delay: Duration,
+}
+
+impl Default for V2 {
+    fn default() -> Self {
+        V2 {
+            // Best of the grid in simulations/README.md ("Protocol v2 in the simulator").
+            neighbours: 40,
+            upload_slots: 6,
+            unchoked: 6,
+            depth: 2,
+            choke_wait: Duration::from_secs(1),
+            have_delay: Duration::from_millis(2),
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -91,6 +134,8 @@ impl Default for SimConfig {
             efficiency: 0.953,
             seed: 1,
             super_seed: node.super_seed,
+            v2: None,
+            fair_share: false,
         }
     }
 }
@@ -142,6 +187,21 @@ enum Ev {
         client: Peer,
         chunk: u32,
     },
+    /// v2: `from` opens a connection to `to` (it lands if both have room).
+    Connect {
+        from: Peer,
+        to: Peer,
+    },
+    /// v2: `server` unchoked `client`.
+    Unchoke {
+        server: Peer,
+        client: Peer,
+    },
+    /// v2: `client`, unchoked by `server`, wants nothing from it now.
+    NotInterested {
+        server: Peer,
+        client: Peer,
+    },
     /// A flow may have finished (stale if the version moved on).
     FlowEnd {
         flow: usize,
@@ -172,6 +232,14 @@ struct Host {
     done_at: Option<f64>,
     known: HashSet<Peer>,
     sent: SendCounts,
+    /// v2: open connections (at most `V2::neighbours`).
+    nbrs: Vec<Peer>,
+    /// v2: accepted requests not yet being uploaded, first come first served.
+    queue: std::collections::VecDeque<(Peer, u32)>,
+    /// v2: clients whose requests this server takes.
+    unchoked: Vec<Peer>,
+    /// v2: choked clients waiting for a place, oldest first.
+    waiting: std::collections::VecDeque<Peer>,
 }
 
 struct World {
@@ -227,12 +295,24 @@ impl World {
             Input::ChunkOk { chunk, .. } => !s.is_held(*chunk),
             _ => false,
         };
+        let got = match &input {
+            Input::ChunkOk { chunk, .. } if newly => Some(*chunk),
+            _ => None,
+        };
         let actions = s.handle(input, now);
         if newly && !self.hosts[node].is_provider {
             self.hosts[node].is_provider = true;
             self.providers.push(node);
         }
         let lat = self.lat();
+        if let (Some(chunk), Some(v2)) = (got, &self.cfg.v2) {
+            // v2: a verified chunk is announced to every neighbour at once.
+            let t = self.now + lat + v2.have_delay.as_secs_f64();
+            for i in 0..self.hosts[node].nbrs.len() {
+                let to = self.hosts[node].nbrs[i];
+                self.at(t, Ev::Deliver(to, Input::Have { peer: node, chunk }));
+            }
+        }
         for a in actions {
             match a {
                 Action::Request { peer, chunk } => self.at(
@@ -277,10 +357,17 @@ impl World {
             f.remaining -= f.rate * (self.now - f.updated);
             f.remaining = f.remaining.max(0.0);
             f.updated = self.now;
-            let a = &self.hosts[f.from];
-            let b = &self.hosts[f.to];
-            let rate = (a.up / a.uploads.len().max(1) as f64)
-                .min(b.down / b.downloads.len().max(1) as f64);
+            let (from, to) = (f.from, f.to);
+            let rate = if self.cfg.fair_share {
+                self.fair_rate(id, from, to)
+            } else {
+                let a = &self.hosts[from];
+                let b = &self.hosts[to];
+                (a.up / a.uploads.len().max(1) as f64).min(b.down / b.downloads.len().max(1) as f64)
+            };
+            let Some(f) = self.flows[id].as_mut() else {
+                continue;
+            };
             f.rate = rate;
             // Versions come from one counter so a reused flow slot never
             // matches an end event left by its previous occupant.
@@ -295,6 +382,48 @@ impl World {
                 },
             );
         }
+    }
+
+    /// One round of max-min fairness at both ends of flow `id`: each end
+    /// shares its link among its flows by water-filling, where a flow's claim
+    /// is what the other end would give it at an equal split.
+    fn fair_rate(&self, id: usize, from: Peer, to: Peer) -> f64 {
+        let share = |cap: f64, claims: &mut Vec<(f64, bool)>| -> f64 {
+            claims.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (mut left, mut k) = (cap, claims.len() as f64);
+            for &(c, mine) in claims.iter() {
+                let even = left / k;
+                if c >= even {
+                    return even;
+                }
+                if mine {
+                    return c;
+                }
+                left -= c;
+                k -= 1.0;
+            }
+            left.max(0.0)
+        };
+        let (a, b) = (&self.hosts[from], &self.hosts[to]);
+        let mut up: Vec<(f64, bool)> = a
+            .uploads
+            .iter()
+            .filter_map(|&g| self.flows[g].as_ref().map(|f| (g, f.to)))
+            .map(|(g, t)| {
+                let r = &self.hosts[t];
+                (r.down / r.downloads.len().max(1) as f64, g == id)
+            })
+            .collect();
+        let mut down: Vec<(f64, bool)> = b
+            .downloads
+            .iter()
+            .filter_map(|&g| self.flows[g].as_ref().map(|f| (g, f.from)))
+            .map(|(g, s)| {
+                let u = &self.hosts[s];
+                (u.up / u.uploads.len().max(1) as f64, g == id)
+            })
+            .collect();
+        share(a.up, &mut up).min(share(b.down, &mut down))
     }
 
     fn dht(&mut self, node: Peer) {
@@ -319,8 +448,163 @@ impl World {
                 }
             }
         }
-        if !found.is_empty() {
+        if let Some(v2) = &self.cfg.v2 {
+            // v2: only while there is room in the neighbourhood.
+            let room = v2.neighbours.saturating_sub(self.hosts[node].nbrs.len());
+            let lat = self.lat();
+            for p in found.into_iter().take(room) {
+                self.at(self.now + lat, Ev::Connect { from: node, to: p });
+            }
+        } else if !found.is_empty() {
             self.drive(node, Input::ProvidersFound(found));
+        }
+    }
+
+    /// Starts an upload of `chunk` from `server` to `client`.
+    fn start_flow(&mut self, server: Peer, client: Peer, chunk: u32) {
+        let flow = Flow {
+            from: server,
+            to: client,
+            chunk,
+            remaining: self.chunk_bits[chunk as usize],
+            rate: 0.0,
+            updated: self.now,
+            version: 0,
+        };
+        let id = match self.free_flows.pop() {
+            Some(i) => {
+                self.flows[i] = Some(flow);
+                i
+            }
+            None => {
+                self.flows.push(Some(flow));
+                self.flows.len() - 1
+            }
+        };
+        self.hosts[server].uploads.push(id);
+        self.hosts[client].downloads.push(id);
+        self.reflow(&[server, client]);
+    }
+
+    /// What `h` advertises: its offer map when it super-seeds, else what it holds.
+    fn bitfield(&self, h: Peer) -> Vec<bool> {
+        let h = &self.hosts[h];
+        if self.cfg.super_seed && h.sched.is_done() {
+            h.sent.offer_map()
+        } else {
+            h.sched.held().to_vec()
+        }
+    }
+
+    /// v2: a connection from `from` reaches `to`; it opens if both have room,
+    /// and each side's bitfield reaches the other one latency later.
+    fn connect(&mut self, from: Peer, to: Peer) {
+        let Some(k) = self.cfg.v2.as_ref().map(|v| v.neighbours) else {
+            return;
+        };
+        if from == to
+            || self.hosts[from].nbrs.contains(&to)
+            || self.hosts[from].nbrs.len() >= k
+            || self.hosts[to].nbrs.len() >= k
+        {
+            return;
+        }
+        self.hosts[from].nbrs.push(to);
+        self.hosts[to].nbrs.push(from);
+        self.hosts[from].known.insert(to);
+        self.hosts[to].known.insert(from);
+        let t = self.now + self.lat();
+        for (a, b) in [(from, to), (to, from)] {
+            let have = self.bitfield(b);
+            self.at(t, Ev::Deliver(a, Input::PeerFound(b)));
+            self.at(t, Ev::Deliver(a, Input::HaveMap { peer: b, have }));
+        }
+    }
+
+    /// v2: a request reaches `server`. Chunks it does not offer are refused
+    /// at once; a choked client is told so (and queued for an unchoke); an
+    /// unchoked client's request waits in the server's queue.
+    fn request_v2(&mut self, server: Peer, client: Peer, chunk: u32) {
+        let lat = self.lat();
+        let Some(v2) = self.cfg.v2.clone() else {
+            return;
+        };
+        let h = &mut self.hosts[server];
+        let done = h.sched.is_done();
+        let oversent = self.cfg.super_seed && done && !h.sent.offer(chunk as usize);
+        if !h.sched.is_held(chunk) || oversent {
+            let r = Input::DoNotHave {
+                peer: server,
+                chunk,
+            };
+            self.at(self.now + lat, Ev::Deliver(client, r));
+            return;
+        }
+        if !h.unchoked.contains(&client) {
+            if h.unchoked.len() < v2.unchoked {
+                h.unchoked.push(client);
+                h.waiting.retain(|&w| w != client);
+            } else {
+                if !h.waiting.contains(&client) {
+                    h.waiting.push_back(client);
+                }
+                let r = Input::Busy {
+                    peer: server,
+                    chunk,
+                };
+                self.at(self.now + lat, Ev::Deliver(client, r));
+                return;
+            }
+        }
+        h.queue.push_back((client, chunk));
+        let round = h.sent.round();
+        h.sent.record(chunk as usize);
+        if self.cfg.super_seed && done && h.sent.round() > round {
+            // Every chunk is on offer again: tell the neighbours.
+            let have = h.sent.offer_map();
+            for i in 0..self.hosts[server].nbrs.len() {
+                let to = self.hosts[server].nbrs[i];
+                let have = have.clone();
+                self.at(
+                    self.now + lat,
+                    Ev::Deliver(to, Input::HaveMap { peer: server, have }),
+                );
+            }
+        }
+        self.start_queued(server);
+    }
+
+    /// v2: starts queued uploads while `server` has a free upload slot.
+    fn start_queued(&mut self, server: Peer) {
+        let slots = self.cfg.v2.as_ref().map_or(1, |v| v.upload_slots);
+        while self.hosts[server].uploads.len() < slots {
+            let Some((client, chunk)) = self.hosts[server].queue.pop_front() else {
+                break;
+            };
+            self.start_flow(server, client, chunk);
+        }
+    }
+
+    /// v2: `client` has nothing queued or uploading at `server`: its place
+    /// goes to the longest-waiting choked client.
+    fn release_if_idle(&mut self, server: Peer, client: Peer) {
+        let h = &self.hosts[server];
+        let busy = h.queue.iter().any(|&(c, _)| c == client)
+            || h.uploads
+                .iter()
+                .any(|&f| self.flows[f].as_ref().is_some_and(|f| f.to == client));
+        if busy || !h.unchoked.contains(&client) {
+            return;
+        }
+        let lat = self.lat();
+        let h = &mut self.hosts[server];
+        h.unchoked.retain(|&c| c != client);
+        while let Some(w) = h.waiting.pop_front() {
+            if !h.unchoked.contains(&w) {
+                h.unchoked.push(w);
+                self.at(self.now + lat, Ev::Unchoke { server, client: w });
+                break;
+            }
         }
     }
 
@@ -339,7 +623,13 @@ impl World {
                         found.push(p);
                     }
                 }
-                self.drive(n, Input::ProvidersFound(found));
+                if self.cfg.v2.is_some() {
+                    for p in found {
+                        self.at(self.now + lat, Ev::Connect { from: n, to: p });
+                    }
+                } else {
+                    self.drive(n, Input::ProvidersFound(found));
+                }
                 let t = self.now;
                 self.at(t + self.cfg.tick.as_secs_f64(), Ev::Tick(n));
                 self.at(t + self.cfg.dht_interval.as_secs_f64(), Ev::Dht(n));
@@ -359,6 +649,8 @@ impl World {
                 }
             }
             Ev::Deliver(n, input) => self.drive(n, input),
+            // v2 sends the bitfield when a connection opens, then pushes HAVEs.
+            Ev::MapAsk { .. } if self.cfg.v2.is_some() => {}
             Ev::MapAsk { server, client } => {
                 let h = &self.hosts[server];
                 let have = if self.cfg.super_seed && h.sched.is_done() {
@@ -371,6 +663,11 @@ impl World {
                     Ev::Deliver(client, Input::HaveMap { peer: server, have }),
                 );
             }
+            Ev::Request {
+                server,
+                client,
+                chunk,
+            } if self.cfg.v2.is_some() => self.request_v2(server, client, chunk),
             Ev::Request {
                 server,
                 client,
@@ -403,29 +700,8 @@ impl World {
                     self.at(self.now + lat, Ev::Deliver(client, r));
                     return;
                 }
-                let flow = Flow {
-                    from: server,
-                    to: client,
-                    chunk,
-                    remaining: self.chunk_bits[chunk as usize],
-                    rate: 0.0,
-                    updated: self.now,
-                    version: 0,
-                };
-                let id = match self.free_flows.pop() {
-                    Some(i) => {
-                        self.flows[i] = Some(flow);
-                        i
-                    }
-                    None => {
-                        self.flows.push(Some(flow));
-                        self.flows.len() - 1
-                    }
-                };
-                self.hosts[server].uploads.push(id);
                 self.hosts[server].sent.record(chunk as usize);
-                self.hosts[client].downloads.push(id);
-                self.reflow(&[server, client]);
+                self.start_flow(server, client, chunk);
             }
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
@@ -445,13 +721,31 @@ impl World {
                     self.now + lat,
                     Ev::Deliver(to, Input::ChunkOk { peer: from, chunk }),
                 );
+                if self.cfg.v2.is_some() {
+                    self.start_queued(from);
+                    self.release_if_idle(from, to);
+                }
             }
+            Ev::Connect { from, to } => self.connect(from, to),
+            Ev::Unchoke { server, client } => {
+                self.drive(client, Input::Unchoke(server));
+                if self.hosts[client].sched.in_flight(&server) == 0 {
+                    self.at(self.now + lat, Ev::NotInterested { server, client });
+                }
+            }
+            Ev::NotInterested { server, client } => self.release_if_idle(server, client),
         }
     }
 }
 
 /// Runs one simulated storm.
 pub fn simulate(cfg: &SimConfig) -> SimResult {
+    simulate_with_neighbours(cfg).0
+}
+
+/// Runs one simulated storm; also returns the most connections any host
+/// held at the end (v2's neighbourhood; 0 for v1, which keeps no such list).
+pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
     let m = cfg.file_bytes.div_ceil(cfg.chunk_size) as usize;
     let chunk_bits: Vec<f64> = (0..m)
         .map(|i| {
@@ -459,6 +753,16 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
             (cfg.file_bytes - start).min(cfg.chunk_size) as f64 * 8.0
         })
         .collect();
+    let mut cfg = cfg.clone();
+    if let Some(v2) = &cfg.v2 {
+        // Pushed HAVEs replace the have-map refresh; a choked client waits for
+        // its unchoke (or asks again after `choke_wait`); the pipeline depth
+        // is the scheduler's requests in flight per peer.
+        cfg.sched.have_refresh = Duration::from_secs(3600);
+        cfg.sched.busy_backoff = v2.choke_wait;
+        cfg.sched.per_peer_in_flight = v2.depth.max(1);
+    }
+    let cfg = &cfg;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let eff = cfg.efficiency;
     let mut hosts = Vec::with_capacity(cfg.nodes + 1);
@@ -477,6 +781,10 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
         done_at: Some(0.0),
         known: HashSet::new(),
         sent: SendCounts::new(m),
+        nbrs: Vec::new(),
+        queue: Default::default(),
+        unchoked: Vec::new(),
+        waiting: Default::default(),
     });
     for _ in 0..cfg.nodes {
         hosts.push(Host {
@@ -489,6 +797,10 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
             done_at: None,
             known: HashSet::new(),
             sent: SendCounts::new(m),
+            nbrs: Vec::new(),
+            queue: Default::default(),
+            unchoked: Vec::new(),
+            waiting: Default::default(),
         });
     }
     let mut w = World {
@@ -530,7 +842,8 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
             break;
         }
     }
-    SimResult {
+    let most = w.hosts.iter().map(|h| h.nbrs.len()).max().unwrap_or(0);
+    let r = SimResult {
         completion_s: w.hosts[1..]
             .iter()
             .map(|h| h.done_at.unwrap_or(f64::NAN))
@@ -538,7 +851,8 @@ pub fn simulate(cfg: &SimConfig) -> SimResult {
         seed_bytes: w.sent[0],
         total_bytes: w.sent.iter().sum(),
         events: w.processed,
-    }
+    };
+    (r, most)
 }
 
 #[cfg(test)]
@@ -571,10 +885,36 @@ mod tests {
     }
 
     #[test]
+    fn v2_keeps_neighbourhoods_bounded_and_finishes() {
+        let v2 = V2 {
+            neighbours: 8,
+            ..V2::default()
+        };
+        let cfg = SimConfig {
+            nodes: 60,
+            v2: Some(v2),
+            ..SimConfig::default()
+        };
+        let (r, most) = simulate_with_neighbours(&cfg);
+        assert!(r.completion_s.iter().all(|t| t.is_finite()), "{r:?}");
+        assert!(most <= 8, "a node held {most} connections");
+        assert!(most >= 2, "nodes barely connected: {most}");
+        assert_eq!(simulate(&cfg).completion_s, r.completion_s, "deterministic");
+    }
+
+    #[test]
     fn never_beats_the_fluid_bound() {
-        for n in [4, 16, 40] {
+        for (n, v2, fair) in [
+            (4, None, false),
+            (16, None, false),
+            (40, None, false),
+            (16, Some(V2::default()), false),
+            (40, Some(V2::default()), true),
+        ] {
             let cfg = SimConfig {
                 nodes: n,
+                v2,
+                fair_share: fair,
                 ..SimConfig::default()
             };
             let r = simulate(&cfg);

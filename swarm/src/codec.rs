@@ -8,6 +8,17 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::protocol::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Request, Response};
 
+/// An answer is written in slices of this many bytes...
+const WRITE_SLICE: usize = 64 << 10;
+
+/// ...and each slice must leave within this, or the upload is cancelled: a
+/// peer that asks and does not read must not hold an upload slot for the
+/// whole request timeout.
+pub(crate) const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The I/O error of an upload cancelled for making no progress.
+pub(crate) const STALLED: &str = "upload made no progress";
+
 /// A request as read off the wire. Malformed or oversize requests are not
 /// I/O errors here: libp2p drops those silently, and the node needs to see
 /// them to drop the sender.
@@ -25,12 +36,12 @@ pub(crate) struct ChunkCodec;
 
 /// Standard bincode with a decode limit, so a claimed length inside a
 /// message cannot make the decoder allocate more than a frame can hold.
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ MAX_RESPONSE_BYTES }>()
+fn config<const LIMIT: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<LIMIT>()
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T, max: usize) -> io::Result<Vec<u8>> {
-    let body = bincode::serde::encode_to_vec(v, config())
+    let body = bincode::serde::encode_to_vec(v, config::<{ MAX_RESPONSE_BYTES }>())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if body.len() > max {
         return Err(io::Error::new(
@@ -44,8 +55,19 @@ pub(crate) fn encode<T: Serialize>(v: &T, max: usize) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> io::Result<T> {
-    let (v, used) = bincode::serde::decode_from_slice(body, config())
+/// A request body: a claimed length inside it is checked against the
+/// request limit, so a 4 KiB request cannot make us allocate more.
+pub(crate) fn decode_request(body: &[u8]) -> io::Result<Request> {
+    decode::<Request, { MAX_REQUEST_BYTES }>(body)
+}
+
+/// A response body.
+pub(crate) fn decode_response(body: &[u8]) -> io::Result<Response> {
+    decode::<Response, { MAX_RESPONSE_BYTES }>(body)
+}
+
+fn decode<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> io::Result<T> {
+    let (v, used) = bincode::serde::decode_from_slice(body, config::<LIMIT>())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if used != body.len() {
         return Err(io::Error::new(
@@ -67,8 +89,13 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("message of {len} bytes over the {max}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grown as bytes arrive, not allocated to the claimed length up front: a
+    // peer that claims 8 MiB and sends nothing costs nothing.
+    let mut body = Vec::new();
+    io.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(body)
 }
 
@@ -88,7 +115,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
             }
             Err(e) => return Err(e),
         };
-        Ok(match decode(&frame) {
+        Ok(match decode_request(&frame) {
             Ok(r) => Inbound::Ok(r),
             Err(e) => Inbound::Bad(e.to_string()),
         })
@@ -98,7 +125,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
+        decode_response(&read_frame(io, MAX_RESPONSE_BYTES).await?)
     }
 
     async fn write_request<T>(
@@ -126,8 +153,16 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&encode(&res, MAX_RESPONSE_BYTES)?).await?;
-        io.close().await
+        let bytes = encode(&res, MAX_RESPONSE_BYTES)?;
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, STALLED);
+        for slice in bytes.chunks(WRITE_SLICE) {
+            tokio::time::timeout(WRITE_STALL, io.write_all(slice))
+                .await
+                .map_err(|_| stalled())??;
+        }
+        tokio::time::timeout(WRITE_STALL, io.close())
+            .await
+            .map_err(|_| stalled())?
     }
 }
 
@@ -226,6 +261,25 @@ mod tests {
             futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &bytes[..]))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn claimed_length_over_request_limit_refused_before_allocating() {
+        // A 6-byte `Latest` request claiming an 8 MiB channel name: requests
+        // used to be decoded under the response limit, so bincode allocated
+        // the 8 MiB before noticing the bytes were not there.
+        let mut body = vec![4u8, 0xfc];
+        body.extend_from_slice(&(8u32 << 20).to_le_bytes());
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let r = futures::executor::block_on(ChunkCodec.read_request(&proto(), &mut &frame[..]))
+            .unwrap();
+        assert!(
+            matches!(&r, Inbound::Bad(e) if e.contains("LimitExceeded")),
+            "{r:?}"
+        );
+        let e = crate::protocol::decode_request(&frame).unwrap_err();
+        assert!(e.to_string().contains("LimitExceeded"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,7 @@
 pub mod addr;
 mod codec;
 mod error;
+pub mod metrics;
 mod node;
 pub mod protocol;
 pub mod scheduler;

@@ -18,10 +18,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
 use crate::codec::{ChunkCodec, Inbound};
-use crate::protocol::{
-    MAX_NAME, MAX_RANGE_BYTES, MAX_RANGE_CHUNKS, PROTOCOL, Piece, Request, Response, Root,
-    pack_bits, unpack_bits,
-};
+use crate::metrics::{Metrics, SharedRegistry};
+use crate::protocol::{MAX_NAME, PROTOCOL, Piece, Request, Response, Root, pack_bits, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
 
 /// Configuration of a [`Node`]. `Default` listens on all IPv4 addresses on
@@ -66,6 +64,11 @@ pub struct NodeConfig {
     /// A node holding every chunk offers only its least-sent ones
     /// ([`crate::superseed`]), so a seed's upload goes to chunks the swarm lacks.
     pub super_seed: bool,
+    /// What the node counts ([`crate::metrics`]); registered nowhere by default.
+    pub metrics: Metrics,
+    /// Where libp2p's own metrics go (bandwidth, connections, Kademlia,
+    /// identify, under `libp2p_`); none by default.
+    pub registry: Option<SharedRegistry>,
 }
 
 impl Default for NodeConfig {
@@ -79,7 +82,9 @@ impl Default for NodeConfig {
             // Few uploads at once, each fast: a chunk reaches a fetcher (and
             // becomes servable there) sooner than when 16 share the link.
             max_serving: 6,
-            per_peer_serving: 6,
+            // Below the global cap, so one peer (honest ones ask one at a
+            // time) cannot take every upload slot.
+            per_peer_serving: 2,
             flood_limit: 32,
             flood_busy: 32,
             block_time: Duration::from_secs(60),
@@ -89,6 +94,8 @@ impl Default for NodeConfig {
             scheduler: SchedulerConfig::default(),
             rng_seed: rand::random(),
             super_seed: true,
+            metrics: Metrics::default(),
+            registry: None,
         }
     }
 }
@@ -127,6 +134,13 @@ impl NodeConfig {
     /// Sets the global serving cap.
     pub fn with_max_serving(mut self, n: usize) -> Self {
         self.max_serving = n.max(1);
+        self
+    }
+    /// Counts into `metrics` (already registered by the caller) and adds
+    /// libp2p's metrics to `registry`.
+    pub fn with_metrics(mut self, metrics: Metrics, registry: SharedRegistry) -> Self {
+        self.metrics = metrics;
+        self.registry = Some(registry);
         self
     }
     /// Sets the scheduler's tunables.
@@ -486,6 +500,9 @@ pub struct Node {
     fb_rx: mpsc::Receiver<(Root, u32, Result<Vec<u8>, String>)>,
     last_provide: Instant,
     epoch: Instant,
+    metrics: Metrics,
+    /// libp2p's recorders, when the caller asked for metrics.
+    p2p_metrics: Option<libp2p::metrics::Metrics>,
 }
 
 /// The DHT's protocol; a peer that does not list it in identify (a node
@@ -515,6 +532,19 @@ impl Node {
             // rather than silently refused stream by stream.
             .with_max_concurrent_streams(cfg.flood_limit * 2);
         let (mdns_on, dht_on) = (cfg.mdns, cfg.dht);
+        // Bandwidth is counted either way (a few atomic adds); it is only
+        // exported when the caller gave a registry.
+        let mut scratch = crate::metrics::Registry::default();
+        let export = cfg.registry.is_some();
+        let mut shared = cfg
+            .registry
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let lib = match shared.as_mut() {
+            // libp2p names its own metrics `libp2p_*`.
+            Some(r) => &mut **r,
+            None => &mut scratch,
+        };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
@@ -523,6 +553,7 @@ impl Node {
                 yamux::Config::default,
             )
             .map_err(|e| Error::Transport(e.to_string()))?
+            .with_bandwidth_metrics(lib)
             .with_behaviour(|key| {
                 let local = key.public().to_peer_id();
                 let kad = dht_on.then(|| {
@@ -560,6 +591,8 @@ impl Node {
             .map_err(|e| Error::Transport(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
             .build();
+        let p2p_metrics = export.then(|| libp2p::metrics::Metrics::new(lib));
+        drop(shared);
         for addr in &cfg.listen {
             swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
                 addr: addr.to_string(),
@@ -574,6 +607,7 @@ impl Node {
         }
         let (tx, rx) = mpsc::channel(32);
         let (fb_tx, fb_rx) = mpsc::channel(32);
+        let metrics = cfg.metrics.clone();
         let node = Node {
             swarm,
             store,
@@ -596,6 +630,8 @@ impl Node {
             fb_rx,
             last_provide: Instant::now(),
             epoch: Instant::now(),
+            metrics,
+            p2p_metrics,
         };
         tokio::spawn(node.run());
         Ok(Handle { tx, peer_id })
@@ -707,6 +743,8 @@ impl Node {
                 ),
             });
         }
+        let m = held.manifest.manifest();
+        self.metrics.serving(&m.channel, &m.arch, m.sequence);
         self.held.insert(root, held);
         self.announce(root);
         Ok(())
@@ -767,6 +805,8 @@ impl Node {
             }
         }
         let need_announce = held.sched.held_count() > 0 && !held.announced;
+        let mm = held.manifest.manifest();
+        self.metrics.serving(&mm.channel, &mm.arch, mm.sequence);
         if let Some(kad) = self.kad() {
             kad.get_providers(root_key(&root));
         }
@@ -807,6 +847,7 @@ impl Node {
             | Input::ChunkFailed { peer: p, .. }
             | Input::DoNotHave { peer: p, .. }
             | Input::Busy { peer: p, .. }
+            | Input::Unchoke(p)
             | Input::PeerGone(p) => {
                 if banned(p) {
                     return;
@@ -873,6 +914,7 @@ impl Node {
                 Action::AskHaveMap(Source::HttpSeed) => {}
                 Action::Ban(Source::Peer(p)) => {
                     if self.banned.insert(p) {
+                        self.metrics.banned("bad_chunk");
                         tracing::warn!(peer = %p, "banned: sent a chunk that failed verification");
                         if let Some(f) = self.fetch.as_mut() {
                             f.banned.push(p);
@@ -898,6 +940,7 @@ impl Node {
             sources: f.stats,
             banned: f.banned,
         };
+        self.metrics.fetched(report.wall);
         if let (Some(p), Some(h)) = (&f.progress, self.held.get(&f.root)) {
             let _ = p.send(h.progress(self.connected.len()));
         }
@@ -933,6 +976,7 @@ impl Node {
         let data = match data {
             Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
             _ => {
+                self.metrics.rejected(&src);
                 if fetching {
                     self.drive(Input::ChunkBad {
                         peer: src,
@@ -963,6 +1007,7 @@ impl Node {
         match verdict {
             Ok(()) => {}
             Err(None) => {
+                self.metrics.rejected(&src);
                 if fetching {
                     self.drive(Input::ChunkBad {
                         peer: src,
@@ -984,6 +1029,11 @@ impl Node {
         }
         let first = !held.announced;
         let progress = held.progress(self.connected.len());
+        if fetching {
+            self.metrics.verified(&src, data.len());
+        } else {
+            self.metrics.late(&src, data.len());
+        }
         if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
             let st = f.stats.entry(src).or_default();
             st.bytes += data.len() as u64;
@@ -1074,6 +1124,15 @@ impl Node {
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.p2p_metrics {
+            use libp2p::metrics::Recorder;
+            m.record(&ev);
+            match &ev {
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+                _ => {}
+            }
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address
@@ -1104,6 +1163,7 @@ impl Node {
                 }
                 if num_established.get() == 1 {
                     self.connected.insert(peer_id);
+                    self.metrics.set_connected(self.connected.len());
                     tracing::debug!(peer = %peer_id, "connected");
                     if let Some(mut f) = self.find.take() {
                         self.ask_latest(&mut f, peer_id);
@@ -1118,6 +1178,7 @@ impl Node {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.metrics.set_connected(self.connected.len());
                 self.drive(Input::PeerGone(Source::Peer(peer_id)));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
@@ -1198,6 +1259,7 @@ impl Node {
                     Inbound::Ok(r) => r,
                     Inbound::Bad(why) => {
                         tracing::debug!(%peer, %why, "malformed request");
+                        self.metrics.banned("malformed");
                         self.block(peer, "malformed or oversize request");
                         return;
                     }
@@ -1208,13 +1270,16 @@ impl Node {
                 self.serving_total += 1;
                 self.inbound.insert(request_id, peer);
                 if n > self.cfg.flood_limit {
+                    self.metrics.banned("flood");
                     self.block(peer, "request flood");
                     return;
                 }
                 let busy =
                     n > self.cfg.per_peer_serving || self.serving_total > self.cfg.max_serving;
                 let resp = self.answer(peer, request, busy);
-                if resp == Response::Busy {
+                // Busy and refused answers alike: an honest peer backs off
+                // after one, and never sends what we refuse.
+                if matches!(resp, Response::Busy | Response::Refused(_)) {
                     let now = Instant::now();
                     let e = self.busy_log.entry(peer).or_insert((now, 0));
                     if now.duration_since(e.0) >= Duration::from_secs(1) {
@@ -1222,10 +1287,12 @@ impl Node {
                     }
                     e.1 += 1;
                     if e.1 > self.cfg.flood_busy {
+                        self.metrics.banned("flood");
                         self.block(peer, "request flood (kept asking while told busy)");
                         return;
                     }
                 }
+                self.metrics.answered(&resp);
                 self.respond(channel, resp);
             }
             Event::Message {
@@ -1278,6 +1345,13 @@ impl Node {
             } => {
                 tracing::debug!(%peer, %error, "answering a request failed");
                 self.inbound_done(request_id);
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.to_string() == crate::codec::STALLED
+                {
+                    // It asked and did not read for WRITE_STALL: the upload is
+                    // cancelled (its slot is free) and the peer not served.
+                    self.block(peer, "asked for chunks and did not read them");
+                }
             }
             Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),
         }
@@ -1342,7 +1416,7 @@ impl Node {
                 .map_or(Response::DoNotHave, |h| {
                     Response::Manifest(h.manifest.envelope().to_vec())
                 }),
-            Request::Chunk { .. } | Request::Range { .. } if busy => Response::Busy,
+            Request::Chunk { .. } if busy => Response::Busy,
             Request::Chunk { root, index } => {
                 let Some(h) = self.held.get(&root) else {
                     return Response::DoNotHave;
@@ -1366,34 +1440,10 @@ impl Node {
                     None => Response::DoNotHave,
                 }
             }
-            Request::Range { root, start, count } => {
-                let Some(h) = self.held.get(&root) else {
-                    return Response::DoNotHave;
-                };
-                let end = (start as usize)
-                    .saturating_add(count.min(MAX_RANGE_CHUNKS) as usize)
-                    .min(h.hashes.len());
-                let mut out = Vec::new();
-                let mut bytes = 0usize;
-                for i in start as usize..end {
-                    if bytes + h.lens[i] as usize > MAX_RANGE_BYTES {
-                        break;
-                    }
-                    let Some(data) = self.read_chunk(h, i) else {
-                        break;
-                    };
-                    bytes += data.len();
-                    out.push(Piece {
-                        index: i as u32,
-                        data,
-                    });
-                }
-                if out.is_empty() {
-                    Response::DoNotHave
-                } else {
-                    Response::Chunks(out)
-                }
-            }
+            // Nothing asks for ranges (the scheduler asks chunk by chunk),
+            // and one range holds an upload slot eight times as long as a
+            // chunk: refused. The variant stays so the wire numbering does.
+            Request::Range { .. } => refused("range requests are not served; ask chunk by chunk"),
         }
     }
 
@@ -1413,10 +1463,13 @@ impl Node {
                         peer: src,
                         chunk: index,
                     }),
-                    Response::Busy if fetching => self.drive(Input::Busy {
-                        peer: src,
-                        chunk: index,
-                    }),
+                    Response::Busy if fetching => {
+                        self.metrics.busy_received();
+                        self.drive(Input::Busy {
+                            peer: src,
+                            chunk: index,
+                        })
+                    }
                     _ if fetching => self.drive(Input::ChunkFailed {
                         peer: src,
                         chunk: index,

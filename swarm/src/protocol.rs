@@ -107,19 +107,35 @@ pub fn encode_request(r: &Request) -> std::io::Result<Vec<u8>> {
     crate::codec::encode(r, MAX_REQUEST_BYTES)
 }
 
+/// A response as it goes on the wire (length prefix included).
+pub fn encode_response(r: &Response) -> std::io::Result<Vec<u8>> {
+    crate::codec::encode(r, MAX_RESPONSE_BYTES)
+}
+
+/// Decodes a request frame as read off the wire (length prefix included),
+/// with the limits the node applies to what peers send.
+pub fn decode_request(frame: &[u8]) -> std::io::Result<Request> {
+    crate::codec::decode_request(split_frame(frame, MAX_REQUEST_BYTES)?)
+}
+
 /// Decodes a response frame as read off the wire (length prefix included).
 pub fn decode_response(frame: &[u8]) -> std::io::Result<Response> {
+    crate::codec::decode_response(split_frame(frame, MAX_RESPONSE_BYTES)?)
+}
+
+/// The body of a whole frame whose length prefix matches and is at most `max`.
+fn split_frame(frame: &[u8], max: usize) -> std::io::Result<&[u8]> {
     let (len, body) = frame
         .split_at_checked(4)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short frame"))?;
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len != body.len() || len > MAX_RESPONSE_BYTES {
+    if len != body.len() || len > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "bad length prefix",
         ));
     }
-    crate::codec::decode(body)
+    Ok(body)
 }
 
 /// Packs flags into a little-endian bitfield.

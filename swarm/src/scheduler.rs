@@ -22,10 +22,20 @@
 //! - a peer whose bytes fail verification is banned at once: the scheduler
 //!   emits [`Action::Ban`] and forgets the peer; the caller keeps the ban list
 //!   (it outlives fetches) and never reports that peer again;
-//! - an optional fallback source (the HTTP seed) is used only for chunks that
-//!   no usable peer holds, after a short grace period; with no grace at all
-//!   while the caller says it is alone (no peer connected, no dial in flight:
-//!   [`Scheduler::set_alone`]), because then there is nobody to wait for.
+//! - refusals count against a peer: "busy", "do not have" (for a chunk it
+//!   claimed) and answers slower than [`SchedulerConfig::slow_answer`] make a
+//!   streak, and each busy or slow answer in a streak doubles the peer's
+//!   back-off (up to [`SchedulerConfig::max_busy_backoff`]); a prompt chunk
+//!   ends the streak;
+//! - an optional fallback source (the HTTP seed) is a rescue: while no peer
+//!   has delivered a chunk promptly for [`SchedulerConfig::fallback_grace`] it
+//!   takes any missing chunk with no request out, whatever peers claim; and a
+//!   chunk that peers have refused for [`SchedulerConfig::stall_grace`] (no
+//!   delivery, no new holder) goes to it even while others arrive, so peers
+//!   that claim everything and answer busy, or trickle, cannot hold a fetch off;
+//!   with no grace at all while the caller says it is alone (no peer connected,
+//!   no dial in flight: [`Scheduler::set_alone`]), because then there is nobody
+//!   to wait for.
 //!
 //! ```
 //! use std::time::Duration;
@@ -86,6 +96,15 @@ pub struct SchedulerConfig {
     /// The fallback source is not used before this much time has passed since
     /// the first input, so peers get a chance to report their have-maps.
     pub fallback_grace: Duration,
+    /// A chunk answered later than this after its request is not progress
+    /// (it does not hold off the rescue) and counts against the peer.
+    pub slow_answer: Duration,
+    /// Upper bound of the back-off after busy or slow answers in a row.
+    pub max_busy_backoff: Duration,
+    /// A chunk refused (busy, do-not-have, failed) this long ago, with no
+    /// delivery and no new holder since, goes to the fallback source
+    /// whatever peers claim.
+    pub stall_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -105,6 +124,11 @@ impl Default for SchedulerConfig {
             endgame_duplicates: 2,
             have_refresh: Duration::from_millis(500),
             fallback_grace: Duration::from_secs(2),
+            // Honest uploads of a 256 KiB chunk, six at once on a 20 Mbit/s
+            // link, take about 0.6 s.
+            slow_answer: Duration::from_millis(1500),
+            max_busy_backoff: Duration::from_secs(1),
+            stall_grace: Duration::from_secs(4),
         }
     }
 }
@@ -128,6 +152,16 @@ impl SchedulerConfig {
     /// Sets [`SchedulerConfig::fallback_grace`].
     pub fn with_fallback_grace(mut self, d: Duration) -> Self {
         self.fallback_grace = d;
+        self
+    }
+    /// Sets [`SchedulerConfig::slow_answer`].
+    pub fn with_slow_answer(mut self, d: Duration) -> Self {
+        self.slow_answer = d;
+        self
+    }
+    /// Sets [`SchedulerConfig::stall_grace`].
+    pub fn with_stall_grace(mut self, d: Duration) -> Self {
+        self.stall_grace = d;
         self
     }
 }
@@ -196,6 +230,9 @@ pub enum Input<P> {
         /// The chunk asked for.
         chunk: ChunkIndex,
     },
+    /// The peer takes requests again (it unchoked us): a back-off from an
+    /// earlier `Busy` ends now.
+    Unchoke(P),
     /// The peer disconnected or is otherwise unusable (not banned).
     PeerGone(P),
     /// Time passed: expire requests, end back-offs, refresh have-maps.
@@ -231,6 +268,8 @@ struct PeerState {
     in_flight: usize,
     backoff_until: Time,
     failures: u32,
+    /// Busy, do-not-have and slow answers since the last prompt chunk.
+    strikes: u32,
     last_map_ask: Option<Time>,
     gone: bool,
 }
@@ -244,6 +283,7 @@ impl PeerState {
             in_flight: 0,
             backoff_until: Duration::ZERO,
             failures: 0,
+            strikes: 0,
             last_map_ask: None,
             gone: false,
         }
@@ -264,6 +304,10 @@ pub struct Scheduler<P> {
     avail: Vec<u32>,
     /// Outstanding requests per chunk: (peer, deadline).
     pending: Vec<Vec<(P, Time)>>,
+    /// Per chunk: since when peers have refused it without delivering it
+    /// (the stall clock of the rescue), and the most holders it has had.
+    refused_since: Vec<Option<Time>>,
+    avail_max: Vec<u32>,
     peers: HashMap<P, PeerState>,
     /// Peers in the order they were found, for deterministic iteration.
     order: Vec<P>,
@@ -293,6 +337,8 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             held_count: 0,
             avail: vec![0; chunks],
             pending: vec![Vec::new(); chunks],
+            refused_since: vec![None; chunks],
+            avail_max: vec![0; chunks],
             peers: HashMap::new(),
             order: Vec::new(),
             fallback: None,
@@ -327,6 +373,8 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     pub fn reset(&mut self) {
         self.avail.fill(0);
         self.pending.iter_mut().for_each(Vec::clear);
+        self.refused_since.fill(None);
+        self.avail_max.fill(0);
         self.peers.clear();
         self.order.clear();
         self.fallback_in_flight = 0;
@@ -445,6 +493,13 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 min(s + self.cfg.fallback_grace);
             }
             min(self.fallback_backoff_until);
+            for (i, r) in self.refused_since.iter().enumerate() {
+                if let Some(r) = r
+                    && !self.held[i]
+                {
+                    min(*r + self.cfg.stall_grace);
+                }
+            }
         }
         t
     }
@@ -472,14 +527,24 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                     st.has_map = true;
                     if st.usable() {
                         self.avail[i] += 1;
+                        self.claimed(i);
                     }
                 }
             }
             Input::ChunkOk { peer, chunk } => {
-                if self.fallback.as_ref() != Some(&peer) {
-                    self.last_peer_chunk = Some(now);
-                }
+                let is_fallback = self.fallback.as_ref() == Some(&peer);
+                let sent = self.sent_at(&peer, chunk);
                 self.finish(&peer, chunk);
+                // Only a prompt answer is progress: a peer that trickles
+                // chunks must not keep the rescue away.
+                let prompt = sent.is_some_and(|t| now.saturating_sub(t) <= self.cfg.slow_answer);
+                if !is_fallback {
+                    if prompt {
+                        self.last_peer_chunk = Some(now);
+                    } else {
+                        self.strike(&peer, now, true);
+                    }
+                }
                 if self.fallback.as_ref() == Some(&peer) {
                     self.fallback_failures = 0;
                 }
@@ -490,6 +555,9 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 }
                 if let Some(st) = self.peers.get_mut(&peer) {
                     st.failures = 0;
+                    if prompt {
+                        st.strikes = 0;
+                    }
                     if i < self.n && !st.have[i] {
                         st.have[i] = true;
                         st.have_count += 1;
@@ -505,11 +573,14 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             }
             Input::ChunkFailed { peer, chunk } => {
                 if self.finish(&peer, chunk) {
+                    self.refused(chunk, now);
                     self.failed(&peer, now);
                 }
             }
             Input::DoNotHave { peer, chunk } => {
-                self.finish(&peer, chunk);
+                if self.finish(&peer, chunk) {
+                    self.refused(chunk, now);
+                }
                 let i = chunk as usize;
                 if let Some(st) = self.peers.get_mut(&peer)
                     && i < self.n
@@ -520,12 +591,19 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                     if st.usable() {
                         self.avail[i] -= 1;
                     }
+                    // It claimed the chunk: a streak of these backs it off.
+                    self.strike(&peer, now, false);
                 }
             }
             Input::Busy { peer, chunk } => {
-                self.finish(&peer, chunk);
-                if let Some(st) = self.peers.get_mut(&peer) {
-                    st.backoff_until = now + self.cfg.busy_backoff;
+                if self.finish(&peer, chunk) {
+                    self.refused(chunk, now);
+                }
+                self.strike(&peer, now, true);
+            }
+            Input::Unchoke(p) => {
+                if let Some(st) = self.peers.get_mut(&p) {
+                    st.backoff_until = st.backoff_until.min(now);
                 }
             }
             Input::PeerGone(p) => self.gone(&p),
@@ -560,6 +638,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             for (i, h) in have.iter().enumerate() {
                 if *h {
                     self.avail[i] += 1;
+                    self.claimed(i);
                 }
             }
         }
@@ -582,10 +661,51 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if usable {
             for (i, (o, n)) in old.iter().zip(have.iter()).enumerate() {
                 match (o, n) {
-                    (false, true) => self.avail[i] += 1,
+                    (false, true) => {
+                        self.avail[i] += 1;
+                        self.claimed(i);
+                    }
                     (true, false) => self.avail[i] -= 1,
                     _ => {}
                 }
+            }
+        }
+    }
+
+    /// When the outstanding request (peer, chunk) was sent, if there is one.
+    fn sent_at(&self, peer: &P, chunk: ChunkIndex) -> Option<Time> {
+        let reqs = self.pending.get(chunk as usize)?;
+        let (_, deadline) = reqs.iter().find(|(p, _)| p == peer)?;
+        Some(deadline.saturating_sub(self.cfg.request_timeout))
+    }
+
+    /// A peer refused chunk `chunk` (or its request failed): start its stall
+    /// clock unless it is running.
+    fn refused(&mut self, chunk: ChunkIndex, now: Time) {
+        if let Some(r) = self.refused_since.get_mut(chunk as usize) {
+            r.get_or_insert(now);
+        }
+    }
+
+    /// Chunk `i` gained a holder: a holder it never had before (the chunk is
+    /// spreading) restarts its stall clock; a peer re-claiming it does not.
+    fn claimed(&mut self, i: usize) {
+        if self.avail[i] > self.avail_max[i] {
+            self.avail_max[i] = self.avail[i];
+            self.refused_since[i] = None;
+        }
+    }
+
+    /// One more busy, do-not-have or slow answer in a row from `peer`; a busy
+    /// or slow one (`back_off`) backs the peer off, doubling per strike.
+    fn strike(&mut self, peer: &P, now: Time, back_off: bool) {
+        let (base, max) = (self.cfg.busy_backoff, self.cfg.max_busy_backoff);
+        if let Some(st) = self.peers.get_mut(peer) {
+            st.strikes = st.strikes.saturating_add(1);
+            if back_off {
+                let shift = st.strikes.saturating_sub(1).min(16);
+                let d = (base * (1u32 << shift)).min(max.max(base));
+                st.backoff_until = st.backoff_until.max(now + d);
             }
         }
     }
@@ -691,6 +811,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         }
         for (p, c) in expired {
             if self.finish(&p, c) {
+                self.refused(c, now);
                 self.failed(&p, now);
             }
         }
@@ -814,20 +935,22 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         let Some(fb) = self.fallback.clone() else {
             return;
         };
-        // The fallback is a rescue, not a source: only while no peer has
-        // delivered anything for the grace period (at the start, or when the
-        // swarm stalls). Otherwise a super-seeding seed, which offers few
-        // chunks at a time, would be bypassed over HTTP. Alone, there is
-        // nobody to wait for.
-        let in_grace = self
-            .grace_from()
-            .is_some_and(|s| now < s + self.cfg.fallback_grace);
-        if in_grace || now < self.fallback_backoff_until {
+        // The fallback is a rescue, not a source: while no peer has
+        // delivered anything promptly for the grace period (at the start, or
+        // when the swarm stalls), it takes any chunk with no request out,
+        // whatever peers claim; otherwise only chunks peers have refused for
+        // the stall grace. Used more freely, a super-seeding seed (which
+        // offers few chunks at a time) would be bypassed over HTTP. Alone, there
+        // is nobody to wait for.
+        if now < self.fallback_backoff_until {
             return;
         }
+        let stalled =
+            self.alone || now >= self.grace_from().unwrap_or(now) + self.cfg.fallback_grace;
         let mut i = 0;
         while self.fallback_in_flight < self.cfg.fallback_in_flight && i < self.n {
-            if !self.held[i] && self.avail[i] == 0 && self.pending[i].is_empty() {
+            let refused = self.refused_since[i].is_some_and(|t| now >= t + self.cfg.stall_grace);
+            if !self.held[i] && self.pending[i].is_empty() && (stalled || refused) {
                 self.request(fb.clone(), i, now, out);
             }
             i += 1;
@@ -1020,6 +1143,20 @@ mod tests {
             ms(3),
         );
         assert!(a.contains(&Action::Done));
+    }
+
+    #[test]
+    fn unchoke_ends_a_busy_back_off_at_once() {
+        let mut s = Scheduler::new(1, test_cfg(), 1);
+        add(&mut s, "a", vec![true]);
+        let busy = Input::Busy {
+            peer: "a",
+            chunk: 0,
+        };
+        assert!(reqs(&s.handle(busy, ms(10))).is_empty(), "backed off");
+        assert_eq!(reqs(&s.handle(Input::Unchoke("a"), ms(20))), vec![("a", 0)]);
+        // An unchoke from a peer it does not know changes nothing.
+        assert!(s.handle(Input::Unchoke("b"), ms(21)).is_empty());
     }
 
     #[test]
@@ -1378,6 +1515,158 @@ mod tests {
         );
         assert!(a.contains(&Action::Ban("liar")));
         assert_eq!(reqs(&a), vec![("http", 0)]);
+    }
+
+    /// Drives `s` in 10 ms steps until done or `until`: `answer(peer, chunk,
+    /// sent, now)` says what a peer replies (`None`: not yet); the fallback
+    /// answers at once. Returns the chunks the fallback gave, and the end time.
+    fn drive(
+        s: &mut Scheduler<&'static str>,
+        first: Vec<Action<&'static str>>,
+        until: Time,
+        mut answer: impl FnMut(&'static str, u32, Time, Time) -> Option<Input<&'static str>>,
+    ) -> (Vec<u32>, Time) {
+        let mut waiting: Vec<(&'static str, u32, Time)> = Vec::new();
+        let mut http = Vec::new();
+        let mut t = T0;
+        let mut todo = first;
+        loop {
+            while let Some(a) = todo.pop() {
+                if let Action::Request { peer, chunk } = a {
+                    if peer == "http" {
+                        http.push(chunk);
+                        todo.extend(s.handle(Input::ChunkOk { peer, chunk }, t));
+                    } else {
+                        waiting.push((peer, chunk, t));
+                    }
+                }
+            }
+            let mut k = 0;
+            while k < waiting.len() {
+                let (p, c, at) = waiting[k];
+                if let Some(input) = answer(p, c, at, t) {
+                    waiting.remove(k);
+                    todo.extend(s.handle(input, t));
+                } else {
+                    k += 1;
+                }
+            }
+            if !todo.is_empty() {
+                continue;
+            }
+            if s.is_done() || t >= until {
+                return (http, t);
+            }
+            t += ms(10);
+            todo.extend(s.handle(Input::Tick, t));
+        }
+    }
+
+    /// Every peer claims every chunk and answers busy: after the grace the
+    /// rescue takes claimed chunks, and busy answers in a row back off more.
+    #[test]
+    fn busy_forever_claimers_do_not_hold_off_the_rescue() {
+        let cfg = test_cfg()
+            .with_per_peer_in_flight(1)
+            .with_fallback_grace(ms(2000));
+        let mut s = Scheduler::new(4, cfg, 1).with_fallback("http");
+        let mut first = add(&mut s, "a", vec![true; 4]);
+        first.extend(add(&mut s, "b", vec![true; 4]));
+        let mut asked_a = Vec::new();
+        let (http, t) = drive(&mut s, first, ms(10_000), |peer, chunk, sent, _| {
+            if peer == "a" {
+                asked_a.push(sent);
+            }
+            Some(Input::Busy { peer, chunk })
+        });
+        assert!(s.is_done(), "done by {t:?}");
+        assert_eq!(http.len(), 4, "the rescue took every chunk: {http:?}");
+        assert!(t <= ms(2100), "right after the grace: {t:?}");
+        // 250, 500, 1000 (capped) ms apart: 4 asks in 2 s, not 8.
+        assert!(asked_a.len() <= 4, "busy streak backs off: {asked_a:?}");
+        let gaps: Vec<_> = asked_a.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
+    }
+
+    /// A peer that answers each request 1.9 s late keeps delivering, but slow
+    /// answers are not progress: the rescue starts after the grace.
+    #[test]
+    fn slow_trickle_is_not_progress() {
+        let cfg = test_cfg()
+            .with_per_peer_in_flight(1)
+            .with_fallback_grace(ms(2000));
+        let mut s = Scheduler::new(8, cfg, 1).with_fallback("http");
+        let first = add(&mut s, "t", vec![true; 8]);
+        let (http, t) = drive(&mut s, first, ms(20_000), |peer, chunk, sent, now| {
+            (now >= sent + ms(1900)).then_some(Input::ChunkOk { peer, chunk })
+        });
+        assert!(s.is_done(), "done by {t:?}");
+        assert!(http.len() >= 5, "the rescue took most chunks: {http:?}");
+        // The trickle alone would need 8 x 1.9 s.
+        assert!(t < ms(4000), "finished soon after the grace: {t:?}");
+    }
+
+    /// A peer that hands out one chunk promptly every 1.9 s and answers busy
+    /// otherwise keeps the swarm "delivering"; chunks it refused go to the
+    /// rescue after the stall grace anyway.
+    #[test]
+    fn refused_chunks_go_to_the_rescue_after_the_stall_grace() {
+        let cfg = test_cfg()
+            .with_per_peer_in_flight(1)
+            .with_fallback_grace(ms(2000))
+            .with_stall_grace(ms(3000));
+        let mut s = Scheduler::new(16, cfg, 1).with_fallback("http");
+        let first = add(&mut s, "t", vec![true; 16]);
+        let mut last_gift: Option<Time> = None;
+        let (http, t) = drive(&mut s, first, ms(40_000), |peer, chunk, _, now| {
+            if last_gift.is_none_or(|g| now >= g + ms(1900)) {
+                last_gift = Some(now);
+                Some(Input::ChunkOk { peer, chunk })
+            } else {
+                Some(Input::Busy { peer, chunk })
+            }
+        });
+        assert!(s.is_done(), "done by {t:?}");
+        assert!(
+            http.len() >= 8,
+            "the rescue took the refused chunks: {http:?}"
+        );
+        // At one chunk per 1.9 s the trickle alone would need 30 s.
+        assert!(t < ms(10_000), "{t:?}");
+    }
+
+    /// A new holder of a chunk restarts its stall clock (it is spreading);
+    /// a peer that drops and re-claims it does not.
+    #[test]
+    fn stall_clock_restarts_only_for_new_holders() {
+        let cfg = test_cfg().with_stall_grace(ms(1000));
+        let mut s = Scheduler::new(1, cfg, 1).with_fallback("http");
+        add(&mut s, "a", vec![true]);
+        s.handle(
+            Input::Busy {
+                peer: "a",
+                chunk: 0,
+            },
+            ms(10),
+        );
+        assert_eq!(s.refused_since[0], Some(ms(10)));
+        s.handle(
+            Input::HaveMap {
+                peer: "a",
+                have: vec![false],
+            },
+            ms(20),
+        );
+        s.handle(
+            Input::HaveMap {
+                peer: "a",
+                have: vec![true],
+            },
+            ms(30),
+        );
+        assert_eq!(s.refused_since[0], Some(ms(10)), "re-claim: clock runs on");
+        add(&mut s, "b", vec![true]);
+        assert_eq!(s.refused_since[0], None, "a new holder restarts it");
     }
 
     #[test]

@@ -50,6 +50,12 @@ impl SendCounts {
         self.counts.iter().map(|&c| c <= self.min).collect()
     }
 
+    /// How many times every chunk has been sent at least. It rises when the
+    /// last least-sent chunk goes out, which puts every chunk back on offer.
+    pub fn round(&self) -> u32 {
+        self.min
+    }
+
     /// Chunk `i` was sent once more.
     pub fn record(&mut self, i: usize) {
         let Some(c) = self.counts.get_mut(i) else {

@@ -89,7 +89,9 @@ pub fn fetcher(name: &str, provider: &str, pubkey: &str, out: &Path, extra: &[&s
         .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--json"])
         .args(["--progress-ms", "20"])
         .args(extra)
-        .env("RUST_LOG", "info,phase_swarm=debug,libp2p=warn");
+        .env("RUST_LOG", "info,phase_swarm=debug,libp2p=warn")
+        // Its freshness record beside `out`, not in the user's home.
+        .env("PLASMD_STATE", out.with_extension("state"));
     Proc::spawn(name, cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 

@@ -22,6 +22,7 @@ use phase_swarm::{
 use tokio::sync::watch;
 
 use super::http::{HttpSeed, ManifestError};
+use crate::metrics::Exporter;
 
 /// What to fetch and how to reach it.
 pub(crate) struct Options {
@@ -39,9 +40,29 @@ pub(crate) struct Options {
     pub(crate) mode: Mode,
     /// The libp2p identity; a fresh one if `None`.
     pub(crate) keypair: Option<Keypair>,
-    /// How long peers may take to offer a manifest when the seed gives none.
+    /// How long peers may take to offer a manifest when the seed gives none
+    /// (or only an older one than `min_sequence`).
     pub(crate) manifest_wait: Duration,
+    /// Refuse manifests older than this (`--min-sequence`, the state file,
+    /// `phase.min_sequence=`).
+    pub(crate) min_sequence: Option<Floor>,
+    /// When the seed's manifest arrived and peers are connected, how long
+    /// they may take to offer a newer one (0: take the seed's). Nothing is
+    /// waited for when no peer is connected.
+    pub(crate) offer_window: Duration,
+    /// Where the node counts for Prometheus; nowhere if `None`.
+    pub(crate) metrics: Option<Exporter>,
 }
+
+/// The lowest sequence still accepted, and what set it (for the refusal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Floor {
+    pub(crate) sequence: u64,
+    pub(crate) from: String,
+}
+
+/// How long connected peers may take to offer a newer manifest than the seed's.
+pub(crate) const OFFER_WINDOW: Duration = Duration::from_secs(1);
 
 /// Something the caller may want to tell its user.
 pub(crate) enum Note<'a> {
@@ -49,6 +70,11 @@ pub(crate) enum Note<'a> {
     SeedSwarmUnknown(&'a anyhow::Error),
     /// The seed gave no manifest; peers are asked next.
     SeedManifest(&'a ManifestError),
+    /// The seed's manifest is older than the floor (one line naming both
+    /// sequences); peers are asked for a newer one next.
+    Older(&'a anyhow::Error),
+    /// A peer offered a newer manifest than the seed's: that one is used.
+    NewerFromPeer { seed: u64, peer: u64 },
 }
 
 /// Where a manifest came from.
@@ -96,8 +122,9 @@ pub(crate) struct Fetcher {
     /// The seed's swarm node(s), as listed by its `/swarm`.
     seed_peers: HashSet<PeerId>,
     opts: Options,
-    /// The highest sequence accepted so far: a retry never goes back.
-    floor: Option<u64>,
+    /// The highest sequence accepted so far (or the caller's minimum): a
+    /// retry never goes back.
+    floor: Option<Floor>,
     say: fn(Note<'_>),
 }
 
@@ -116,14 +143,17 @@ impl Fetcher {
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }
+        if let Some(e) = &opts.metrics {
+            cfg = e.node_config(cfg);
+        }
         let node = Node::spawn(cfg, store.clone()).context("starting the libp2p node")?;
         let mut f = Fetcher {
             node,
             store,
             seed: opts.provider.as_deref().map(HttpSeed::new),
             seed_peers: HashSet::new(),
+            floor: opts.min_sequence.clone(),
             opts,
-            floor: None,
             say,
         };
         f.dial_seed().await?;
@@ -149,7 +179,13 @@ impl Fetcher {
         match tokio::task::spawn_blocking(move || seed.swarm()).await? {
             Ok(addrs) => {
                 for a in addrs {
-                    self.seed_peers.extend(addr::peer_id(&a));
+                    if let Some(p) = addr::peer_id(&a) {
+                        self.seed_peers.insert(p);
+                        if let Some(e) = &self.opts.metrics {
+                            // Its bytes count as source="seed", as in the summary's kinds.
+                            e.metrics().mark_seed(p);
+                        }
+                    }
                     if let Err(e) = self.node.dial(a).await {
                         tracing::debug!(error = %e, "dialing the seed's swarm node");
                     }
@@ -160,41 +196,91 @@ impl Fetcher {
         Ok(())
     }
 
-    /// The manifest to fetch: the seed's over HTTP, else the newest a peer
-    /// offers; refused if it is for another channel/arch or older than one
-    /// accepted before.
+    /// The manifest to fetch: the newest valid one offered at once. The
+    /// seed's over HTTP, unless a connected peer offers a newer one within
+    /// [`Options::offer_window`]; else (no seed manifest, or one older than
+    /// the floor) the newest a peer offers within `manifest_wait`. Refused
+    /// if it is for another channel/arch or older than the floor.
     pub(crate) async fn manifest(&mut self) -> anyhow::Result<(SignedManifest, Via)> {
         self.dial_seed().await?;
-        let o = &self.opts;
-        let mut found = None;
+        let (channel, arch, pubkey) = (
+            self.opts.channel.clone(),
+            self.opts.arch.clone(),
+            self.opts.pubkey,
+        );
+        let mut from_seed = None;
+        let mut older = None;
         if let Some(seed) = self.seed.clone() {
-            let (ch, ar, pk) = (o.channel.clone(), o.arch.clone(), o.pubkey);
-            match tokio::task::spawn_blocking(move || seed.manifest(&ch, &ar, &pk)).await? {
-                Ok(m) => found = Some((m, Via::Http)),
+            let (ch, ar) = (channel.clone(), arch.clone());
+            let url = seed.manifest_url(&ch, &ar);
+            match tokio::task::spawn_blocking(move || seed.manifest(&ch, &ar, &pubkey)).await? {
+                Ok(m) => match accept(&m, &channel, &arch, self.floor.as_ref(), &url) {
+                    Ok(_) => from_seed = Some(m),
+                    Err(e) => {
+                        (self.say)(Note::Older(&e));
+                        older = Some(e);
+                    }
+                },
                 Err(e) => (self.say)(Note::SeedManifest(&e)),
             }
         }
-        let (m, via) = match found {
-            Some(f) => f,
+        let (m, via) = match from_seed {
+            Some(m) => self.newer_from_peers(m).await,
             None => {
-                let m = self
-                    .node
-                    .find_manifest(&o.channel, &o.arch, o.pubkey, o.manifest_wait)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "no {}/{} manifest from the seed, and no peer offered one signed by \
-                             the pinned key within {} s",
-                            o.channel,
-                            o.arch,
-                            o.manifest_wait.as_secs()
-                        )
-                    })?;
+                let wait = self.opts.manifest_wait;
+                let m = match self.node.find_manifest(&channel, &arch, pubkey, wait).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let e = anyhow::Error::new(e);
+                        return Err(match older {
+                            Some(o) => o.context(format!(
+                                "and no peer offered a newer one within {} s",
+                                wait.as_secs()
+                            )),
+                            None => e.context(format!(
+                                "no {channel}/{arch} manifest from the seed, and no peer \
+                                 offered one signed by the pinned key within {} s",
+                                wait.as_secs()
+                            )),
+                        });
+                    }
+                };
                 (m, Via::Swarm)
             }
         };
-        self.floor = Some(accept(&m, &self.opts.channel, &self.opts.arch, self.floor)?);
+        let from = match via {
+            Via::Http => self.opts.provider.clone().unwrap_or_default(),
+            Via::Swarm => "swarm peers".to_owned(),
+        };
+        self.floor = Some(accept(&m, &channel, &arch, self.floor.as_ref(), &from)?);
         Ok((m, via))
+    }
+
+    /// `seed`'s manifest, or a newer one a connected peer offers within the
+    /// offer window. No peer connected: the seed's at once.
+    async fn newer_from_peers(&self, seed: SignedManifest) -> (SignedManifest, Via) {
+        let o = &self.opts;
+        if o.offer_window.is_zero() {
+            return (seed, Via::Http);
+        }
+        let connected = self.node.connected_peers().await.unwrap_or_default();
+        if connected.is_empty() {
+            return (seed, Via::Http);
+        }
+        match self
+            .node
+            .find_manifest(&o.channel, &o.arch, o.pubkey, o.offer_window)
+            .await
+        {
+            Ok(p) if p.manifest().sequence > seed.manifest().sequence => {
+                (self.say)(Note::NewerFromPeer {
+                    seed: seed.manifest().sequence,
+                    peer: p.manifest().sequence,
+                });
+                (p, Via::Swarm)
+            }
+            _ => (seed, Via::Http),
+        }
     }
 
     /// Fetches every chunk of `manifest` into the store (resuming from what
@@ -251,14 +337,16 @@ pub(crate) async fn addrs(node: &Handle, loopback: bool) -> Vec<Multiaddr> {
         .collect()
 }
 
-/// Checks `m` is for `channel`/`arch` and not older than `floor`; returns
-/// the new floor.
+/// Checks `m` (offered by `from`) is for `channel`/`arch` and not older
+/// than `floor`; returns the new floor. The refusal is one line naming both
+/// sequences, where the older one came from and what set the floor.
 fn accept(
     m: &SignedManifest,
     channel: &str,
     arch: &str,
-    floor: Option<u64>,
-) -> anyhow::Result<u64> {
+    floor: Option<&Floor>,
+    from: &str,
+) -> anyhow::Result<Floor> {
     let mm = m.manifest();
     anyhow::ensure!(
         mm.channel == channel && mm.arch == arch,
@@ -266,8 +354,20 @@ fn accept(
         mm.channel,
         mm.arch
     );
-    m.check_not_older(floor)?;
-    Ok(mm.sequence.max(floor.unwrap_or(0)))
+    match floor {
+        Some(f) if mm.sequence < f.sequence => anyhow::bail!(
+            "refusing the {channel}/{arch} manifest sequence {} from {from}: older than \
+             sequence {} ({})",
+            mm.sequence,
+            f.sequence,
+            f.from
+        ),
+        Some(f) if mm.sequence == f.sequence => Ok(f.clone()),
+        _ => Ok(Floor {
+            sequence: mm.sequence,
+            from: format!("accepted before from {from}"),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -285,30 +385,33 @@ mod tests {
 
     #[test]
     fn a_retry_never_accepts_an_older_or_foreign_manifest() {
-        let floor = accept(&manifest("stable", "x86_64", 5), "stable", "x86_64", None).unwrap();
-        assert_eq!(floor, 5);
-        let e = accept(
-            &manifest("stable", "x86_64", 4),
-            "stable",
-            "x86_64",
-            Some(floor),
-        );
-        let e = format!("{:#}", e.unwrap_err());
-        assert!(
-            e.contains('4') && e.contains('5'),
-            "names both sequences: {e}"
+        let (ch, ar) = ("stable", "x86_64");
+        let floor = accept(&manifest(ch, ar, 5), ch, ar, None, "http://seed").unwrap();
+        assert_eq!(floor.sequence, 5);
+        let e = accept(&manifest(ch, ar, 4), ch, ar, Some(&floor), "http://proxy").unwrap_err();
+        let e = format!("{e:#}");
+        assert_eq!(
+            e,
+            "refusing the stable/x86_64 manifest sequence 4 from http://proxy: older than \
+             sequence 5 (accepted before from http://seed)"
         );
         assert_eq!(
-            accept(
-                &manifest("stable", "x86_64", 5),
-                "stable",
-                "x86_64",
-                Some(5)
-            )
-            .unwrap(),
+            accept(&manifest(ch, ar, 5), ch, ar, Some(&floor), "x")
+                .unwrap()
+                .sequence,
             5
         );
-        let e = accept(&manifest("beta", "x86_64", 9), "stable", "x86_64", None).unwrap_err();
+        let min = Floor {
+            sequence: 3,
+            from: "--min-sequence 3".into(),
+        };
+        assert_eq!(
+            accept(&manifest(ch, ar, 7), ch, ar, Some(&min), "x")
+                .unwrap()
+                .sequence,
+            7
+        );
+        let e = accept(&manifest("beta", ar, 9), ch, ar, None, "x").unwrap_err();
         assert!(format!("{e}").contains("beta/x86_64"), "{e}");
     }
 }

@@ -66,6 +66,11 @@ impl HttpSeed {
             .with_context(|| format!("reading GET {url}"))
     }
 
+    /// Where [`HttpSeed::manifest`] reads `channel`/`arch` from.
+    pub(crate) fn manifest_url(&self, channel: &str, arch: &str) -> String {
+        format!("{}/{channel}/{arch}/manifest.json", self.base)
+    }
+
     /// The signed manifest of `channel`/`arch`, verified against `pinned`.
     pub(crate) fn manifest(
         &self,

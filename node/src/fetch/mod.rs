@@ -9,8 +9,9 @@
 mod fetcher;
 mod http;
 mod progress;
+mod seen;
 
-pub(crate) use fetcher::{Fetcher, Kind, Note, Options, addrs};
+pub(crate) use fetcher::{Fetcher, Floor, Kind, Note, OFFER_WINDOW, Options, addrs};
 pub(crate) use http::ManifestError;
 
 use std::io::IsTerminal;
@@ -21,6 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, verify_file, write_artifact};
 use phase_swarm::{FetchProgress, Multiaddr, load_or_create_key};
+
+use crate::files::write_atomic;
+use crate::metrics::Exporter;
 
 /// Arguments of `plasmd fetch`.
 #[derive(Debug, clap::Args)]
@@ -59,22 +63,51 @@ pub(crate) struct Args {
     /// mDNS (lan|internet, like `phase.mode=`).
     #[arg(long, default_value = "internet", value_parser = |s: &str| s.parse::<phase_boot::cmdline::Mode>().map_err(|()| "expected lan or internet".to_owned()))]
     mode: phase_boot::cmdline::Mode,
-    /// Keep chunks and the libp2p identity here (default: in memory, a fresh identity).
+    /// Keep chunks, the libp2p identity and the highest sequence seen per (key, channel, arch)
+    /// here (default: only the highest sequence, in `$XDG_STATE_HOME/plasmd` or
+    /// `~/.local/state/plasmd` like `serve`; chunks in memory, a fresh identity).
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Refuse a manifest with a lower sequence than N (as `phase.min_sequence=N` at boot).
+    #[arg(long, value_name = "N")]
+    min_sequence: Option<u64>,
     /// How long to wait for peers to offer a manifest when the HTTP seed has none.
     #[arg(long, default_value_t = 30)]
     manifest_wait: u64,
     /// Give up if the fetch has not finished after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Answer Prometheus scrapes at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Milliseconds between plain progress lines (not on a terminal).
     #[arg(long, default_value_t = 2000, hide = true)]
     progress_ms: u64,
+    /// Milliseconds connected peers may take to offer a newer manifest than the seed's.
+    #[arg(long, default_value_t = OFFER_WINDOW.as_millis() as u64, hide = true)]
+    offer_window_ms: u64,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    if let Some(dir) = &a.state {
+        crate::files::private_dir(dir)?;
+    }
+    let state_dir = a.state.clone().unwrap_or_else(crate::default_state_dir);
+    let seen = seen::Seen::open(&state_dir, &a.pubkey, &a.channel, &a.arch)
+        .with_context(|| format!("opening the freshness record in {}", state_dir.display()))?;
+    let mut floor = a.min_sequence.map(|n| Floor {
+        sequence: n,
+        from: format!("--min-sequence {n}"),
+    });
+    if let Some(n) = seen.get()?
+        && floor.as_ref().is_none_or(|f| n > f.sequence)
+    {
+        floor = Some(Floor {
+            sequence: n,
+            from: format!("seen before, recorded in {}", seen.path().display()),
+        });
+    }
     let store: Arc<dyn ChunkStore> = match &a.state {
         Some(dir) => Arc::new(
             FsStore::open(dir.join("store"))
@@ -83,7 +116,22 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         None => Arc::new(MemStore::new()),
     };
     let keypair = match &a.state {
-        Some(dir) => Some(load_or_create_key(&dir.join("p2p.key"))?),
+        Some(dir) => {
+            let path = dir.join("p2p.key");
+            if path.exists() {
+                crate::files::check_private(&path)?;
+            }
+            Some(load_or_create_key(&path)?)
+        }
+        None => None,
+    };
+    let exporter = match a.metrics {
+        Some(at) => {
+            let e = Exporter::new();
+            let on = crate::metrics::listen(e.clone(), at).await?;
+            eprintln!("plasmd fetch: metrics on http://{on}/metrics");
+            Some(e)
+        }
         None => None,
     };
     let opts = Options {
@@ -97,6 +145,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         mode: a.mode,
         keypair,
         manifest_wait: Duration::from_secs(a.manifest_wait),
+        min_sequence: floor,
+        offer_window: Duration::from_millis(a.offer_window_ms),
+        metrics: exporter,
     };
     let mut fetcher = Fetcher::start(opts, store, say).await?;
     let (manifest, _via) = fetcher.manifest().await?;
@@ -148,13 +199,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 verified.push((art.name.clone(), art.size, ok));
             }
             if let Some(c) = &man.manifest().cmdline {
-                write_atomic(&out.join("cmdline"), format!("{c}\n").as_bytes())?;
+                write_atomic(&out.join("cmdline"), format!("{c}\n").as_bytes(), 0o644)?;
             }
-            write_atomic(&out.join("manifest.json"), man.envelope())?;
+            write_atomic(&out.join("manifest.json"), man.envelope(), 0o644)?;
             Ok(verified)
         })
         .await??;
     let ok = verified.iter().all(|(_, _, ok)| *ok);
+    if ok {
+        seen.record(m.sequence)?;
+    }
 
     let wall = started.elapsed().as_secs_f64();
     if a.json {
@@ -230,12 +284,9 @@ fn say(n: Note<'_>) {
         Note::SeedManifest(e) => {
             eprintln!("plasmd fetch: no manifest from the seed: {e}; asking peers")
         }
+        Note::Older(e) => eprintln!("plasmd fetch: {e:#}; asking peers for a newer one"),
+        Note::NewerFromPeer { seed, peer } => eprintln!(
+            "plasmd fetch: a peer offers sequence {peer}, newer than the seed's {seed}: using it"
+        ),
     }
-}
-
-fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }

@@ -9,7 +9,10 @@
 //! - `var/lib/plasmd/carried/manifest.json`: the signed envelope, as fetched;
 //! - `var/lib/plasmd/carried/params`: the first stage's `phase.*` parameters
 //!   (cmdline syntax), so the target knows the pinned key, channel and arch
-//!   without trusting its own, publisher-signed, command line for them;
+//!   without trusting its own, publisher-signed, command line for them; its
+//!   `phase.min_sequence=` is the high-water mark (the carried manifest's
+//!   sequence, or the first stage's `phase.min_sequence` if higher), and a
+//!   store whose manifest is older is refused;
 //! - `var/lib/plasmd/carried/chunks/HEX`: one file per chunk.
 //!
 //! The appended archive is uncompressed and starts on a 4-byte boundary of
@@ -27,17 +30,20 @@ use phase_content::{ChunkStore, Hash, MemStore, SignedManifest};
 /// cpio paths are relative).
 pub(crate) const CARRIED_DIR: &str = "var/lib/plasmd/carried";
 
-/// The `phase.*` parameters of `cmdline`, in cmdline syntax, to carry.
-pub(crate) fn phase_params(cmdline: &str) -> String {
-    cmdline::split(cmdline)
+/// The `phase.*` parameters of `cmdline`, in cmdline syntax, to carry, with
+/// `phase.min_sequence=` set to the high-water mark `high`.
+pub(crate) fn phase_params(cmdline: &str, high: u64) -> String {
+    let mut words: Vec<String> = cmdline::split(cmdline)
         .into_iter()
         .filter(|p| p.key.starts_with("phase."))
+        .filter(|p| p.key.replace('-', "_") != "phase.min_sequence")
         .map(|p| match p.value {
             Some(v) => format!("{}={v}", p.key),
             None => p.key.to_owned(),
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    words.push(format!("phase.min_sequence={high}"));
+    words.join(" ")
 }
 
 /// Builds the carried archive: the manifest, `params` and every chunk the
@@ -110,6 +116,21 @@ pub(crate) struct Carried {
     pub(crate) bytes: u64,
 }
 
+/// Refuses `m` if it is older than `floor` (`why` says what set it).
+pub(crate) fn check_floor(m: &SignedManifest, floor: Option<u64>, why: &str) -> anyhow::Result<()> {
+    let mm = m.manifest();
+    match floor {
+        Some(f) if mm.sequence < f => anyhow::bail!(
+            "refusing the carried {}/{} manifest sequence {}: older than sequence {f} ({why}); \
+             not serving it",
+            mm.channel,
+            mm.arch,
+            mm.sequence
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Whether `root` (the rootfs, `/` in the target) holds a carried store.
 pub(crate) fn present(root: &Path) -> bool {
     root.join(CARRIED_DIR).join("manifest.json").is_file()
@@ -130,6 +151,11 @@ pub(crate) fn load(root: &Path) -> anyhow::Result<Carried> {
     let manifest = SignedManifest::verify(&bytes, &pubkey).with_context(|| {
         format!("the carried manifest does not verify against the carried key {pubkey}")
     })?;
+    check_floor(
+        &manifest,
+        params.min_sequence,
+        "the carried high-water mark",
+    )?;
     let store = MemStore::new();
     let mut total = 0u64;
     let hashes = unique_chunks(&manifest);
@@ -164,8 +190,16 @@ mod tests {
         let out = append(Some(vec![1, 2, 3, 4, 5]), b"0707");
         assert_eq!(out, [1, 2, 3, 4, 5, 0, 0, 0, b'0', b'7', b'0', b'7']);
         assert_eq!(
-            phase_params("console=ttyS0 phase.pubkey=ab phase.linger=3 quiet phase.x"),
-            "phase.pubkey=ab phase.linger=3 phase.x"
+            phase_params(
+                "console=ttyS0 phase.pubkey=ab phase.linger=3 quiet phase.x",
+                4
+            ),
+            "phase.pubkey=ab phase.linger=3 phase.x phase.min_sequence=4"
+        );
+        // The high-water mark replaces the first stage's own minimum.
+        assert_eq!(
+            phase_params("phase.min-sequence=2 phase.pubkey=ab", 9),
+            "phase.pubkey=ab phase.min_sequence=9"
         );
     }
 
@@ -220,6 +254,20 @@ mod tests {
         assert_eq!(c.chunks, 6);
         assert_eq!(c.bytes, 305_000);
         assert!(c.raw_params.contains("phase.test_liar=1"));
+
+        // A store whose manifest is below its carried high-water mark is refused.
+        unpack(&cpio, &root);
+        let seq = m.manifest().sequence;
+        std::fs::write(
+            root.join(CARRIED_DIR).join("params"),
+            phase_params(&format!("phase.pubkey={}", key.public()), seq + 1),
+        )
+        .unwrap();
+        let e = format!("{:#}", load(&root).err().unwrap());
+        assert!(
+            e.contains(&format!("sequence {seq}: older than sequence {}", seq + 1)),
+            "{e}"
+        );
 
         // A wrong pinned key in the carried parameters is refused.
         unpack(&cpio, &root);

@@ -7,11 +7,17 @@
 //! - `plasmd: phase swarm node peer=ID mode=lan|internet` (this first stage's libp2p identity)
 //! - `plasmd: phase manifest ok sequence=S root=R artifacts=N via=http|swarm`
 //! - `plasmd: phase refused manifest from URL: ...` (wrong key: never booted)
+//! - `plasmd: phase refused older manifest: refusing the CH/ARCH manifest sequence S from URL:
+//!   older than sequence F (WHY)` (below `phase.min_sequence=` or a sequence accepted before;
+//!   peers are asked for a newer one, and without one the attempt fails and is retried)
+//! - `plasmd: phase newer manifest from a peer sequence=P seed_sequence=S` (a peer beat the seed)
 //! - `plasmd: phase source peer=ID kind=seed|peer|http bytes=B chunks=C`
 //! - `plasmd: phase banned peer=ID`
 //! - `plasmd: phase fetched chunks=N bytes=B seconds=S seed_bytes=X peer_bytes=Y`
 //! - `plasmd: phase retry held_chunks=N` (a failed attempt; the next resumes from N chunks)
 //! - `plasmd: phase linger seconds=S addrs=...`
+//! - `plasmd: phase metrics listening addr=IP:PORT` (serve mode with `phase.metrics=PORT`;
+//!   `plasmd: phase metrics failed: ...` if the port cannot be had, and serving goes on)
 //! - `plasmd: phase timeline step=NAME t=SECONDS uptime=SECONDS` (t since PID 1
 //!   started, uptime from `/proc/uptime`), one per milestone in this order:
 //!   `start`, `modules`, `network`, `node` (swarm node up), `manifest`,
@@ -26,7 +32,7 @@ use phase_boot::cmdline::PhaseConfig;
 use phase_content::{MemStore, PublicKey, SignedManifest};
 use phase_swarm::{FetchProgress, Handle, Multiaddr, addr};
 
-use crate::fetch::{Fetcher, Kind, ManifestError, Note, Options};
+use crate::fetch::{Fetcher, Floor, Kind, ManifestError, Note, OFFER_WINDOW, Options};
 
 /// The libp2p port the boot node listens on, so its addresses are predictable.
 pub(crate) const P2P_PORT: u16 = 4001;
@@ -54,6 +60,10 @@ fn say(n: Note<'_>) {
         Note::SeedManifest(e) => {
             println!("plasmd: phase seed unreachable ({e}); asking swarm peers")
         }
+        Note::Older(e) => println!("plasmd: phase refused older manifest: {e:#}"),
+        Note::NewerFromPeer { seed, peer } => println!(
+            "plasmd: phase newer manifest from a peer sequence={peer} seed_sequence={seed}"
+        ),
     }
 }
 
@@ -87,6 +97,12 @@ async fn start(
         mode: cfg.mode,
         keypair: None,
         manifest_wait: MANIFEST_WAIT,
+        min_sequence: cfg.min_sequence.map(|n| Floor {
+            sequence: n,
+            from: format!("phase.min_sequence={n}"),
+        }),
+        offer_window: OFFER_WINDOW,
+        metrics: None,
     };
     let f = Fetcher::start(opts, store, say).await?;
     println!(
@@ -269,10 +285,16 @@ pub(crate) fn first_stage(
     if let Some(secs) = cfg.linger {
         rt.block_on(linger(&fetch, secs));
     }
+    // The target carries the high-water mark: it never serves older.
+    let high = fetch
+        .manifest
+        .manifest()
+        .sequence
+        .max(cfg.min_sequence.unwrap_or(0));
     let carried = super::carry::archive(
         &fetch.manifest,
         &*fetch.store,
-        &super::carry::phase_params(raw),
+        &super::carry::phase_params(raw, high),
     )
     .context("building the carried store")?;
     println!(

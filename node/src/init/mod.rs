@@ -238,6 +238,14 @@ fn boot(
         (Vec::new(), String::new())
     };
     let memory = kexec::parse_iomem(&iomem);
+    let memmap = if arch == Arch::X86_64 {
+        kexec::read_memmap(Path::new("/sys/firmware/memmap")).unwrap_or_else(|e| {
+            println!("plasmd: warning: no firmware memory map for kexec_load: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     let seed = if arch == Arch::Aarch64 {
         entropy(8 + 64)
     } else {
@@ -251,13 +259,21 @@ fn boot(
             memory: &memory,
             entropy: &seed,
         }),
+        x86_64: (arch == Arch::X86_64 && !memmap.is_empty())
+            .then_some(kexec::X86Inputs { memmap: &memmap }),
     };
     let mut k: Box<dyn Kexec> = if real {
         Box::new(kexec::Syscalls::new()?)
     } else {
         Box::new(kexec::DryRun::default())
     };
-    let loaded = kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?;
+    let loaded = if cfg.test_force_kexec_load {
+        println!("plasmd: test knob: kexec_file_load answered ENOSYS without calling it");
+        let mut forced = kexec::ForceKexecLoad(k.as_mut());
+        kexec::load(&mut forced, &ctx, &kernel, initrd.as_deref(), &cmdline)?
+    } else {
+        kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?
+    };
     println!(
         "plasmd: phase kexec path={} reason={}",
         loaded.path, loaded.reason

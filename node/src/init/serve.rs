@@ -7,11 +7,15 @@
 //! serves them on the swarm at once (mDNS on, listening on
 //! [`first_stage::P2P_PORT`]), with no download. It prints
 //! `SAW KEXEC=Y token=T` (T from its own cmdline's `token=`) once serving, so
-//! tests know the target is up, and then runs forever.
+//! tests know the target is up, and then runs forever. With `phase.metrics=PORT`
+//! (on its own cmdline, else carried from the first stage's) it answers
+//! Prometheus scrapes at `http://ADDR:PORT/metrics` (its console line is
+//! listed in [`first_stage`]).
 //!
 //! Test knob: `phase.test_liar=1` in the carried parameters (that is, on the
 //! first stage's cmdline) makes this node corrupt every chunk it serves.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,6 +25,7 @@ use phase_content::{ChunkStore, CorruptingStore};
 use phase_swarm::{Node, NodeConfig};
 
 use super::{carry, first_stage, net};
+use crate::metrics::Exporter;
 
 /// Whether this boot should serve a carried store (checked by `init::run`).
 pub(crate) fn selected() -> bool {
@@ -44,11 +49,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
         net::mount_basics();
     }
     // The target's own command line carries the test's `token=`.
-    let own = match cmdline::read(Path::new("/proc/cmdline")) {
-        Ok((raw, _, _)) => raw,
+    let (own, own_min, own_metrics) = match cmdline::read(Path::new("/proc/cmdline")) {
+        Ok((raw, cfg, _)) => (raw, cfg.min_sequence, cfg.metrics),
         Err(e) => {
             println!("plasmd: warning: {e}");
-            String::new()
+            (String::new(), None, None)
         }
     };
     let token = cmdline::split(&own)
@@ -58,6 +63,11 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .unwrap_or("")
         .to_owned();
     let mut c = carry::load(Path::new("/")).context("checking the carried store")?;
+    carry::check_floor(
+        &c.manifest,
+        own_min,
+        "phase.min_sequence on this system's cmdline",
+    )?;
     let m = c.manifest.manifest();
     println!(
         "plasmd: phase carried ok root={} channel={} arch={} chunks={} bytes={}",
@@ -99,7 +109,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .filter_map(|p| p.parse().ok())
         .collect();
     let listen = phase_swarm::addr::tcp([0, 0, 0, 0].into(), first_stage::P2P_PORT);
-    crate::runtime()?.block_on(serve(c, store, liar, listen, peers, token))
+    let metrics = own_metrics.or(c.params.metrics);
+    crate::runtime()?.block_on(serve(c, store, liar, listen, peers, token, metrics))
 }
 
 async fn serve(
@@ -109,12 +120,22 @@ async fn serve(
     listen: phase_swarm::Multiaddr,
     peers: Vec<phase_swarm::Multiaddr>,
     token: String,
+    metrics: Option<u16>,
 ) -> anyhow::Result<()> {
-    let cfg = NodeConfig::default()
+    let mut cfg = NodeConfig::default()
         .with_listen(vec![listen])
         .with_peers(peers)
         .with_mdns(true)
         .with_dht(c.params.mode == cmdline::Mode::Internet);
+    if let Some(port) = metrics {
+        let e = Exporter::new();
+        cfg = e.node_config(cfg);
+        // A port that cannot be had costs the scrapes, not the serving.
+        match crate::metrics::listen(e, SocketAddr::from(([0, 0, 0, 0], port))).await {
+            Ok(at) => println!("plasmd: phase metrics listening addr={at}"),
+            Err(e) => println!("plasmd: phase metrics failed: {e:#}"),
+        }
+    }
     let node = Node::spawn(cfg, store).context("starting the libp2p node")?;
     let root = c.manifest.root();
     node.seed(c.manifest)

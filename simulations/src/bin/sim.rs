@@ -48,6 +48,28 @@ struct Args {
     /// Turn the node's super-seeding off (complete hosts offer every chunk).
     #[arg(long)]
     no_super_seed: bool,
+    /// Share links by one round of max-min fairness instead of an equal split.
+    #[arg(long)]
+    fair: bool,
+    /// Model the planned stream protocol v2 (bounded neighbourhood, pushed
+    /// HAVEs, queued requests, choke/unchoke) instead of today's node.
+    #[arg(long)]
+    v2: bool,
+    /// v2: connections per node.
+    #[arg(long)]
+    neighbours: Option<usize>,
+    /// v2: uploads a server runs at once.
+    #[arg(long)]
+    upload_slots: Option<usize>,
+    /// v2: clients a server takes requests from at once.
+    #[arg(long)]
+    unchoked: Option<usize>,
+    /// v2: requests a client keeps queued at one server.
+    #[arg(long)]
+    depth: Option<usize>,
+    /// v2: how long a choked client waits before asking again, ms.
+    #[arg(long)]
+    choke_wait_ms: Option<u64>,
     /// Runs per size (different RNG seeds); the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: u64,
@@ -61,8 +83,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let a = Args::parse();
     println!(
-        "{:>7} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>8}",
-        "nodes", "T_min s", "p50 s", "max s", "max/Tmin", "seed copies", "events", "wall s"
+        "{:>7} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>10} {:>8}",
+        "nodes",
+        "T_min s",
+        "p50 s",
+        "max s",
+        "max/Tmin",
+        "seed copies",
+        "upload use",
+        "events",
+        "wall s"
     );
     for &n in &a.nodes {
         let cfg = SimConfig {
@@ -93,6 +123,26 @@ fn main() {
         if let Some(v) = a.per_peer_serving {
             cfg.per_peer_serving = v;
         }
+        cfg.fair_share = a.fair;
+        if a.v2 {
+            let mut v = simulations::sim::V2::default();
+            if let Some(x) = a.neighbours {
+                v.neighbours = x;
+            }
+            if let Some(x) = a.upload_slots {
+                v.upload_slots = x.max(1);
+            }
+            if let Some(x) = a.unchoked {
+                v.unchoked = x.max(1);
+            }
+            if let Some(x) = a.depth {
+                v.depth = x.max(1);
+            }
+            if let Some(x) = a.choke_wait_ms {
+                v.choke_wait = Duration::from_millis(x);
+            }
+            cfg.v2 = Some(v);
+        }
         let e = cfg.efficiency;
         let tmin = t_min(
             cfg.file_bytes as f64 * 8.0,
@@ -100,7 +150,8 @@ fn main() {
             &vec![cfg.up_bps * e; n],
             cfg.down_bps * e,
         );
-        let (mut p50, mut max, mut copies, mut events, mut wall) = (vec![], vec![], vec![], 0, 0.0);
+        let (mut p50, mut max, mut copies, mut used, mut events, mut wall) =
+            (vec![], vec![], vec![], vec![], 0, 0.0);
         for run in 0..a.runs {
             let t = Instant::now();
             let r = simulate(&SimConfig {
@@ -112,21 +163,26 @@ fn main() {
             p50.push(r.p50_s());
             max.push(r.max_s());
             copies.push(r.seed_bytes / cfg.file_bytes as f64);
+            // Bytes all hosts sent over what their uploads could have sent until the last node finished.
+            let cap = (n + 1) as f64 * cfg.up_bps * cfg.efficiency / 8.0 * r.max_s();
+            used.push(r.total_bytes / cap);
         }
         let m = median(max);
         println!(
-            "{:>7} {:>8.2} {:>8.2} {:>8.2} {:>9.3} {:>11.2} {:>10} {:>8.1}",
+            "{:>7} {:>8.2} {:>8.2} {:>8.2} {:>9.3} {:>11.2} {:>10.2} {:>10} {:>8.1}",
             n,
             tmin,
             median(p50),
             m,
             m / tmin,
             median(copies),
+            median(used),
             events / a.runs,
             wall / a.runs as f64
         );
     }
     println!(
-        "(T_min at goodput: rates x 0.953 for Ethernet framing under tbf, as the simulator models them)"
+        "(T_min at goodput: rates x 0.953 for Ethernet framing under tbf, as the simulator models them;\n \
+         upload use: bytes every host sent over what all uploads could send until the last node finished)"
     );
 }
