@@ -97,48 +97,6 @@ fn wget_style_boot_fetches_exact_bytes() {
     assert_eq!(status, 400);
 }
 
-/// One round trip for a fetcher: `?swarm=1` puts the seed's `/swarm` answer
-/// beside the manifest, outside the signed bytes; without it the envelope
-/// has no such field, so fetchers from before it still parse the answer.
-#[test]
-fn manifest_carries_the_seed_swarm_addresses_only_when_asked() {
-    let t = tempfile::tempdir().expect("tempdir");
-    let arch = std::env::consts::ARCH;
-    let dir = make_artifacts(t.path(), "stable", arch, 300_000, 40_001);
-    let seed = Seed::start(&dir, &t.path().join("state"), &[]);
-    let pinned: PublicKey = seed.pubkey.parse().expect("banner key");
-    let (status, swarm) = get(&format!("{}/swarm", seed.url));
-    assert_eq!(status, 200);
-    let swarm: serde_json::Value = serde_json::from_slice(&swarm).expect("/swarm JSON");
-    assert!(
-        swarm["addrs"].as_array().is_some_and(|a| !a.is_empty()),
-        "{swarm}"
-    );
-    for path in [
-        format!("/stable/{arch}/manifest.json?swarm=1"),
-        format!("/manifest.json?arch={arch}&swarm=1"),
-    ] {
-        let (status, body) = get(&format!("{}{path}", seed.url));
-        assert_eq!(status, 200, "{path}");
-        let m = SignedManifest::verify(&body, &pinned).expect("verifies with the swarm field");
-        let got: serde_json::Value = serde_json::from_str(
-            &phase_content::unsigned_swarm(&body).expect("a swarm field"),
-        )
-        .expect("swarm JSON");
-        assert_eq!(got["addrs"], swarm["addrs"], "{path}");
-        assert_eq!(got["peer_id"], swarm["peer_id"], "{path}");
-        assert!(
-            !String::from_utf8_lossy(m.envelope()).contains("\"swarm\""),
-            "the unsigned part does not travel on"
-        );
-    }
-    let (_, plain) = get(&format!("{}/stable/{arch}/manifest.json", seed.url));
-    assert_eq!(phase_content::unsigned_swarm(&plain), None);
-    let v: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
-    let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-    assert_eq!(keys, ["manifest", "signature", "urls"], "what old fetchers accept");
-}
-
 /// The prototype's shell init: busybox wget fetches `/manifest.json`, finds
 /// the kernel and initramfs by their absolute URLs in it, and wgets them.
 /// The URLs sit outside the signed bytes; the bytes fetched are exact.

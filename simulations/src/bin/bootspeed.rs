@@ -72,7 +72,8 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let arch = Arch::from_name(&args.arch).with_context(|| format!("unknown arch {}", args.arch))?;
+    let arch =
+        Arch::from_name(&args.arch).with_context(|| format!("unknown arch {}", args.arch))?;
     if arch != Arch::X86_64 {
         bail!("only x86_64 for now: the baseline needs kexec-tools built for the guest");
     }
@@ -85,14 +86,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         .parent()
         .context("workspace root")?
         .to_owned();
-    let plasmd = args.plasmd.clone().unwrap_or_else(|| bin_dir.join("plasmd"));
+    let plasmd = args
+        .plasmd
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("plasmd"));
     anyhow::ensure!(
         plasmd.is_file(),
         "no host plasmd at {} (cargo build --release -p plasmd, or --plasmd)",
         plasmd.display()
     );
     let (kernel, modules) = vmnet::kernel(arch, &target_dir).context(arch.kernel_hint())?;
-    let busybox = vmnet::busybox(arch, &target_dir).context("no static busybox (busybox-static)")?;
+    let busybox =
+        vmnet::busybox(arch, &target_dir).context("no static busybox (busybox-static)")?;
     anyhow::ensure!(
         args.kexec.is_file(),
         "no {} (apt install kexec-tools)",
@@ -163,20 +168,41 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut ours_t = Vec::new();
     let mut timelines: Vec<BTreeMap<String, f64>> = Vec::new();
     for r in 1..=args.runs {
-        let b = boot(arch, &kernel, &base_initrd, &base_append, port, &token, timeout)
-            .with_context(|| format!("baseline boot {r}"))?;
-        let o = boot(arch, &kernel, &plasmd_initrd, &plasmd_append, port, &token, timeout)
-            .with_context(|| format!("plasmd boot {r}"))?;
+        let b = boot(
+            arch,
+            &kernel,
+            &base_initrd,
+            &base_append,
+            port,
+            &token,
+            timeout,
+        )
+        .with_context(|| format!("baseline boot {r}"))?;
+        let o = boot(
+            arch,
+            &kernel,
+            &plasmd_initrd,
+            &plasmd_append,
+            port,
+            &token,
+            timeout,
+        )
+        .with_context(|| format!("plasmd boot {r}"))?;
         let tl = timeline(&o.1);
-        println!(
-            "run {r}: baseline {:.2} s, plasmd {:.2} s, ratio {:.2}; plasmd timeline (QEMU s): {}",
-            b.0,
-            o.0,
-            o.0 / b.0,
+        let show = |tl: &[(String, f64)]| {
             tl.iter()
                 .map(|(s, t)| format!("{s}={t:.2}"))
                 .collect::<Vec<_>>()
                 .join(" ")
+        };
+        println!(
+            "run {r}: baseline {:.2} s, plasmd {:.2} s, ratio {:.2}; baseline steps (QEMU s): {}; \
+             plasmd timeline (QEMU s): {}",
+            b.0,
+            o.0,
+            o.0 / b.0,
+            show(&baseline_steps(&b.1)),
+            show(&tl)
         );
         base_t.push(b.0);
         ours_t.push(o.0);
@@ -197,7 +223,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     steps.sort_by(|a, b| {
-        let m = |s: &str| median(&timelines.iter().filter_map(|t| t.get(s).copied()).collect::<Vec<_>>());
+        let m = |s: &str| {
+            median(
+                &timelines
+                    .iter()
+                    .filter_map(|t| t.get(s).copied())
+                    .collect::<Vec<_>>(),
+            )
+        };
         m(a).total_cmp(&m(b))
     });
     let med: Vec<String> = steps
@@ -207,7 +240,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             format!("{s}={:.2}", median(&v))
         })
         .collect();
-    println!("median plasmd timeline (QEMU s): {} marker={mo:.2}", med.join(" "));
+    println!(
+        "median plasmd timeline (QEMU s): {} marker={mo:.2}",
+        med.join(" ")
+    );
     drop(seed);
     Ok(())
 }
@@ -256,6 +292,17 @@ fn timeline(lines: &[simulations::proc::Line]) -> Vec<(String, f64)> {
         }
     }
     out
+}
+
+/// The baseline init's own `baseline: WHAT` lines (QEMU seconds).
+fn baseline_steps(lines: &[simulations::proc::Line]) -> Vec<(String, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let what = l.split("baseline: ").nth(1)?;
+            Some((what.trim().replace(' ', "-"), l.at.as_secs_f64()))
+        })
+        .collect()
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -314,7 +361,9 @@ B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
+echo "baseline: start"
 for m in /lib/modules/*.ko; do $B insmod "$m"; done
+echo "baseline: modules"
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do $B usleep 50000; i=$((i+1)); done
 $B udhcpc -f -q -n -t 5 -T 2 -i eth0 -s /etc/udhcpc.script || echo "baseline: dhcp failed"
@@ -339,18 +388,35 @@ while true; do $B sleep 1000; done
         esac\n\
         exit 0\n";
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::best());
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::best());
     let mut w = phase_boot::cpio::Writer::new(gz);
-    let mut dirs: Vec<String> = ["bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp", "sbin"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut dirs: Vec<String> = [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "sbin",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     let libs = shared_libs(kexec)?;
     for l in &libs {
         let mut p = l.parent();
         let mut chain = Vec::new();
         while let Some(d) = p.filter(|d| d != &Path::new("/")) {
-            chain.push(d.strip_prefix("/").unwrap_or(d).to_string_lossy().into_owned());
+            chain.push(
+                d.strip_prefix("/")
+                    .unwrap_or(d)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             p = d.parent();
         }
         for d in chain.into_iter().rev() {
@@ -371,10 +437,17 @@ while true; do $B sleep 1000; done
     w.file("sbin/kexec", 0o755, &std::fs::read(kexec)?)?;
     for l in &libs {
         let bytes = std::fs::read(l).with_context(|| format!("reading {}", l.display()))?;
-        let rel = l.strip_prefix("/").unwrap_or(l).to_string_lossy().into_owned();
+        let rel = l
+            .strip_prefix("/")
+            .unwrap_or(l)
+            .to_string_lossy()
+            .into_owned();
         w.file(&rel, 0o755, &bytes)?;
     }
-    for (i, (name, path)) in resolve_modules(modules, &WANTED_MODULES)?.iter().enumerate() {
+    for (i, (name, path)) in resolve_modules(modules, &WANTED_MODULES)?
+        .iter()
+        .enumerate()
+    {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         w.file(&format!("lib/modules/{i:02}-{name}.ko"), 0o644, &bytes)?;
     }
@@ -385,7 +458,10 @@ while true; do $B sleep 1000; done
 
 /// The shared libraries `ldd` lists for `bin` (the loader included).
 fn shared_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let o = Command::new("ldd").arg(bin).output().context("running ldd")?;
+    let o = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
     if !o.status.success() {
         // A static kexec needs none.
         return Ok(Vec::new());
@@ -414,7 +490,11 @@ fn resolve_modules(tree: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String, 
             let p = e?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(n) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+            } else if let Some(n) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
                 index.insert(n.replace('-', "_"), p);
             }
         }
@@ -431,7 +511,9 @@ fn resolve_modules(tree: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String, 
             return Ok(());
         }
         // Not in the tree: built into the kernel.
-        let Some(p) = index.get(name) else { return Ok(()) };
+        let Some(p) = index.get(name) else {
+            return Ok(());
+        };
         let bytes = std::fs::read(p)?;
         for dep in depends(&bytes) {
             visit(&dep, index, seen, out)?;
