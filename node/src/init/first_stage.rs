@@ -23,6 +23,8 @@
 //!   `start`, `modules`, `network`, `node` (swarm node up), `manifest`,
 //!   `first-chunk`, `last-chunk` (every chunk verified), `carry` (carried
 //!   archive built), `kexec-loaded` (the target is loaded; exec follows)
+//! - `plasmd: phase entropy ready t=SECONDS uptime=SECONDS` (the kernel's CRNG
+//!   is ready; a thread waits for it from `start` on, beside the timeline)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

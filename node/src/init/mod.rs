@@ -86,6 +86,9 @@ fn run_inner() -> anyhow::Result<()> {
         println!("plasmd: not PID 1: no mounts, modules or network; kexec is a dry run");
     }
     timeline("start");
+    if real {
+        warm_entropy();
+    }
     let (raw, cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
         .context("reading the phase.* parameters from /proc/cmdline")?;
     for w in &warnings {
@@ -162,6 +165,39 @@ fn set_kexec_load_disabled(real: bool) -> anyhow::Result<()> {
         .context("writing 1 to /proc/sys/kernel/kexec_load_disabled")?;
     println!("plasmd: test knob: set kernel.kexec_load_disabled=1");
     Ok(())
+}
+
+/// Starts the kernel's random pool filling while modules load and DHCP runs.
+///
+/// The swarm node's identity and noise keys need `getrandom`, which blocks
+/// until the kernel's CRNG is ready; in a VM without a hardware RNG that
+/// happens only once some caller blocks on it (the kernel then gathers
+/// timing jitter, about 1.5 s under TCG). Blocking in a thread of its own
+/// from the start overlaps that wait with the network setup instead of
+/// adding it after; no randomness is weakened.
+fn warm_entropy() {
+    let spawned = std::thread::Builder::new()
+        .name("entropy".into())
+        .spawn(|| {
+            let mut b = [0u8; 1];
+            // SAFETY: b is valid for 1 byte; flags 0 blocks until the CRNG is ready.
+            let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, 0) };
+            if got == 1 {
+                let t = STARTED.get().map(Instant::elapsed).unwrap_or_default();
+                let up = std::fs::read_to_string("/proc/uptime").ok();
+                let up = up
+                    .as_deref()
+                    .and_then(|u| u.split_whitespace().next())
+                    .unwrap_or("unknown");
+                println!(
+                    "plasmd: phase entropy ready t={:.2} uptime={up}",
+                    t.as_secs_f64()
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        println!("plasmd: warning: no thread to warm the kernel's random pool: {e}");
+    }
 }
 
 fn artifact_bytes(

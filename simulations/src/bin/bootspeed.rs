@@ -281,11 +281,19 @@ fn boot(
 fn timeline(lines: &[simulations::proc::Line]) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = Vec::new();
     for l in lines {
-        let Some(rest) = l.split("plasmd: phase timeline step=").nth(1) else {
-            continue;
-        };
-        let Some(step) = rest.split_whitespace().next() else {
-            continue;
+        let step = if l.contains("plasmd: phase entropy ready") {
+            "entropy"
+        } else if l.contains("plasmd: phase verified kernel=") {
+            // Reassembled and carried, before the kexec syscall.
+            "verified"
+        } else {
+            let Some(rest) = l.split("plasmd: phase timeline step=").nth(1) else {
+                continue;
+            };
+            let Some(step) = rest.split_whitespace().next() else {
+                continue;
+            };
+            step
         };
         if !out.iter().any(|(s, _)| s == step) {
             out.push((step.to_owned(), l.at.as_secs_f64()));
