@@ -143,7 +143,7 @@ fn run_inner() -> anyhow::Result<()> {
         &cfg,
         &ready.fetch.manifest,
         &ready.fetch.store,
-        Some(&ready.carried),
+        Some(ready.initrd),
         real,
     ) {
         Ok(()) => Ok(()),
@@ -228,17 +228,17 @@ fn boot(
     cfg: &PhaseConfig,
     manifest: &SignedManifest,
     store: &MemStore,
-    carried: Option<&[u8]>,
+    carrying: Option<Vec<u8>>,
     real: bool,
 ) -> anyhow::Result<()> {
     let kernel = artifact_bytes(manifest, store, "kernel")?
         .context("the manifest has no kernel artifact")?;
-    let mut initrd = artifact_bytes(manifest, store, "initramfs")?;
-    if let Some(c) = carried {
-        // The target boots holding what it booted from (the top-level
-        // DESIGN.md, decision 6).
-        initrd = Some(carry::append(initrd, c));
-    }
+    // With the carried store the target boots holding what it booted from
+    // (the top-level DESIGN.md, decision 6); `carry::target_initrd` built it.
+    let initrd = match carrying {
+        Some(i) => Some(i),
+        None => artifact_bytes(manifest, store, "initramfs")?,
+    };
     let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
     println!(
         "plasmd: phase verified kernel={} initramfs={} cmdline={cmdline:?}",

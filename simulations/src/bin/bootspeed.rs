@@ -51,6 +51,12 @@ struct Args {
     /// or empty for kexec_load.
     #[arg(long, default_value = "-s", allow_hyphen_values = true)]
     kexec_flags: String,
+    /// Zero bytes the baseline appends to its initrd before kexec (rounded
+    /// down to 64 KiB), standing in for plasmd's carried store in the kexec
+    /// and target-boot path (the kernel's unpacker skips zeros between
+    /// archives); 0 for the plain baseline.
+    #[arg(long, default_value_t = 0)]
+    baseline_pad: u64,
     /// Per boot, QEMU start to marker at most.
     #[arg(long, default_value_t = 240)]
     timeout_s: u64,
@@ -126,6 +132,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         &modules,
         &args.kexec,
         &args.kexec_flags,
+        args.baseline_pad / 65536,
     )?;
 
     // The artifacts both inits fetch, and the seed.
@@ -150,7 +157,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     println!(
         "bootspeed: {} kernel {} ({} bytes), target initramfs {} bytes; boot initramfs: plasmd {} bytes, \
-         baseline {} bytes (gzip); kexec flags {:?}; {} runs each",
+         baseline {} bytes (gzip); kexec flags {:?}; baseline pad {} bytes; {} runs each",
         arch.name(),
         kernel.display(),
         size(&kernel),
@@ -158,6 +165,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         size(&plasmd_initrd),
         size(&base_initrd),
         args.kexec_flags,
+        args.baseline_pad / 65536 * 65536,
         args.runs
     );
 
@@ -361,7 +369,16 @@ fn baseline_initramfs(
     modules: &Path,
     kexec: &Path,
     kexec_flags: &str,
+    pad_blocks: u64,
 ) -> anyhow::Result<()> {
+    let pad = if pad_blocks > 0 {
+        format!(
+            "$B dd if=/dev/zero bs=65536 count={pad_blocks} 2>/dev/null >> /tmp/initramfs\n\
+             echo \"baseline: padded\"\n"
+        )
+    } else {
+        String::new()
+    };
     let url = format!("http://10.0.2.100:80/stable/{}", arch.name());
     let init = format!(
         r#"#!/bin/busybox sh
@@ -380,7 +397,7 @@ $B wget -q -O /tmp/kernel {url}/kernel || echo "baseline: wget kernel failed"
 $B wget -q -O /tmp/initramfs {url}/initramfs || echo "baseline: wget initramfs failed"
 $B wget -q -O /tmp/cmdline {url}/cmdline || echo "baseline: wget cmdline failed"
 echo "baseline: fetched"
-/sbin/kexec {kexec_flags} -l /tmp/kernel --initrd=/tmp/initramfs --command-line="$($B cat /tmp/cmdline)" || echo "baseline: kexec load failed"
+{pad}/sbin/kexec {kexec_flags} -l /tmp/kernel --initrd=/tmp/initramfs --command-line="$($B cat /tmp/cmdline)" || echo "baseline: kexec load failed"
 echo "baseline: kexec loaded"
 /sbin/kexec -e
 echo "baseline: kexec -e failed"
