@@ -282,6 +282,56 @@ pub fn start_guest(net: &Net, spec: &GuestSpec) -> anyhow::Result<Proc> {
     Proc::spawn_with(&spec.name, c, &Options::default().with_echo(spec.echo))
 }
 
+/// Starts a TCG guest with `kernel`, `initrd` and `append`, with user
+/// networking restricted to one forwarded address: guest `10.0.2.100:80`
+/// reaches host `127.0.0.1:seed_port` and nothing else. The serial console
+/// is the child's stdout. `vm_kexec` and `bootspeed` boot with exactly these
+/// flags.
+pub fn start_user_net(
+    arch: Arch,
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    seed_port: u16,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(arch.qemu());
+    cmd.args(["-accel", "tcg"]).args(arch.machine());
+    cmd.args(["-smp", "1", "-m", "1024"])
+        .args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append])
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {seed_port}"
+        ))
+        .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+    Proc::spawn(&format!("{} guest", arch.qemu()), cmd)
+}
+
+/// A target initramfs (uncompressed cpio): `busybox` and an `/init` that
+/// prints `SAW KEXEC=Y token=<token= from its own /proc/cmdline>` and
+/// powers off.
+pub fn marker_initramfs(busybox: &Path) -> anyhow::Result<Vec<u8>> {
+    let bb = std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    let init = "#!/bin/busybox sh\n\
+        /bin/busybox mount -t proc proc /proc\n\
+        t=$(/bin/busybox sed -n 's/.*token=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+        echo \"SAW KEXEC=Y token=$t\"\n\
+        /bin/busybox poweroff -f\n";
+    let mut w = phase_boot::cpio::Writer::new(Vec::new());
+    for d in ["bin", "dev", "proc"] {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &bb)?;
+    w.file("init", 0o755, init.as_bytes())?;
+    Ok(w.finish()?)
+}
+
 /// The guest kernel and its module tree for `arch`: `$PHASE_VM_KERNEL_<ARCH>`
 /// and `$PHASE_VM_MODULES_<ARCH>`, else the newest installed Debian cloud
 /// kernel (x86_64) or the arm64 package that `scripts/vm-arm64-kernel.sh`

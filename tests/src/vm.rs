@@ -4,7 +4,6 @@
 //! What the bridge harness needs as well lives in `simulations::vmnet`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::{Proc, plasmd, workspace_root};
 
@@ -67,20 +66,8 @@ pub fn boot_initramfs(arch: Arch, out: &Path, modules: &Path) -> u64 {
 /// The target's initramfs: busybox and an `/init` script that prints
 /// `SAW KEXEC=Y token=<token= from its own /proc/cmdline>` and powers off.
 pub fn marker_initramfs(arch: Arch) -> Vec<u8> {
-    let bb = std::fs::read(busybox(arch).expect("static busybox")).expect("read busybox");
-    let init = "#!/bin/busybox sh\n\
-        /bin/busybox mount -t proc proc /proc\n\
-        t=$(/bin/busybox sed -n 's/.*token=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
-        echo \"SAW KEXEC=Y token=$t\"\n\
-        /bin/busybox poweroff -f\n";
-    let mut w = phase_boot::cpio::Writer::new(Vec::new());
-    for d in ["bin", "dev", "proc"] {
-        w.dir(d, 0o755).expect("cpio");
-    }
-    w.char_dev("dev/console", 0o600, 5, 1).expect("cpio");
-    w.file("bin/busybox", 0o755, &bb).expect("cpio");
-    w.file("init", 0o755, init.as_bytes()).expect("cpio");
-    w.finish().expect("cpio")
+    let bb = busybox(arch).expect("static busybox");
+    vmnet::marker_initramfs(&bb).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Starts a TCG guest with `kernel`, `initrd` and `append`, with user
@@ -88,30 +75,8 @@ pub fn marker_initramfs(arch: Arch) -> Vec<u8> {
 /// `10.0.2.100:80` reaches host `127.0.0.1:seed_port` and nothing else.
 /// The serial console is the process's stdout.
 pub fn start(arch: Arch, kernel: &Path, initrd: &Path, append: &str, seed_port: u16) -> Proc {
-    let mut cmd = Command::new(arch.qemu());
-    cmd.args(["-accel", "tcg"]).args(arch.machine());
-    cmd.args([
-        "-smp",
-        "1",
-        "-m",
-        "1024",
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-    ])
-    .args(["-serial", "stdio", "-monitor", "none"])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", append])
-    .arg("-netdev")
-    .arg(format!(
-        "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 {seed_port}"
-    ))
-    .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
-    Proc::spawn(&format!("{} guest", arch.qemu()), cmd).unwrap_or_else(|e| panic!("{e:#}"))
+    vmnet::start_user_net(arch, kernel, initrd, append, seed_port)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The port of a seed URL `http://127.0.0.1:PORT`.

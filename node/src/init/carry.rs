@@ -24,7 +24,7 @@ use std::path::Path;
 use anyhow::Context;
 use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::cpio;
-use phase_content::{ChunkStore, Hash, MemStore, SignedManifest};
+use phase_content::{ChunkStore, Hash, MemStore, SignedManifest, reassemble};
 
 /// Where the carried store lives in the target's rootfs (no leading slash:
 /// cpio paths are relative).
@@ -46,14 +46,51 @@ pub(crate) fn phase_params(cmdline: &str, high: u64) -> String {
     words.join(" ")
 }
 
-/// Builds the carried archive: the manifest, `params` and every chunk the
-/// manifest lists (each read from `store`, which only holds verified chunks).
-pub(crate) fn archive(
+/// The target's initrd in one buffer, sized exactly before the first byte
+/// is written: the manifest's `initramfs` reassembled from `store` (if it
+/// has one), zero padding to a 4-byte boundary, then the carried archive
+/// (the manifest, `params` and every chunk the manifest lists, each read
+/// from `store`, which only holds verified chunks) written in place. No
+/// artifact byte is copied twice and the buffer never grows; returns it and
+/// the carried archive's length.
+pub(crate) fn target_initrd(
     manifest: &SignedManifest,
     store: &dyn ChunkStore,
     params: &str,
-) -> anyhow::Result<Vec<u8>> {
-    let mut w = cpio::Writer::new(Vec::new());
+) -> anyhow::Result<(Vec<u8>, usize)> {
+    let initramfs = manifest.manifest().artifact("initramfs");
+    let base = usize::try_from(initramfs.map_or(0, |a| a.size))
+        .context("the initramfs does not fit in memory")?;
+    let pad = (4 - base % 4) % 4;
+    // A dry pass sizes the archive; chunks are shared buffers, so it copies nothing.
+    let mut count = Count(0);
+    write_archive(&mut count, manifest, store, params)?;
+    let carried = usize::try_from(count.0).context("the carried archive does not fit in memory")?;
+    let total = base + pad + carried;
+    let mut out = Vec::new();
+    out.try_reserve_exact(total)
+        .with_context(|| format!("no memory for the {total}-byte target initrd"))?;
+    if let Some(a) = initramfs {
+        reassemble(store, a, &mut out).context("reassembling initramfs")?;
+    }
+    out.resize(base + pad, 0);
+    write_archive(&mut out, manifest, store, params)?;
+    anyhow::ensure!(
+        out.len() == total,
+        "the carried archive came out {} bytes, sized {carried}",
+        out.len() - base - pad
+    );
+    Ok((out, carried))
+}
+
+/// Writes the carried archive to `out`.
+fn write_archive<W: std::io::Write>(
+    out: W,
+    manifest: &SignedManifest,
+    store: &dyn ChunkStore,
+    params: &str,
+) -> anyhow::Result<()> {
+    let mut w = cpio::Writer::new(out);
     let mut path = String::new();
     for part in CARRIED_DIR.split('/') {
         if !path.is_empty() {
@@ -79,18 +116,22 @@ pub(crate) fn archive(
             .with_context(|| format!("chunk {hash} is not in the store; cannot carry it"))?;
         w.file(&format!("{CARRIED_DIR}/chunks/{hash}"), 0o644, &data)?;
     }
-    Ok(w.finish()?)
+    w.finish()?;
+    Ok(())
 }
 
-/// `initrd` followed by zero padding to a 4-byte boundary and `carried`.
-pub(crate) fn append(initrd: Option<Vec<u8>>, carried: &[u8]) -> Vec<u8> {
-    let mut out = initrd.unwrap_or_default();
-    out.reserve(carried.len() + 3);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
+/// A writer that only counts.
+struct Count(u64);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
     }
-    out.extend_from_slice(carried);
-    out
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn unique_chunks(manifest: &SignedManifest) -> Vec<Hash> {
@@ -186,9 +227,7 @@ mod tests {
     use phase_content::publish::{PublishOptions, publish_dir};
 
     #[test]
-    fn append_aligns_and_params_keep_only_phase_keys() {
-        let out = append(Some(vec![1, 2, 3, 4, 5]), b"0707");
-        assert_eq!(out, [1, 2, 3, 4, 5, 0, 0, 0, b'0', b'7', b'0', b'7']);
+    fn params_keep_only_phase_keys() {
         assert_eq!(
             phase_params(
                 "console=ttyS0 phase.pubkey=ab phase.linger=3 quiet phase.x",
@@ -234,7 +273,8 @@ mod tests {
         std::fs::create_dir_all(&a).unwrap();
         let kernel: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(a.join("kernel"), &kernel).unwrap();
-        std::fs::write(a.join("initramfs"), vec![2u8; 5000]).unwrap();
+        // Not a multiple of 4: the carried archive starts after padding.
+        std::fs::write(a.join("initramfs"), vec![2u8; 5001]).unwrap();
         let fs = phase_content::FsStore::open(t.path().join("store")).unwrap();
         let key = phase_content::SecretKey::from_seed([9; 32]);
         let opts = PublishOptions::default().with_chunk_size(64 << 10);
@@ -243,16 +283,20 @@ mod tests {
             .remove(0)
             .manifest;
         let params = format!("phase.pubkey={} phase.test_liar=1", key.public());
-        let cpio = archive(&m, &fs, &params).unwrap();
-        let whole = append(Some(vec![0x1f, 0x8b, 8]), &cpio);
-        assert_eq!(whole.len() % 4, 0);
+        let (whole, carried) = target_initrd(&m, &fs, &params).unwrap();
+        assert_eq!(whole.capacity(), whole.len(), "sized exactly, never grown");
+        assert_eq!(&whole[..5001], &[2u8; 5001][..], "the initramfs first");
+        assert_eq!(&whole[5001..5004], &[0, 0, 0], "padding to 4 bytes");
+        assert_eq!(whole.len(), 5004 + carried);
+        let cpio = whole[5004..].to_vec();
+        assert_eq!(&cpio[..6], b"070701");
         let root = t.path().join("root");
         unpack(&cpio, &root);
         assert!(present(&root));
         let c = load(&root).unwrap();
         assert_eq!(c.manifest.root(), m.root());
         assert_eq!(c.chunks, 6);
-        assert_eq!(c.bytes, 305_000);
+        assert_eq!(c.bytes, 305_001);
         assert!(c.raw_params.contains("phase.test_liar=1"));
 
         // A store whose manifest is below its carried high-water mark is refused.

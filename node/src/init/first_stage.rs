@@ -23,6 +23,8 @@
 //!   `start`, `modules`, `network`, `node` (swarm node up), `manifest`,
 //!   `first-chunk`, `last-chunk` (every chunk verified), `carry` (carried
 //!   archive built), `kexec-loaded` (the target is loaded; exec follows)
+//! - `plasmd: phase entropy ready t=SECONDS uptime=SECONDS` (the kernel's CRNG
+//!   is ready; a thread waits for it from `start` on, beside the timeline)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -267,13 +269,14 @@ pub(crate) struct Ready {
     /// Keeps the node (and so serving) alive until kexec.
     _rt: tokio::runtime::Runtime,
     pub(crate) fetch: SwarmFetch,
-    /// The carried archive to append to the target's initramfs.
-    pub(crate) carried: Vec<u8>,
+    /// The target's initramfs with the carried archive appended.
+    pub(crate) initrd: Vec<u8>,
 }
 
 /// Fetches through the swarm (retrying with capped back-off, like the HTTP
-/// fetch it replaces), lingers for `phase.linger`, and builds the carried
-/// archive from the verified chunks and the `phase.*` parameters of `raw`.
+/// fetch it replaces), lingers for `phase.linger`, and builds the target's
+/// initrd: its initramfs and the carried archive of the verified chunks and
+/// the `phase.*` parameters of `raw`.
 pub(crate) fn first_stage(
     raw: &str,
     cfg: &PhaseConfig,
@@ -291,21 +294,20 @@ pub(crate) fn first_stage(
         .manifest()
         .sequence
         .max(cfg.min_sequence.unwrap_or(0));
-    let carried = super::carry::archive(
+    let (initrd, carried) = super::carry::target_initrd(
         &fetch.manifest,
         &*fetch.store,
         &super::carry::phase_params(raw, high),
     )
     .context("building the carried store")?;
     println!(
-        "plasmd: phase carry bytes={} chunks={}",
-        carried.len(),
+        "plasmd: phase carry bytes={carried} chunks={}",
         fetch.store.len()
     );
     super::timeline("carry");
     Ok(Ready {
         _rt: rt,
         fetch,
-        carried,
+        initrd,
     })
 }

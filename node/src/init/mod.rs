@@ -86,6 +86,9 @@ fn run_inner() -> anyhow::Result<()> {
         println!("plasmd: not PID 1: no mounts, modules or network; kexec is a dry run");
     }
     timeline("start");
+    if real {
+        warm_entropy();
+    }
     let (raw, cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
         .context("reading the phase.* parameters from /proc/cmdline")?;
     for w in &warnings {
@@ -140,7 +143,7 @@ fn run_inner() -> anyhow::Result<()> {
         &cfg,
         &ready.fetch.manifest,
         &ready.fetch.store,
-        Some(&ready.carried),
+        Some(ready.initrd),
         real,
     ) {
         Ok(()) => Ok(()),
@@ -162,6 +165,39 @@ fn set_kexec_load_disabled(real: bool) -> anyhow::Result<()> {
         .context("writing 1 to /proc/sys/kernel/kexec_load_disabled")?;
     println!("plasmd: test knob: set kernel.kexec_load_disabled=1");
     Ok(())
+}
+
+/// Starts the kernel's random pool filling while modules load and DHCP runs.
+///
+/// The swarm node's identity and noise keys need `getrandom`, which blocks
+/// until the kernel's CRNG is ready; in a VM without a hardware RNG that
+/// happens only once some caller blocks on it (the kernel then gathers
+/// timing jitter, about 1.5 s under TCG). Blocking in a thread of its own
+/// from the start overlaps that wait with the network setup instead of
+/// adding it after; no randomness is weakened.
+fn warm_entropy() {
+    let spawned = std::thread::Builder::new()
+        .name("entropy".into())
+        .spawn(|| {
+            let mut b = [0u8; 1];
+            // SAFETY: b is valid for 1 byte; flags 0 blocks until the CRNG is ready.
+            let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, 0) };
+            if got == 1 {
+                let t = STARTED.get().map(Instant::elapsed).unwrap_or_default();
+                let up = std::fs::read_to_string("/proc/uptime").ok();
+                let up = up
+                    .as_deref()
+                    .and_then(|u| u.split_whitespace().next())
+                    .unwrap_or("unknown");
+                println!(
+                    "plasmd: phase entropy ready t={:.2} uptime={up}",
+                    t.as_secs_f64()
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        println!("plasmd: warning: no thread to warm the kernel's random pool: {e}");
+    }
 }
 
 fn artifact_bytes(
@@ -192,17 +228,17 @@ fn boot(
     cfg: &PhaseConfig,
     manifest: &SignedManifest,
     store: &MemStore,
-    carried: Option<&[u8]>,
+    carrying: Option<Vec<u8>>,
     real: bool,
 ) -> anyhow::Result<()> {
     let kernel = artifact_bytes(manifest, store, "kernel")?
         .context("the manifest has no kernel artifact")?;
-    let mut initrd = artifact_bytes(manifest, store, "initramfs")?;
-    if let Some(c) = carried {
-        // The target boots holding what it booted from (the top-level
-        // DESIGN.md, decision 6).
-        initrd = Some(carry::append(initrd, c));
-    }
+    // With the carried store the target boots holding what it booted from
+    // (the top-level DESIGN.md, decision 6); `carry::target_initrd` built it.
+    let initrd = match carrying {
+        Some(i) => Some(i),
+        None => artifact_bytes(manifest, store, "initramfs")?,
+    };
     let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
     println!(
         "plasmd: phase verified kernel={} initramfs={} cmdline={cmdline:?}",

@@ -1,0 +1,585 @@
+//! `bootspeed`: QEMU start to the target kernel's marker, plasmd's init
+//! against the classic busybox + wget + kexec-tools init, side by side.
+//!
+//! ```text
+//! cargo build --release -p plasmd -p simulations && target/release/bootspeed [--runs 3]
+//! ```
+//!
+//! Both inits boot the same guest kernel with the same QEMU flags (TCG, user
+//! networking with `restrict=on` and one `guestfwd` to the host's loopback,
+//! as `tests/tests/vm_kexec.rs`), fetch the same kernel, initramfs and
+//! cmdline from one `plasmd serve` on 127.0.0.1, and kexec into the same
+//! target, whose init prints `SAW KEXEC=Y token=...`. The baseline
+//! initramfs is built here from Debian's busybox-static (`udhcpc`, `wget`)
+//! and kexec-tools (`/usr/sbin/kexec` with the shared libraries `ldd`
+//! names), with the same virtio modules as `plasmd mkinitramfs` packs. The
+//! two boot alternately, `--runs` times each; the tool prints every run,
+//! the medians, their ratio and plasmd's console timeline. A benchmark: it
+//! prints figures and asserts none. Needs QEMU and a guest kernel (the
+//! Debian cloud kernel for x86_64), not root.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use simulations::proc::Proc;
+use simulations::vmnet::{self, Arch};
+
+/// Boot plasmd's init and a busybox + wget + kexec-tools init alternately
+/// and compare QEMU start to the target's marker.
+#[derive(Debug, Parser)]
+#[command(name = "bootspeed")]
+struct Args {
+    /// Boots of each init.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Guest architecture (x86_64 only for now: the baseline needs a
+    /// kexec-tools of the guest's architecture).
+    #[arg(long, default_value = "x86_64")]
+    arch: String,
+    /// The host `plasmd` (default: next to this binary).
+    #[arg(long)]
+    plasmd: Option<PathBuf>,
+    /// kexec-tools' binary for the baseline.
+    #[arg(long, default_value = "/usr/sbin/kexec")]
+    kexec: PathBuf,
+    /// How the baseline loads: `-s` (kexec_file_load, as plasmd on x86_64)
+    /// or empty for kexec_load.
+    #[arg(long, default_value = "-s", allow_hyphen_values = true)]
+    kexec_flags: String,
+    /// Zero bytes the baseline appends to its initrd before kexec (rounded
+    /// down to 64 KiB), standing in for plasmd's carried store in the kexec
+    /// and target-boot path (the kernel's unpacker skips zeros between
+    /// archives); 0 for the plain baseline.
+    #[arg(long, default_value_t = 0)]
+    baseline_pad: u64,
+    /// Per boot, QEMU start to marker at most.
+    #[arg(long, default_value_t = 240)]
+    timeout_s: u64,
+    /// Work directory (default: a fresh one under the system's temp dir).
+    #[arg(long)]
+    work: Option<PathBuf>,
+}
+
+/// Modules for virtio networking, as `plasmd mkinitramfs` packs them by default.
+const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+
+const MARKER: &str = "SAW KEXEC=Y";
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("bootspeed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let arch =
+        Arch::from_name(&args.arch).with_context(|| format!("unknown arch {}", args.arch))?;
+    if arch != Arch::X86_64 {
+        bail!("only x86_64 for now: the baseline needs kexec-tools built for the guest");
+    }
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(vmnet::have(arch.qemu()), "{} not on PATH", arch.qemu());
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let bin_dir = exe.parent().context("binary directory")?.to_owned();
+    let target_dir = bin_dir.parent().context("target directory")?.to_owned();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned();
+    let plasmd = args
+        .plasmd
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("plasmd"));
+    anyhow::ensure!(
+        plasmd.is_file(),
+        "no host plasmd at {} (cargo build --release -p plasmd, or --plasmd)",
+        plasmd.display()
+    );
+    let (kernel, modules) = vmnet::kernel(arch, &target_dir).context(arch.kernel_hint())?;
+    let busybox =
+        vmnet::busybox(arch, &target_dir).context("no static busybox (busybox-static)")?;
+    anyhow::ensure!(
+        args.kexec.is_file(),
+        "no {} (apt install kexec-tools)",
+        args.kexec.display()
+    );
+
+    let _tmp;
+    let work = match &args.work {
+        Some(w) => w.clone(),
+        None => {
+            _tmp = TempDir::new()?;
+            _tmp.0.clone()
+        }
+    };
+    std::fs::create_dir_all(&work)?;
+
+    eprintln!("bootspeed: building the guest's static plasmd");
+    let guest = vmnet::static_plasmd(arch, &workspace, &target_dir)?;
+    let plasmd_initrd = work.join("plasmd.cpio.gz");
+    vmnet::boot_initramfs(&plasmd, &guest, &modules, &busybox, &plasmd_initrd)?;
+    let base_initrd = work.join("baseline.cpio.gz");
+    baseline_initramfs(
+        &base_initrd,
+        arch,
+        &busybox,
+        &modules,
+        &args.kexec,
+        &args.kexec_flags,
+        args.baseline_pad / 65536,
+    )?;
+
+    // The artifacts both inits fetch, and the seed.
+    let token = format!("bs{}", std::process::id());
+    let a = work.join("artifacts").join("stable").join(arch.name());
+    std::fs::create_dir_all(&a)?;
+    std::fs::copy(&kernel, a.join("kernel")).context("copying the kernel")?;
+    std::fs::write(a.join("initramfs"), vmnet::marker_initramfs(&busybox)?)?;
+    std::fs::write(
+        a.join("cmdline"),
+        format!(
+            "console={} loglevel=4 panic=-1 token={token}\n",
+            arch.console()
+        ),
+    )?;
+    let (seed, url, pubkey) = start_seed(&plasmd, &work)?;
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {url}"))?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "bootspeed: {} kernel {} ({} bytes), target initramfs {} bytes; boot initramfs: plasmd {} bytes, \
+         baseline {} bytes (gzip); kexec flags {:?}; baseline pad {} bytes; {} runs each",
+        arch.name(),
+        kernel.display(),
+        size(&kernel),
+        size(&a.join("initramfs")),
+        size(&plasmd_initrd),
+        size(&base_initrd),
+        args.kexec_flags,
+        args.baseline_pad / 65536 * 65536,
+        args.runs
+    );
+
+    let base_append = format!("console={} loglevel=4 panic=-1", arch.console());
+    let plasmd_append = vmnet::guest_cmdline(arch, "http://10.0.2.100:80", &pubkey, "");
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut base_t = Vec::new();
+    let mut ours_t = Vec::new();
+    let mut timelines: Vec<BTreeMap<String, f64>> = Vec::new();
+    for r in 1..=args.runs {
+        let b = boot(
+            arch,
+            &kernel,
+            &base_initrd,
+            &base_append,
+            port,
+            &token,
+            timeout,
+        )
+        .with_context(|| format!("baseline boot {r}"))?;
+        let o = boot(
+            arch,
+            &kernel,
+            &plasmd_initrd,
+            &plasmd_append,
+            port,
+            &token,
+            timeout,
+        )
+        .with_context(|| format!("plasmd boot {r}"))?;
+        let tl = timeline(&o.1);
+        let show = |tl: &[(String, f64)]| {
+            tl.iter()
+                .map(|(s, t)| format!("{s}={t:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "run {r}: baseline {:.2} s, plasmd {:.2} s, ratio {:.2}; baseline steps (QEMU s): {}; \
+             plasmd timeline (QEMU s): {}",
+            b.0,
+            o.0,
+            o.0 / b.0,
+            show(&baseline_steps(&b.1)),
+            show(&tl)
+        );
+        base_t.push(b.0);
+        ours_t.push(o.0);
+        timelines.push(tl.into_iter().collect());
+    }
+    let (mb, mo) = (median(&base_t), median(&ours_t));
+    println!(
+        "median over {} runs: baseline {mb:.2} s, plasmd {mo:.2} s, ratio {:.2} (target 1.10)",
+        args.runs,
+        mo / mb
+    );
+    let mut steps: Vec<String> = Vec::new();
+    for tl in &timelines {
+        for s in tl.keys() {
+            if !steps.contains(s) {
+                steps.push(s.clone());
+            }
+        }
+    }
+    steps.sort_by(|a, b| {
+        let m = |s: &str| {
+            median(
+                &timelines
+                    .iter()
+                    .filter_map(|t| t.get(s).copied())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        m(a).total_cmp(&m(b))
+    });
+    let med: Vec<String> = steps
+        .iter()
+        .map(|s| {
+            let v: Vec<f64> = timelines.iter().filter_map(|t| t.get(s).copied()).collect();
+            format!("{s}={:.2}", median(&v))
+        })
+        .collect();
+    println!(
+        "median plasmd timeline (QEMU s): {} marker={mo:.2}",
+        med.join(" ")
+    );
+    drop(seed);
+    Ok(())
+}
+
+/// Boots one guest; returns seconds from QEMU start to the marker and the
+/// console lines.
+fn boot(
+    arch: Arch,
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    port: u16,
+    token: &str,
+    timeout: Duration,
+) -> anyhow::Result<(f64, Vec<simulations::proc::Line>)> {
+    let g = vmnet::start_user_net(arch, kernel, initrd, append, port)?;
+    let want = format!("{MARKER} token={token}");
+    let line = g
+        .try_wait_for(timeout, |l| l.contains(&want) || l.contains("Kernel panic"))
+        .with_context(|| {
+            format!(
+                "no marker within {} s; console:\n{}",
+                timeout.as_secs(),
+                g.output()
+            )
+        })?;
+    if line.contains("Kernel panic") {
+        bail!("kernel panic; console:\n{}", g.output());
+    }
+    Ok((line.at.as_secs_f64(), g.lines()))
+}
+
+/// `plasmd: phase timeline step=NAME ...` lines: first time each step was
+/// seen (QEMU seconds), in console order.
+fn timeline(lines: &[simulations::proc::Line]) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for l in lines {
+        let step = if l.contains("plasmd: phase entropy ready") {
+            "entropy"
+        } else if l.contains("plasmd: phase verified kernel=") {
+            // Reassembled and carried, before the kexec syscall.
+            "verified"
+        } else {
+            let Some(rest) = l.split("plasmd: phase timeline step=").nth(1) else {
+                continue;
+            };
+            let Some(step) = rest.split_whitespace().next() else {
+                continue;
+            };
+            step
+        };
+        if !out.iter().any(|(s, _)| s == step) {
+            out.push((step.to_owned(), l.at.as_secs_f64()));
+        }
+    }
+    out
+}
+
+/// The baseline init's own `baseline: WHAT` lines (QEMU seconds).
+fn baseline_steps(lines: &[simulations::proc::Line]) -> Vec<(String, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let what = l.split("baseline: ").nth(1)?;
+            Some((what.trim().replace(' ', "-"), l.at.as_secs_f64()))
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// `plasmd serve` on 127.0.0.1 (mDNS off): the process, its URL, its key.
+fn start_seed(plasmd: &Path, work: &Path) -> anyhow::Result<(Proc, String, String)> {
+    let mut c = Command::new(plasmd);
+    c.env("PLASMD_MDNS", "0")
+        .arg("serve")
+        .arg("-a")
+        .arg(work.join("artifacts"))
+        .args(["-p", "0", "--bind", "127.0.0.1", "--state"])
+        .arg(work.join("state"));
+    let p = Proc::spawn("plasmd serve", c)?;
+    let word = |l: &str, m: &str| {
+        l.split(m)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let wait = Duration::from_secs(120);
+    let k = p.expect(wait, "public key", |l| l.contains("public key "))?;
+    let pubkey = word(&k, "public key ").context("key in the seed's banner")?;
+    let u = p.expect(wait, "serving http://", |l| l.contains("serving http://"))?;
+    let url = word(&u, "serving ").context("URL in the seed's banner")?;
+    Ok((p, url, pubkey))
+}
+
+/// The baseline: busybox as shell, `udhcpc` and `wget`, kexec-tools with
+/// its shared libraries, the same virtio modules, and an `/init` that
+/// does what a classic netboot script does.
+fn baseline_initramfs(
+    out: &Path,
+    arch: Arch,
+    busybox: &Path,
+    modules: &Path,
+    kexec: &Path,
+    kexec_flags: &str,
+    pad_blocks: u64,
+) -> anyhow::Result<()> {
+    let pad = if pad_blocks > 0 {
+        format!(
+            "$B dd if=/dev/zero bs=65536 count={pad_blocks} 2>/dev/null >> /tmp/initramfs\n\
+             echo \"baseline: padded\"\n"
+        )
+    } else {
+        String::new()
+    };
+    let url = format!("http://10.0.2.100:80/stable/{}", arch.name());
+    let init = format!(
+        r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+echo "baseline: start"
+for m in /lib/modules/*.ko; do $B insmod "$m"; done
+echo "baseline: modules"
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do $B usleep 50000; i=$((i+1)); done
+$B udhcpc -f -q -n -t 5 -T 2 -i eth0 -s /etc/udhcpc.script || echo "baseline: dhcp failed"
+echo "baseline: network up"
+$B wget -q -O /tmp/kernel {url}/kernel || echo "baseline: wget kernel failed"
+$B wget -q -O /tmp/initramfs {url}/initramfs || echo "baseline: wget initramfs failed"
+$B wget -q -O /tmp/cmdline {url}/cmdline || echo "baseline: wget cmdline failed"
+echo "baseline: fetched"
+{pad}/sbin/kexec {kexec_flags} -l /tmp/kernel --initrd=/tmp/initramfs --command-line="$($B cat /tmp/cmdline)" || echo "baseline: kexec load failed"
+echo "baseline: kexec loaded"
+/sbin/kexec -e
+echo "baseline: kexec -e failed"
+while true; do $B sleep 1000; done
+"#
+    );
+    let script = "#!/bin/busybox sh\n\
+        case \"$1\" in\n\
+        deconfig) /bin/busybox ifconfig \"$interface\" 0.0.0.0 up ;;\n\
+        bound|renew)\n\
+          /bin/busybox ifconfig \"$interface\" \"$ip\" netmask \"${subnet:-255.255.255.0}\" up\n\
+          for r in $router; do /bin/busybox route add default gw \"$r\" dev \"$interface\"; break; done ;;\n\
+        esac\n\
+        exit 0\n";
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::best());
+    let mut w = phase_boot::cpio::Writer::new(gz);
+    let mut dirs: Vec<String> = [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "sbin",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let libs = shared_libs(kexec)?;
+    for l in &libs {
+        let mut p = l.parent();
+        let mut chain = Vec::new();
+        while let Some(d) = p.filter(|d| d != &Path::new("/")) {
+            chain.push(
+                d.strip_prefix("/")
+                    .unwrap_or(d)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = d.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    for d in &dirs {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.char_dev("dev/null", 0o666, 1, 3)?;
+    w.file("init", 0o755, init.as_bytes())?;
+    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
+    w.symlink("bin/sh", "busybox")?;
+    w.file("etc/udhcpc.script", 0o755, script.as_bytes())?;
+    w.file("sbin/kexec", 0o755, &std::fs::read(kexec)?)?;
+    for l in &libs {
+        let bytes = std::fs::read(l).with_context(|| format!("reading {}", l.display()))?;
+        let rel = l
+            .strip_prefix("/")
+            .unwrap_or(l)
+            .to_string_lossy()
+            .into_owned();
+        w.file(&rel, 0o755, &bytes)?;
+    }
+    for (i, (name, path)) in resolve_modules(modules, &WANTED_MODULES)?
+        .iter()
+        .enumerate()
+    {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        w.file(&format!("lib/modules/{i:02}-{name}.ko"), 0o644, &bytes)?;
+    }
+    let mut buf = w.finish()?.finish()?;
+    buf.flush()?;
+    Ok(())
+}
+
+/// The shared libraries `ldd` lists for `bin` (the loader included).
+fn shared_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let o = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    if !o.status.success() {
+        // A static kexec needs none.
+        return Ok(Vec::new());
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            out.push(PathBuf::from(p));
+        }
+    }
+    Ok(out)
+}
+
+/// `wanted` and their dependencies (each module's `depends=`), in load
+/// order, from the module tree.
+fn resolve_modules(tree: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut index = BTreeMap::new();
+    let mut stack = vec![tree.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(n) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                index.insert(n.replace('-', "_"), p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    fn visit(
+        name: &str,
+        index: &BTreeMap<String, PathBuf>,
+        seen: &mut HashSet<String>,
+        out: &mut Vec<(String, PathBuf)>,
+    ) -> anyhow::Result<()> {
+        if !seen.insert(name.to_owned()) {
+            return Ok(());
+        }
+        // Not in the tree: built into the kernel.
+        let Some(p) = index.get(name) else {
+            return Ok(());
+        };
+        let bytes = std::fs::read(p)?;
+        for dep in depends(&bytes) {
+            visit(&dep, index, seen, out)?;
+        }
+        out.push((name.to_owned(), p.clone()));
+        Ok(())
+    }
+    for w in wanted {
+        visit(w, &index, &mut seen, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// A module's `depends=` list from its modinfo section.
+fn depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('-', "_"))
+        .collect()
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("bootspeed-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
