@@ -294,12 +294,11 @@ fn check_hello(chunks: u32, bits: &[u8], limits: &Limits) -> Result<(), FrameErr
             want: format!("{} for {chunks} chunks", 36 + want),
         });
     }
-    if chunks % 8 != 0 {
-        if let Some(last) = bits.last() {
-            if last >> (chunks % 8) != 0 {
-                return Err(FrameError::StrayBits { chunks });
-            }
-        }
+    if let Some(last) = bits.last()
+        && !chunks.is_multiple_of(8)
+        && last >> (chunks % 8) != 0
+    {
+        return Err(FrameError::StrayBits { chunks });
     }
     Ok(())
 }
@@ -405,7 +404,7 @@ fn parse(mut body: Bytes, limits: &Limits) -> Result<Frame, FrameError> {
             }
         }
         HAVE => {
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 return Err(FrameError::BadLength {
                     frame: "have",
                     len,
