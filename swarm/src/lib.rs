@@ -32,6 +32,7 @@ mod node;
 pub mod protocol;
 pub mod scheduler;
 pub mod superseed;
+pub mod v2;
 
 pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};

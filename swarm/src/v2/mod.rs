@@ -1,0 +1,12 @@
+//! The stream protocol `/phase/swarm/2`: one long-lived stream per peer pair
+//! and manifest, with a have-bitfield once when it opens, pushed haves,
+//! pipelined requests, cancel and choke/unchoke.
+//!
+//! [`frame`] is the wire encoding (pure, no I/O); [`session`] runs one stream
+//! per peer over `libp2p-stream` with a task that reads and writes it, so the
+//! node's event loop only ever touches bounded channels. See the crate's
+//! `DESIGN.md`, "Protocol v2", for what is not wired into the node yet.
+
+pub mod frame;
+
+pub use frame::{Frame, FrameCodec, FrameError, Limits};
