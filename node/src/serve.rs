@@ -437,22 +437,14 @@ fn range_stream(
 mod tests {
     use super::*;
 
-    fn r(s: &str, len: u64) -> RangeReq {
-        parse_range(Some(&HeaderValue::from_str(s).expect("header")), len)
-    }
-
+    // The parsing cases are in phase_content::range; here only what the
+    // header wrapper adds: no header and a header that is not text.
     #[test]
-    fn ranges() {
+    fn a_missing_or_non_text_range_header_means_the_whole_file() {
         assert_eq!(parse_range(None, 10), RangeReq::Full);
-        assert_eq!(r("bytes=0-3", 10), RangeReq::Part(0, 4));
-        assert_eq!(r("bytes=5-", 10), RangeReq::Part(5, 10));
-        assert_eq!(r("bytes=-3", 10), RangeReq::Part(7, 10));
-        assert_eq!(r("bytes=-30", 10), RangeReq::Part(0, 10));
-        assert_eq!(r("bytes=8-100", 10), RangeReq::Part(8, 10));
-        assert_eq!(r("bytes=10-", 10), RangeReq::Unsatisfiable);
-        assert_eq!(r("bytes=4-2", 10), RangeReq::Unsatisfiable);
-        assert_eq!(r("bytes=x-2", 10), RangeReq::Unsatisfiable);
-        assert_eq!(r("bytes=0-1,4-5", 10), RangeReq::Full);
-        assert_eq!(r("items=0-1", 10), RangeReq::Full);
+        let binary = HeaderValue::from_bytes(b"bytes=0-\xff").expect("header");
+        assert_eq!(parse_range(Some(&binary), 10), RangeReq::Full);
+        let text = HeaderValue::from_static("bytes=2-3");
+        assert_eq!(parse_range(Some(&text), 10), RangeReq::Part(2, 4));
     }
 }
