@@ -137,17 +137,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     // The artifacts both inits fetch, and the seed.
     let token = format!("bs{}", std::process::id());
-    let a = work.join("artifacts").join("stable").join(arch.name());
-    std::fs::create_dir_all(&a)?;
-    std::fs::copy(&kernel, a.join("kernel")).context("copying the kernel")?;
-    std::fs::write(a.join("initramfs"), vmnet::marker_initramfs(&busybox)?)?;
-    std::fs::write(
-        a.join("cmdline"),
-        format!(
-            "console={} loglevel=4 panic=-1 token={token}\n",
-            arch.console()
-        ),
-    )?;
+    let marker = work.join("marker-initramfs");
+    std::fs::write(&marker, vmnet::marker_initramfs(&busybox)?)?;
+    vmnet::write_artifacts(&work.join("artifacts"), arch, &kernel, &marker, &token)?;
     let (seed, url, pubkey) = start_seed(&plasmd, &work)?;
     let port: u16 = url
         .rsplit(':')
@@ -161,7 +153,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         arch.name(),
         kernel.display(),
         size(&kernel),
-        size(&a.join("initramfs")),
+        size(&marker),
         size(&plasmd_initrd),
         size(&base_initrd),
         args.kexec_flags,
