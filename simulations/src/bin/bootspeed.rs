@@ -37,20 +37,28 @@ struct Args {
     /// Boots of each init.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Guest architecture (x86_64 only for now: the baseline needs a
-    /// kexec-tools of the guest's architecture).
+    /// Guest architecture: x86_64, or aarch64 (the baseline then runs
+    /// Debian's arm64 kexec-tools, which `scripts/vm-arm64-kernel.sh`
+    /// unpacks with its libraries under TARGET/vm-arm64-kernel/kexec-sysroot).
     #[arg(long, default_value = "x86_64")]
     arch: String,
     /// The host `plasmd` (default: next to this binary).
     #[arg(long)]
     plasmd: Option<PathBuf>,
-    /// kexec-tools' binary for the baseline.
-    #[arg(long, default_value = "/usr/sbin/kexec")]
-    kexec: PathBuf,
-    /// How the baseline loads: `-s` (kexec_file_load, as plasmd on x86_64)
-    /// or empty for kexec_load.
-    #[arg(long, default_value = "-s", allow_hyphen_values = true)]
-    kexec_flags: String,
+    /// kexec-tools' binary for the baseline (default: the host's
+    /// /usr/sbin/kexec on x86_64, the unpacked arm64 one on aarch64).
+    #[arg(long)]
+    kexec: Option<PathBuf>,
+    /// Where the baseline kexec's shared libraries are looked up (default:
+    /// / on x86_64, the arm64 kexec sysroot on aarch64).
+    #[arg(long)]
+    kexec_root: Option<PathBuf>,
+    /// How the baseline loads: `-s` (kexec_file_load) or empty for
+    /// kexec_load. Default: the path plasmd takes with the same kernel,
+    /// `-s` on x86_64, kexec_load on aarch64 (Debian's arm64 kernel
+    /// refuses kexec_file_load of an unsigned image).
+    #[arg(long, allow_hyphen_values = true)]
+    kexec_flags: Option<String>,
     /// Zero bytes the baseline appends to its initrd before kexec (rounded
     /// down to 64 KiB), standing in for plasmd's carried store in the kexec
     /// and target-boot path (the kernel's unpacker skips zeros between
@@ -80,9 +88,6 @@ fn main() {
 fn run(args: Args) -> anyhow::Result<()> {
     let arch =
         Arch::from_name(&args.arch).with_context(|| format!("unknown arch {}", args.arch))?;
-    if arch != Arch::X86_64 {
-        bail!("only x86_64 for now: the baseline needs kexec-tools built for the guest");
-    }
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     anyhow::ensure!(vmnet::have(arch.qemu()), "{} not on PATH", arch.qemu());
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -104,10 +109,31 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (kernel, modules) = vmnet::kernel(arch, &target_dir).context(arch.kernel_hint())?;
     let busybox =
         vmnet::busybox(arch, &target_dir).context("no static busybox (busybox-static)")?;
+    let sysroot = target_dir.join("vm-arm64-kernel/kexec-sysroot");
+    let (kexec, kexec_root, kexec_flags) = match arch {
+        Arch::X86_64 => (
+            args.kexec
+                .clone()
+                .unwrap_or_else(|| "/usr/sbin/kexec".into()),
+            args.kexec_root.clone().unwrap_or_else(|| "/".into()),
+            args.kexec_flags.clone().unwrap_or_else(|| "-s".into()),
+        ),
+        Arch::Aarch64 => (
+            args.kexec
+                .clone()
+                .unwrap_or_else(|| sysroot.join("sbin/kexec")),
+            args.kexec_root.clone().unwrap_or_else(|| sysroot.clone()),
+            args.kexec_flags.clone().unwrap_or_default(),
+        ),
+    };
     anyhow::ensure!(
-        args.kexec.is_file(),
-        "no {} (apt install kexec-tools)",
-        args.kexec.display()
+        kexec.is_file(),
+        "no {} ({})",
+        kexec.display(),
+        match arch {
+            Arch::X86_64 => "apt install kexec-tools",
+            Arch::Aarch64 => "run scripts/vm-arm64-kernel.sh with the same CARGO_TARGET_DIR",
+        }
     );
 
     let _tmp;
@@ -130,8 +156,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         arch,
         &busybox,
         &modules,
-        &args.kexec,
-        &args.kexec_flags,
+        &BaselineKexec {
+            bin: kexec.clone(),
+            root: kexec_root,
+            flags: kexec_flags.clone(),
+        },
         args.baseline_pad / 65536,
     )?;
 
@@ -156,7 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         size(&marker),
         size(&plasmd_initrd),
         size(&base_initrd),
-        args.kexec_flags,
+        kexec_flags,
         args.baseline_pad / 65536 * 65536,
         args.runs
     );
@@ -354,13 +383,20 @@ fn start_seed(plasmd: &Path, work: &Path) -> anyhow::Result<(Proc, String, Strin
 /// The baseline: busybox as shell, `udhcpc` and `wget`, kexec-tools with
 /// its shared libraries, the same virtio modules, and an `/init` that
 /// does what a classic netboot script does.
+/// The baseline's kexec-tools: the binary, where its shared libraries are
+/// found, and its load flags.
+struct BaselineKexec {
+    bin: PathBuf,
+    root: PathBuf,
+    flags: String,
+}
+
 fn baseline_initramfs(
     out: &Path,
     arch: Arch,
     busybox: &Path,
     modules: &Path,
-    kexec: &Path,
-    kexec_flags: &str,
+    kexec: &BaselineKexec,
     pad_blocks: u64,
 ) -> anyhow::Result<()> {
     let pad = if pad_blocks > 0 {
@@ -372,6 +408,7 @@ fn baseline_initramfs(
         String::new()
     };
     let url = format!("http://10.0.2.100:80/stable/{}", arch.name());
+    let flags = &kexec.flags;
     let init = format!(
         r#"#!/bin/busybox sh
 B=/bin/busybox
@@ -389,7 +426,7 @@ $B wget -q -O /tmp/kernel {url}/kernel || echo "baseline: wget kernel failed"
 $B wget -q -O /tmp/initramfs {url}/initramfs || echo "baseline: wget initramfs failed"
 $B wget -q -O /tmp/cmdline {url}/cmdline || echo "baseline: wget cmdline failed"
 echo "baseline: fetched"
-{pad}/sbin/kexec {kexec_flags} -l /tmp/kernel --initrd=/tmp/initramfs --command-line="$($B cat /tmp/cmdline)" || echo "baseline: kexec load failed"
+{pad}/sbin/kexec {flags} -l /tmp/kernel --initrd=/tmp/initramfs --command-line="$($B cat /tmp/cmdline)" || echo "baseline: kexec load failed"
 echo "baseline: kexec loaded"
 /sbin/kexec -e
 echo "baseline: kexec -e failed"
@@ -423,17 +460,12 @@ while true; do $B sleep 1000; done
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let libs = shared_libs(kexec)?;
-    for l in &libs {
-        let mut p = l.parent();
+    let libs = shared_libs(&kexec.bin, &kexec.root, arch)?;
+    for (_, rel) in &libs {
+        let mut p = Path::new(rel).parent();
         let mut chain = Vec::new();
-        while let Some(d) = p.filter(|d| d != &Path::new("/")) {
-            chain.push(
-                d.strip_prefix("/")
-                    .unwrap_or(d)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            chain.push(d.to_string_lossy().into_owned());
             p = d.parent();
         }
         for d in chain.into_iter().rev() {
@@ -451,15 +483,10 @@ while true; do $B sleep 1000; done
     w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
     w.symlink("bin/sh", "busybox")?;
     w.file("etc/udhcpc.script", 0o755, script.as_bytes())?;
-    w.file("sbin/kexec", 0o755, &std::fs::read(kexec)?)?;
-    for l in &libs {
+    w.file("sbin/kexec", 0o755, &std::fs::read(&kexec.bin)?)?;
+    for (l, rel) in &libs {
         let bytes = std::fs::read(l).with_context(|| format!("reading {}", l.display()))?;
-        let rel = l
-            .strip_prefix("/")
-            .unwrap_or(l)
-            .to_string_lossy()
-            .into_owned();
-        w.file(&rel, 0o755, &bytes)?;
+        w.file(rel, 0o755, &bytes)?;
     }
     for (i, (name, path)) in resolve_modules(modules, &WANTED_MODULES)?
         .iter()
@@ -473,25 +500,77 @@ while true; do $B sleep 1000; done
     Ok(())
 }
 
-/// The shared libraries `ldd` lists for `bin` (the loader included).
-fn shared_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let o = Command::new("ldd")
-        .arg(bin)
-        .output()
-        .context("running ldd")?;
-    if !o.status.success() {
+/// The shared libraries `bin` loads, its interpreter first, each as (the
+/// file under `root`, its path in the guest relative to `/`): the ELF
+/// interpreter and the `NEEDED` entries as `readelf` prints them (binutils'
+/// readelf reads any architecture, unlike `ldd`), followed through each
+/// library's own, looked up in `root`'s multiarch and plain library
+/// directories as the guest's loader will.
+fn shared_libs(bin: &Path, root: &Path, arch: Arch) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let readelf = |flag: &str, file: &Path| -> anyhow::Result<String> {
+        let o = Command::new("readelf")
+            .args([flag, "-W"])
+            .arg(file)
+            .output()
+            .context("running readelf (binutils)")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "readelf {flag} {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let bracketed = |line: &str, key: &str| -> Option<String> {
+        let rest = &line[line.find(key)? + key.len()..];
+        Some(rest[..rest.find(']')?].trim().to_owned())
+    };
+    let multiarch = match arch {
+        Arch::X86_64 => "x86_64-linux-gnu",
+        Arch::Aarch64 => "aarch64-linux-gnu",
+    };
+    let dirs = [
+        format!("lib/{multiarch}"),
+        format!("usr/lib/{multiarch}"),
+        "lib".to_owned(),
+        "usr/lib".to_owned(),
+    ];
+    let mut out: Vec<(PathBuf, String)> = Vec::new();
+    let interp = readelf("-l", bin)?
+        .lines()
+        .find_map(|l| bracketed(l, "Requesting program interpreter:"));
+    let Some(interp) = interp else {
         // A static kexec needs none.
-        return Ok(Vec::new());
-    }
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            out.push(PathBuf::from(p));
+        return Ok(out);
+    };
+    let rel = interp.trim_start_matches('/').to_owned();
+    out.push((root.join(&rel), rel));
+    let mut todo = vec![bin.to_owned()];
+    let mut seen = HashSet::new();
+    while let Some(file) = todo.pop() {
+        for name in readelf("-d", &file)?
+            .lines()
+            .filter(|l| l.contains("(NEEDED)"))
+            .filter_map(|l| bracketed(l, "Shared library: ["))
+        {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let rel = dirs
+                .iter()
+                .map(|d| format!("{d}/{name}"))
+                .find(|rel| root.join(rel).is_file())
+                .with_context(|| {
+                    format!(
+                        "{} needs {name}, which is in none of {} under {}",
+                        file.display(),
+                        dirs.join(", "),
+                        root.display()
+                    )
+                })?;
+            let host = root.join(&rel);
+            todo.push(host.clone());
+            out.push((host, rel));
         }
     }
     Ok(out)
