@@ -53,7 +53,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::frame::{Encoded, Frame, FrameCodec, FrameError, Limits};
 use crate::protocol::{Root, pack_bits, unpack_bits};
@@ -465,7 +464,58 @@ impl Session {
         cfg: SessionConfig,
         local: Local,
     ) -> Result<Session, SessionError> {
-        Self::spawn(stream.compat(), cfg, local)
+        Self::spawn(Libp2pIo(stream), cfg, local)
+    }
+}
+
+/// Reads at most this much per poll from a libp2p stream (see [`Libp2pIo`]).
+const READ_CAP: usize = 64 << 10;
+
+/// A libp2p stream (futures I/O) as tokio I/O. `tokio_util::compat` zeroes
+/// the whole free part of the read buffer on every poll (up to a piece's
+/// size while one is being read); this zeroes and hands the stream at most
+/// [`READ_CAP`] per poll.
+struct Libp2pIo(libp2p::Stream);
+
+impl tokio::io::AsyncRead for Libp2pIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = buf.remaining().min(READ_CAP);
+        let dst = buf.initialize_unfilled_to(n);
+        let read = std::task::ready!(futures::AsyncRead::poll_read(
+            std::pin::Pin::new(&mut self.0),
+            cx,
+            dst
+        ))?;
+        buf.advance(read);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Libp2pIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        futures::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.0), cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        futures::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.0), cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        futures::AsyncWrite::poll_close(std::pin::Pin::new(&mut self.0), cx)
     }
 }
 
