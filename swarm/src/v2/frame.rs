@@ -5,7 +5,7 @@
 //!
 //! | tag | frame        | fields                                              |
 //! |-----|--------------|-----------------------------------------------------|
-//! | 1   | `Hello`      | root (32), chunks (u32), bitfield (`ceil(chunks/8)`, LSB first) |
+//! | 1   | `Hello`      | root (32), chunks (u32), depth (u16), bitfield (`ceil(chunks/8)`, LSB first) |
 //! | 2   | `Have`       | chunk (u32) x n, 1 <= n <= [`MAX_HAVE_BATCH`]       |
 //! | 3   | `Request`    | chunk (u32)                                         |
 //! | 4   | `Piece`      | chunk (u32), data (the rest, at most [`MAX_PIECE_BYTES`]) |
@@ -46,6 +46,9 @@ pub const MAX_PIECE_BYTES: usize = phase_content::MAX_CHUNK_SIZE as usize;
 /// The length prefix's size.
 const PREFIX: usize = 4;
 
+/// A `Hello`'s fields before its bitfield: root, chunks, depth.
+const HELLO_FIXED: usize = 32 + 4 + 2;
+
 const HELLO: u8 = 1;
 const HAVE: u8 = 2;
 const REQUEST: u8 = 3;
@@ -65,6 +68,9 @@ pub enum Frame {
         root: Root,
         /// Its number of chunks.
         chunks: u32,
+        /// Requests the sender accepts outstanding from us at most; a peer
+        /// that sends more is ended.
+        depth: u16,
         /// `ceil(chunks / 8)` bytes, least significant bit first; bits past
         /// `chunks` are zero.
         bits: Bytes,
@@ -114,7 +120,7 @@ impl Default for Limits {
 impl Limits {
     /// The largest frame (after the prefix) these limits allow.
     pub fn max_frame(&self) -> usize {
-        let hello = 1 + 32 + 4 + (self.max_chunks as usize).div_ceil(8);
+        let hello = 1 + HELLO_FIXED + (self.max_chunks as usize).div_ceil(8);
         let piece = 1 + 4 + self.max_piece;
         let have = 1 + 4 * self.max_have;
         hello.max(piece).max(have)
@@ -222,11 +228,17 @@ impl Frame {
             head.put_u8(tag);
         };
         match self {
-            Frame::Hello { root, chunks, bits } => {
+            Frame::Hello {
+                root,
+                chunks,
+                depth,
+                bits,
+            } => {
                 check_hello(*chunks, bits, limits)?;
-                fields(&mut head, HELLO, 32 + 4 + bits.len());
+                fields(&mut head, HELLO, HELLO_FIXED + bits.len());
                 head.put_slice(root);
                 head.put_u32(*chunks);
+                head.put_u16(*depth);
                 tail = Some(bits.clone());
             }
             Frame::Have(list) => {
@@ -290,8 +302,8 @@ fn check_hello(chunks: u32, bits: &[u8], limits: &Limits) -> Result<(), FrameErr
     if bits.len() != want {
         return Err(FrameError::BadLength {
             frame: "hello",
-            len: 36 + bits.len(),
-            want: format!("{} for {chunks} chunks", 36 + want),
+            len: HELLO_FIXED + bits.len(),
+            want: format!("{} for {chunks} chunks", HELLO_FIXED + want),
         });
     }
     if let Some(last) = bits.last()
@@ -386,20 +398,22 @@ fn parse(mut body: Bytes, limits: &Limits) -> Result<Frame, FrameError> {
     };
     Ok(match tag {
         HELLO => {
-            if len < 36 {
+            if len < HELLO_FIXED {
                 return Err(FrameError::BadLength {
                     frame: "hello",
                     len,
-                    want: "at least 36".into(),
+                    want: format!("at least {HELLO_FIXED}"),
                 });
             }
             let mut root = [0u8; 32];
             body.copy_to_slice(&mut root);
             let chunks = body.get_u32();
+            let depth = body.get_u16();
             check_hello(chunks, &body, limits)?;
             Frame::Hello {
                 root,
                 chunks,
+                depth,
                 bits: body,
             }
         }
@@ -505,6 +519,7 @@ mod tests {
             Frame::Hello {
                 root: [7; 32],
                 chunks: 10,
+                depth: 8,
                 bits: Bytes::from_static(&[0xff, 0x03]),
             },
             Frame::Have(vec![1, 2, 900]),
@@ -613,6 +628,7 @@ mod tests {
         let hello = |chunks: u32, bits: &[u8]| {
             let mut f = vec![3u8; 32];
             f.extend_from_slice(&chunks.to_be_bytes());
+            f.extend_from_slice(&8u16.to_be_bytes());
             f.extend_from_slice(bits);
             raw(1 + f.len() as u32, HELLO, &f)
         };
@@ -638,6 +654,7 @@ mod tests {
         let bad = Frame::Hello {
             root: [0; 32],
             chunks: 65,
+            depth: 8,
             bits: Bytes::from(vec![0; 9]),
         };
         assert!(bad.encode(&l).is_err());
@@ -686,11 +703,13 @@ mod tests {
         prop_oneof![
             (
                 any::<[u8; 32]>(),
+                any::<u16>(),
                 proptest::collection::vec(any::<bool>(), 0..200)
             )
-                .prop_map(|(root, have)| Frame::Hello {
+                .prop_map(|(root, depth, have)| Frame::Hello {
                     root,
                     chunks: have.len() as u32,
+                    depth,
                     bits: Bytes::from(crate::protocol::pack_bits(&have)),
                 }),
             proptest::collection::vec(any::<u32>(), 1..=MAX_HAVE_BATCH).prop_map(Frame::Have),

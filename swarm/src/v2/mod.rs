@@ -8,5 +8,9 @@
 //! `DESIGN.md`, "Protocol v2", for what is not wired into the node yet.
 
 pub mod frame;
+pub mod session;
 
 pub use frame::{Frame, FrameCodec, FrameError, Limits};
+pub use session::{
+    CommandError, End, Event, Local, PROTOCOL, Session, SessionConfig, SessionError, SessionHandle,
+};
