@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 #[cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 mod fetch;
 mod files;
+mod http_limits;
 #[cfg(target_os = "linux")]
 mod init;
 mod keys;

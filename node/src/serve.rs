@@ -3,13 +3,14 @@
 //! HTTP is the bootstrap: the signed manifest, the seed's libp2p addresses,
 //! chunks by hash (the fallback source when no peer has one), and the raw
 //! artifacts at `/CHANNEL/ARCH/NAME` so a plain wget-based init still boots.
-//! `/metrics` is the Prometheus scrape ([`crate::metrics`]).
+//! `/metrics` is the Prometheus scrape ([`crate::metrics`]). Connections,
+//! timeouts and body slots are bounded in [`crate::http_limits`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
@@ -25,11 +26,10 @@ use phase_content::{
     Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
 };
 
+pub(crate) use crate::http_limits::Conn;
+use crate::http_limits::{self, BODY_WAIT, HttpLimits, MAX_BODIES, MAX_BODIES_PER_IP, Slots};
 use crate::metrics::Exporter;
 use crate::swarm_serve::{self, SeedSwarm, SwarmOptions};
-
-/// Requests served at once; more wait in the accept queue.
-const MAX_CONCURRENT_REQUESTS: usize = 256;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -55,6 +55,21 @@ pub(crate) struct Args {
     /// libp2p TCP port for the swarm (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     p2p_port: u16,
+    /// Seconds a client has to send a request head, and the longest a
+    /// keep-alive connection may idle (tests shorten it).
+    #[arg(long, hide = true, default_value_t = http_limits::HEADER_TIMEOUT.as_secs_f64(),
+          value_parser = parse_secs)]
+    http_header_timeout: f64,
+    /// Open HTTP connections at most (never more than RLIMIT_NOFILE allows).
+    #[arg(long, hide = true, default_value_t = http_limits::MAX_CONNECTIONS)]
+    http_max_connections: usize,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
 }
 
 pub(crate) struct AppState {
@@ -62,6 +77,8 @@ pub(crate) struct AppState {
     manifests: BTreeMap<(String, String), SignedManifest>,
     swarm: SeedSwarm,
     metrics: Exporter,
+    /// Artifact and chunk bodies in flight, held until each body ends.
+    bodies: Arc<Slots>,
 }
 
 /// The host's architecture in the names manifests use.
@@ -84,6 +101,17 @@ fn load_key(a: &Args, state: &std::path::Path) -> anyhow::Result<SecretKey> {
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let nofile = http_limits::raise_nofile_limit();
+    let limits = HttpLimits::default()
+        .with_max_connections(a.http_max_connections)
+        .with_nofile(nofile)
+        .with_header_timeout(Duration::from_secs_f64(a.http_header_timeout));
+    if limits.max_connections < a.http_max_connections {
+        eprintln!(
+            "plasmd serve: only {nofile} open files allowed (RLIMIT_NOFILE): at most {} HTTP connections; raise it with `ulimit -n`",
+            limits.max_connections
+        );
+    }
     let state_dir = a.state.clone().unwrap_or_else(crate::default_state_dir);
     // Bind first: a port in use should fail before any publishing work.
     let addr = SocketAddr::new(a.bind, a.port);
@@ -157,17 +185,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         manifests,
         swarm,
         metrics,
+        bodies: Slots::new(MAX_BODIES, MAX_BODIES_PER_IP),
     });
     eprintln!("plasmd serve: serving http://{local}");
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<Conn>(),
-    )
-    .with_graceful_shutdown(async {
+    http_limits::serve(listener, router(state), limits, async {
         let _ = tokio::signal::ctrl_c().await;
     })
-    .await
-    .context("HTTP server")?;
+    .await;
     Ok(())
 }
 
@@ -179,30 +203,22 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/chunks/{hash}", get(chunk))
         .route("/{channel}/{arch}/{name}", get(artifact))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            MAX_CONCURRENT_REQUESTS,
-        ))
         .with_state(state)
 }
 
-/// Both ends of an HTTP connection: who asks, and which of our addresses
-/// they reached.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Conn {
-    remote: SocketAddr,
-    local: Option<SocketAddr>,
-}
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for Conn
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Conn {
-            remote: *s.remote_addr(),
-            local: s.io().local_addr().ok(),
-        }
-    }
+/// A body slot for `conn`'s address, or the 503 that says the seed is busy.
+async fn body_slot(s: &AppState, conn: &Conn) -> Result<http_limits::Slot, Response> {
+    s.bodies
+        .take_within(conn.remote.ip(), BODY_WAIT)
+        .await
+        .map_err(|full| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                format!("seed busy: artifact and chunk transfers {full}; retry\n"),
+            )
+                .into_response()
+        })
 }
 
 fn not_found(what: String) -> Response {
@@ -286,15 +302,38 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     s.metrics.response()
 }
 
-async fn chunk(State(s): State<Arc<AppState>>, Path(hash): Path<String>) -> Response {
+async fn chunk(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path(hash): Path<String>,
+) -> Response {
     let Ok(hash) = hash.parse::<Hash>() else {
         return (StatusCode::BAD_REQUEST, "not a chunk hash\n").into_response();
+    };
+    let slot = match body_slot(&s, &conn).await {
+        Ok(slot) => slot,
+        Err(busy) => return busy,
     };
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
         Ok(Ok(Some(data))) => {
             s.metrics.metrics().sent_http(data.len() as u64);
-            ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
+            let len = data.len();
+            let body = Body::from_stream(http_limits::hold(
+                futures_util::stream::iter([Ok::<_, std::convert::Infallible>(data)]),
+                slot,
+            ));
+            (
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    ),
+                    (header::CONTENT_LENGTH, HeaderValue::from(len)),
+                ],
+                body,
+            )
+                .into_response()
         }
         Ok(Ok(None)) => not_found(format!("no chunk {hash}")),
         Ok(Err(e)) => {
@@ -346,12 +385,13 @@ async fn artifact(
                 .into_response();
         }
     };
-    let body = Body::from_stream(range_stream(
-        s.store.clone(),
-        art.clone(),
-        start,
-        end,
-        s.metrics.clone(),
+    let slot = match body_slot(&s, &conn).await {
+        Ok(slot) => slot,
+        Err(busy) => return busy,
+    };
+    let body = Body::from_stream(http_limits::hold(
+        range_stream(s.store.clone(), art.clone(), start, end, s.metrics.clone()),
+        slot,
     ));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
