@@ -24,7 +24,9 @@ struct Setup {
     token: String,
 }
 
-fn setup(arch: Arch) -> Option<Setup> {
+/// The seed and guest pieces; the guest's `plasmd` has test knobs when
+/// `knobs` (only a test that passes a `phase.test_*` knob asks for them).
+fn setup(arch: Arch, knobs: bool) -> Option<Setup> {
     if !vm::require_qemu(arch) {
         return None;
     }
@@ -37,11 +39,16 @@ fn setup(arch: Arch) -> Option<Setup> {
             arch.name()
         )
     });
-    Some(setup_with(arch, kernel, modules))
+    Some(setup_with(arch, kernel, modules, knobs))
 }
 
 /// Publishes `kernel` plus the marker initramfs and starts the seed.
-fn setup_with(arch: Arch, kernel: std::path::PathBuf, modules: std::path::PathBuf) -> Setup {
+fn setup_with(
+    arch: Arch,
+    kernel: std::path::PathBuf,
+    modules: std::path::PathBuf,
+    knobs: bool,
+) -> Setup {
     assert!(
         vm::busybox(arch).is_some(),
         "no static busybox for {} (busybox-static; aarch64: scripts/vm-arm64-kernel.sh)",
@@ -49,7 +56,7 @@ fn setup_with(arch: Arch, kernel: std::path::PathBuf, modules: std::path::PathBu
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let initramfs = dir.path().join("boot.cpio.gz");
-    let size = vm::boot_initramfs(arch, &initramfs, &modules);
+    let size = vm::boot_initramfs(arch, &initramfs, &modules, knobs);
     eprintln!("boot initramfs: {size} bytes compressed");
 
     // Fresh per run, so a stale console or cached artifact cannot match.
@@ -114,7 +121,7 @@ fn phase(guest: &Proc, started: Instant, needle: &str) -> String {
 }
 
 fn kexec_boots_target(arch: Arch, want_path: &str) {
-    let Some(s) = setup(arch) else { return };
+    let Some(s) = setup(arch, false) else { return };
     boots_target(arch, &s, want_path);
 }
 
@@ -192,7 +199,9 @@ fn x86_64_kexec_file_load_boots_the_fetched_kernel() {
 fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
     // The amd64 kernel has kexec_file_load; the test knob answers it with
     // ENOSYS so our bzImage planner, zero page and trampoline boot the target.
-    let Some(s) = setup(Arch::X86_64) else { return };
+    let Some(s) = setup(Arch::X86_64, true) else {
+        return;
+    };
     let guest = boots_target_with(
         Arch::X86_64,
         &s,
@@ -214,7 +223,9 @@ fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
 
 #[test]
 fn x86_64_kexec_disabled_is_diagnosed_without_panic() {
-    let Some(s) = setup(Arch::X86_64) else { return };
+    let Some(s) = setup(Arch::X86_64, true) else {
+        return;
+    };
     let started = Instant::now();
     let guest = boot(Arch::X86_64, &s, "phase.test_disable_kexec=1");
     phase(
@@ -242,6 +253,27 @@ fn x86_64_kexec_disabled_is_diagnosed_without_panic() {
 }
 
 #[test]
+fn x86_64_a_guest_without_test_knobs_ignores_them_and_boots() {
+    // The guest's plasmd is built as a user's initramfs has it: the knobs
+    // that would stop (or divert) the kexec are ignored, one line each.
+    let Some(s) = setup(Arch::X86_64, false) else {
+        return;
+    };
+    let guest = boots_target_with(
+        Arch::X86_64,
+        &s,
+        "kexec_file_load",
+        "phase.test_disable_kexec=1 phase.test_force_kexec_load=1",
+    );
+    let out = guest.output();
+    for knob in ["test_disable_kexec", "test_force_kexec_load"] {
+        let line = format!("plasmd: ignoring phase.{knob}: this build has no test knobs");
+        assert_eq!(out.matches(&line).count(), 1, "{line}:\n{out}");
+    }
+    assert!(!out.contains("plasmd: test knob"), "{out}");
+}
+
+#[test]
 fn aarch64_kexec_load_with_dtb_and_trampoline_boots_the_fetched_kernel() {
     // Debian's arm64 kernel has no CONFIG_KEXEC_FILE: kexec_file_load is
     // ENOSYS and our kexec_load path must boot it.
@@ -256,6 +288,6 @@ fn aarch64_kexec_file_load_boots_the_fetched_kernel() {
     }
     let (kernel, modules) = vm::arm64_kexec_file_kernel()
         .expect("run scripts/vm-arm64-kexec-file-kernel.sh with the same CARGO_TARGET_DIR first");
-    let s = setup_with(Arch::Aarch64, kernel, modules);
+    let s = setup_with(Arch::Aarch64, kernel, modules, false);
     boots_target(Arch::Aarch64, &s, "kexec_file_load");
 }
