@@ -273,6 +273,62 @@ fn x86_64_a_guest_without_test_knobs_ignores_them_and_boots() {
     assert!(!out.contains("plasmd: test knob"), "{out}");
 }
 
+/// The `sequence` inside the signed manifest the seed serves for `arch`.
+fn served_sequence(s: &Setup, arch: Arch) -> u64 {
+    let url = format!("{}/stable/{}/manifest.json", s.seed.url, arch.name());
+    let body = ureq::get(&url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_vec()
+        .expect("manifest body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
+    v["manifest"]["sequence"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no sequence in {url}: {v}"))
+}
+
+#[test]
+fn x86_64_pid1_refuses_a_manifest_older_than_phase_min_sequence() {
+    let Some(s) = setup(Arch::X86_64, false) else {
+        return;
+    };
+    let n = served_sequence(&s, Arch::X86_64);
+    let floor = n + 1;
+    let started = Instant::now();
+    let guest = boot(Arch::X86_64, &s, &format!("phase.min_sequence={floor}"));
+    phase(&guest, started, "plasmd: phase network up");
+    let want =
+        format!("refusing the stable/x86_64 manifest sequence {n} from http://10.0.2.100:80");
+    let why = format!("older than sequence {floor} (phase.min_sequence={floor})");
+    for attempt in ["first", "retried"] {
+        let line = phase(&guest, started, "plasmd: phase refused older manifest");
+        assert!(
+            line.contains(&want) && line.contains(&why),
+            "{attempt} refusal names both sequences ({want} ... {why}): {line}"
+        );
+    }
+    // Two attempts refused it: nothing was fetched, loaded or booted.
+    let out = guest.output();
+    for never in [
+        "plasmd: phase manifest ok",
+        "plasmd: phase fetched",
+        "step=kexec-loaded",
+        "plasmd: phase kexec path=",
+        "SAW KEXEC=Y",
+    ] {
+        assert!(
+            !out.contains(never),
+            "{never:?} after a refused manifest:\n{out}"
+        );
+    }
+    eprintln!(
+        "x86_64: refused sequence {n} below phase.min_sequence={floor} twice in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // Dropping the guest stops QEMU by its process group.
+}
+
 #[test]
 fn aarch64_kexec_load_with_dtb_and_trampoline_boots_the_fetched_kernel() {
     // Debian's arm64 kernel has no CONFIG_KEXEC_FILE: kexec_file_load is
