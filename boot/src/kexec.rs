@@ -498,8 +498,11 @@ pub fn load(
 /// TEST ONLY (`phase.test_force_kexec_load=1`): answers `kexec_file_load`
 /// with ENOSYS without calling it, so [`load`] takes the `kexec_load`
 /// fallback on a kernel that has both; everything else goes to the inner one.
+/// Only with the feature `test-knobs` (and in this crate's unit tests).
+#[cfg(any(test, feature = "test-knobs"))]
 pub struct ForceKexecLoad<'a>(pub &'a mut dyn Kexec);
 
+#[cfg(any(test, feature = "test-knobs"))]
 impl Kexec for ForceKexecLoad<'_> {
     fn file_load(&mut self, _: &[u8], _: Option<&[u8]>, _: &str) -> Result<(), Error> {
         Err(Error::Syscall {

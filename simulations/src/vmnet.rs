@@ -391,17 +391,45 @@ pub fn find_kernel(boot: &Path, modules: &Path, suffix: &str) -> Option<(PathBuf
 }
 
 /// Builds the static (musl, `initramfs` profile) `plasmd` for `arch` in
-/// `target_dir`, or takes `$PLASMD_STATIC` (x86_64) or
-/// `$PLASMD_STATIC_AARCH64` when set. aarch64 uses Debian's
-/// aarch64-linux-gnu-gcc as C compiler and linker (ring and mimalloc have C).
+/// `target_dir`, without test knobs (as a user's initramfs has it), or takes
+/// `$PLASMD_STATIC` (x86_64) or `$PLASMD_STATIC_AARCH64` when set. aarch64
+/// uses Debian's aarch64-linux-gnu-gcc as C compiler and linker (ring and
+/// mimalloc have C).
 pub fn static_plasmd(arch: Arch, workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
-    let given = match arch {
-        Arch::X86_64 => "PLASMD_STATIC",
-        Arch::Aarch64 => "PLASMD_STATIC_AARCH64",
+    build_static_plasmd(arch, workspace, target_dir, false)
+}
+
+/// [`static_plasmd`] with plasmd's cargo feature `test-knobs`, for a guest
+/// whose test passes a `phase.test_*` knob (`$PLASMD_STATIC_TEST_KNOBS`,
+/// `$PLASMD_STATIC_AARCH64_TEST_KNOBS` when set).
+pub fn static_plasmd_with_test_knobs(
+    arch: Arch,
+    workspace: &Path,
+    target_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    build_static_plasmd(arch, workspace, target_dir, true)
+}
+
+/// Both builds write `TRIPLE/initramfs/plasmd`: each is copied out to a name
+/// of its own under this lock, so a guest never gets the other build.
+static STATIC_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn build_static_plasmd(
+    arch: Arch,
+    workspace: &Path,
+    target_dir: &Path,
+    knobs: bool,
+) -> anyhow::Result<PathBuf> {
+    let given = match (arch, knobs) {
+        (Arch::X86_64, false) => "PLASMD_STATIC",
+        (Arch::Aarch64, false) => "PLASMD_STATIC_AARCH64",
+        (Arch::X86_64, true) => "PLASMD_STATIC_TEST_KNOBS",
+        (Arch::Aarch64, true) => "PLASMD_STATIC_AARCH64_TEST_KNOBS",
     };
     if let Some(p) = std::env::var_os(given) {
         return Ok(p.into());
     }
+    let _one = STATIC_BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let triple = arch.triple();
     let mut c = Command::new(cargo);
@@ -416,6 +444,9 @@ pub fn static_plasmd(arch: Arch, workspace: &Path, target_dir: &Path) -> anyhow:
         ])
         .args(["--target", triple])
         .env("CARGO_TARGET_DIR", target_dir);
+    if knobs {
+        c.args(["--features", "test-knobs"]);
+    }
     match arch {
         Arch::X86_64 => {
             let cc = if have("musl-gcc") { "musl-gcc" } else { "gcc" };
@@ -439,7 +470,20 @@ pub fn static_plasmd(arch: Arch, workspace: &Path, target_dir: &Path) -> anyhow:
              or set ${given}"
         );
     }
-    Ok(target_dir.join(triple).join("initramfs").join("plasmd"))
+    let dir = target_dir.join(triple).join("initramfs");
+    let built = dir.join("plasmd");
+    let out = dir.join(if knobs {
+        "plasmd-test-knobs"
+    } else {
+        "plasmd-no-knobs"
+    });
+    // Copied, then renamed over: a guest initramfs being written from the
+    // previous copy keeps reading whole bytes.
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::copy(&built, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &out))
+        .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
+    Ok(out)
 }
 
 /// `plasmd mkinitramfs` (host binary `plasmd`) with the static `guest` binary,

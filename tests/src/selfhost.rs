@@ -91,8 +91,10 @@ impl Lab {
         }
         let busybox = busybox?;
         let dir = tempfile::tempdir().expect("tempdir");
-        let guest = vmnet::static_plasmd(arch, &crate::workspace_root(), &target_dir())
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        // With test knobs: `a_lying_peer_is_banned...` needs `phase.test_liar`.
+        let guest =
+            vmnet::static_plasmd_with_test_knobs(arch, &crate::workspace_root(), &target_dir())
+                .unwrap_or_else(|e| panic!("{e:#}"));
         let initrd = dir.path().join("boot.cpio.gz");
         vmnet::boot_initramfs(&crate::plasmd(), &guest, &modules, &busybox, &initrd)
             .unwrap_or_else(|e| panic!("{e:#}"));

@@ -30,9 +30,17 @@ fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Builds `plasmd` statically (musl, `initramfs` profile) for `arch`.
-pub fn static_plasmd(arch: Arch) -> PathBuf {
-    vmnet::static_plasmd(arch, &workspace_root(), &target_dir()).unwrap_or_else(|e| panic!("{e:#}"))
+/// Builds `plasmd` statically (musl, `initramfs` profile) for `arch`, with
+/// the cargo feature `test-knobs` when `knobs` (only a guest given a
+/// `phase.test_*` knob needs it).
+pub fn static_plasmd(arch: Arch, knobs: bool) -> PathBuf {
+    let (w, t) = (workspace_root(), target_dir());
+    if knobs {
+        vmnet::static_plasmd_with_test_knobs(arch, &w, &t)
+    } else {
+        vmnet::static_plasmd(arch, &w, &t)
+    }
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The guest kernel and its module tree for `arch` ([`vmnet::kernel`] with
@@ -55,9 +63,10 @@ pub fn busybox(arch: Arch) -> Option<PathBuf> {
     vmnet::busybox(arch, &target_dir())
 }
 
-/// Runs `plasmd mkinitramfs` (the host binary) for the guest.
-pub fn boot_initramfs(arch: Arch, out: &Path, modules: &Path) -> u64 {
-    let static_bin = static_plasmd(arch);
+/// Runs `plasmd mkinitramfs` (the host binary) for the guest, whose
+/// `plasmd` has test knobs when `knobs` ([`static_plasmd`]).
+pub fn boot_initramfs(arch: Arch, out: &Path, modules: &Path, knobs: bool) -> u64 {
+    let static_bin = static_plasmd(arch, knobs);
     let bb = busybox(arch).expect("static busybox for the guest");
     vmnet::boot_initramfs(&plasmd(), &static_bin, modules, &bb, out)
         .unwrap_or_else(|e| panic!("{e:#}"))

@@ -24,7 +24,9 @@ struct Setup {
     token: String,
 }
 
-fn setup(arch: Arch) -> Option<Setup> {
+/// The seed and guest pieces; the guest's `plasmd` has test knobs when
+/// `knobs` (only a test that passes a `phase.test_*` knob asks for them).
+fn setup(arch: Arch, knobs: bool) -> Option<Setup> {
     if !vm::require_qemu(arch) {
         return None;
     }
@@ -37,11 +39,16 @@ fn setup(arch: Arch) -> Option<Setup> {
             arch.name()
         )
     });
-    Some(setup_with(arch, kernel, modules))
+    Some(setup_with(arch, kernel, modules, knobs))
 }
 
 /// Publishes `kernel` plus the marker initramfs and starts the seed.
-fn setup_with(arch: Arch, kernel: std::path::PathBuf, modules: std::path::PathBuf) -> Setup {
+fn setup_with(
+    arch: Arch,
+    kernel: std::path::PathBuf,
+    modules: std::path::PathBuf,
+    knobs: bool,
+) -> Setup {
     assert!(
         vm::busybox(arch).is_some(),
         "no static busybox for {} (busybox-static; aarch64: scripts/vm-arm64-kernel.sh)",
@@ -49,7 +56,7 @@ fn setup_with(arch: Arch, kernel: std::path::PathBuf, modules: std::path::PathBu
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let initramfs = dir.path().join("boot.cpio.gz");
-    let size = vm::boot_initramfs(arch, &initramfs, &modules);
+    let size = vm::boot_initramfs(arch, &initramfs, &modules, knobs);
     eprintln!("boot initramfs: {size} bytes compressed");
 
     // Fresh per run, so a stale console or cached artifact cannot match.
@@ -114,7 +121,7 @@ fn phase(guest: &Proc, started: Instant, needle: &str) -> String {
 }
 
 fn kexec_boots_target(arch: Arch, want_path: &str) {
-    let Some(s) = setup(arch) else { return };
+    let Some(s) = setup(arch, false) else { return };
     boots_target(arch, &s, want_path);
 }
 
@@ -192,7 +199,9 @@ fn x86_64_kexec_file_load_boots_the_fetched_kernel() {
 fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
     // The amd64 kernel has kexec_file_load; the test knob answers it with
     // ENOSYS so our bzImage planner, zero page and trampoline boot the target.
-    let Some(s) = setup(Arch::X86_64) else { return };
+    let Some(s) = setup(Arch::X86_64, true) else {
+        return;
+    };
     let guest = boots_target_with(
         Arch::X86_64,
         &s,
@@ -214,7 +223,9 @@ fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
 
 #[test]
 fn x86_64_kexec_disabled_is_diagnosed_without_panic() {
-    let Some(s) = setup(Arch::X86_64) else { return };
+    let Some(s) = setup(Arch::X86_64, true) else {
+        return;
+    };
     let started = Instant::now();
     let guest = boot(Arch::X86_64, &s, "phase.test_disable_kexec=1");
     phase(
@@ -242,6 +253,83 @@ fn x86_64_kexec_disabled_is_diagnosed_without_panic() {
 }
 
 #[test]
+fn x86_64_a_guest_without_test_knobs_ignores_them_and_boots() {
+    // The guest's plasmd is built as a user's initramfs has it: the knobs
+    // that would stop (or divert) the kexec are ignored, one line each.
+    let Some(s) = setup(Arch::X86_64, false) else {
+        return;
+    };
+    let guest = boots_target_with(
+        Arch::X86_64,
+        &s,
+        "kexec_file_load",
+        "phase.test_disable_kexec=1 phase.test_force_kexec_load=1",
+    );
+    let out = guest.output();
+    for knob in ["test_disable_kexec", "test_force_kexec_load"] {
+        let line = format!("plasmd: ignoring phase.{knob}: this build has no test knobs");
+        assert_eq!(out.matches(&line).count(), 1, "{line}:\n{out}");
+    }
+    assert!(!out.contains("plasmd: test knob"), "{out}");
+}
+
+/// The `sequence` inside the signed manifest the seed serves for `arch`.
+fn served_sequence(s: &Setup, arch: Arch) -> u64 {
+    let url = format!("{}/stable/{}/manifest.json", s.seed.url, arch.name());
+    let body = ureq::get(&url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_vec()
+        .expect("manifest body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
+    v["manifest"]["sequence"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no sequence in {url}: {v}"))
+}
+
+#[test]
+fn x86_64_pid1_refuses_a_manifest_older_than_phase_min_sequence() {
+    let Some(s) = setup(Arch::X86_64, false) else {
+        return;
+    };
+    let n = served_sequence(&s, Arch::X86_64);
+    let floor = n + 1;
+    let started = Instant::now();
+    let guest = boot(Arch::X86_64, &s, &format!("phase.min_sequence={floor}"));
+    phase(&guest, started, "plasmd: phase network up");
+    let want =
+        format!("refusing the stable/x86_64 manifest sequence {n} from http://10.0.2.100:80");
+    let why = format!("older than sequence {floor} (phase.min_sequence={floor})");
+    for attempt in ["first", "retried"] {
+        let line = phase(&guest, started, "plasmd: phase refused older manifest");
+        assert!(
+            line.contains(&want) && line.contains(&why),
+            "{attempt} refusal names both sequences ({want} ... {why}): {line}"
+        );
+    }
+    // Two attempts refused it: nothing was fetched, loaded or booted.
+    let out = guest.output();
+    for never in [
+        "plasmd: phase manifest ok",
+        "plasmd: phase fetched",
+        "step=kexec-loaded",
+        "plasmd: phase kexec path=",
+        "SAW KEXEC=Y",
+    ] {
+        assert!(
+            !out.contains(never),
+            "{never:?} after a refused manifest:\n{out}"
+        );
+    }
+    eprintln!(
+        "x86_64: refused sequence {n} below phase.min_sequence={floor} twice in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // Dropping the guest stops QEMU by its process group.
+}
+
+#[test]
 fn aarch64_kexec_load_with_dtb_and_trampoline_boots_the_fetched_kernel() {
     // Debian's arm64 kernel has no CONFIG_KEXEC_FILE: kexec_file_load is
     // ENOSYS and our kexec_load path must boot it.
@@ -256,6 +344,6 @@ fn aarch64_kexec_file_load_boots_the_fetched_kernel() {
     }
     let (kernel, modules) = vm::arm64_kexec_file_kernel()
         .expect("run scripts/vm-arm64-kexec-file-kernel.sh with the same CARGO_TARGET_DIR first");
-    let s = setup_with(Arch::Aarch64, kernel, modules);
+    let s = setup_with(Arch::Aarch64, kernel, modules, false);
     boots_target(Arch::Aarch64, &s, "kexec_file_load");
 }

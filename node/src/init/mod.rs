@@ -25,6 +25,7 @@ use phase_content::{MemStore, SignedManifest, reassemble};
 
 mod carry;
 mod first_stage;
+mod knobs;
 pub(crate) mod net;
 mod serve;
 
@@ -89,10 +90,13 @@ fn run_inner() -> anyhow::Result<()> {
     if real {
         warm_entropy();
     }
-    let (raw, cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
+    let (raw, mut cfg, warnings) = cmdline::read(Path::new("/proc/cmdline"))
         .context("reading the phase.* parameters from /proc/cmdline")?;
     for w in &warnings {
         println!("plasmd: warning: {w}");
+    }
+    for line in knobs::apply(&mut cfg) {
+        println!("{line}");
     }
     let provider = cfg.provider.clone().context(
         "no phase.provider=URL on the kernel command line: add one (e.g. phase.provider=http://10.0.2.2:8080)",
@@ -109,6 +113,7 @@ fn run_inner() -> anyhow::Result<()> {
     );
     tracing::debug!(cmdline = %raw, "kernel command line");
 
+    #[cfg(feature = "test-knobs")]
     if cfg.test_disable_kexec {
         set_kexec_load_disabled(real)?;
     }
@@ -156,6 +161,7 @@ fn run_inner() -> anyhow::Result<()> {
 
 /// The test knob `phase.test_disable_kexec=1`: flip the kernel's one-way
 /// latch so the test sees the real refusal.
+#[cfg(feature = "test-knobs")]
 fn set_kexec_load_disabled(real: bool) -> anyhow::Result<()> {
     if !real {
         println!("plasmd: test knob phase.test_disable_kexec ignored (not PID 1)");
@@ -303,6 +309,7 @@ fn boot(
     } else {
         Box::new(kexec::DryRun::default())
     };
+    #[cfg(feature = "test-knobs")]
     let loaded = if cfg.test_force_kexec_load {
         println!("plasmd: test knob: kexec_file_load answered ENOSYS without calling it");
         let mut forced = kexec::ForceKexecLoad(k.as_mut());
@@ -310,6 +317,9 @@ fn boot(
     } else {
         kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?
     };
+    // `knobs::apply` switched the knob off in this build.
+    #[cfg(not(feature = "test-knobs"))]
+    let loaded = kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?;
     println!(
         "plasmd: phase kexec path={} reason={}",
         loaded.path, loaded.reason

@@ -13,7 +13,8 @@
 //! listed in [`first_stage`]).
 //!
 //! Test knob: `phase.test_liar=1` in the carried parameters (that is, on the
-//! first stage's cmdline) makes this node corrupt every chunk it serves.
+//! first stage's cmdline) makes this node corrupt every chunk it serves, in a
+//! build with test knobs ([`knobs`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,18 +25,12 @@ use phase_boot::cmdline;
 use phase_content::{ChunkStore, CorruptingStore};
 use phase_swarm::{Node, NodeConfig};
 
-use super::{carry, first_stage, net};
+use super::{carry, first_stage, knobs, net};
 use crate::metrics::Exporter;
 
 /// Whether this boot should serve a carried store (checked by `init::run`).
 pub(crate) fn selected() -> bool {
     carry::present(Path::new("/"))
-}
-
-fn knob(raw: &str, key: &str) -> bool {
-    cmdline::split(raw)
-        .iter()
-        .any(|p| p.key == key && matches!(p.value, Some("1") | None))
 }
 
 /// Runs serve mode as PID 1; returns only on error.
@@ -94,7 +89,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
             lease.iface, lease.ip, lease.router
         );
     }
-    let liar = knob(&c.raw_params, "phase.test_liar");
+    let (liar, ignored) = knobs::liar(&c.raw_params);
+    if let Some(line) = ignored {
+        println!("{line}");
+    }
     let chunks = std::mem::take(&mut c.store);
     let store: Arc<dyn ChunkStore> = if liar {
         println!("plasmd: test knob: phase.test_liar=1: serving corrupted chunks");
