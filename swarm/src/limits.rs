@@ -7,9 +7,11 @@
 //! `/swarm` addresses, DHT providers) goes through.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::connection_limits::ConnectionLimits;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId};
@@ -41,6 +43,15 @@ pub struct Limits {
     /// A dial that has neither connected nor failed after this long frees
     /// its slot anyway.
     pub dial_timeout: Duration,
+    /// Offenders (blocked or banned peers) with this many different peer ids
+    /// from one IP address within [`Limits::ip_ban_window`] get that address
+    /// refused: a new identity costs nothing, an address does. 0: never.
+    pub ip_ban_threshold: usize,
+    /// The window of [`Limits::ip_ban_threshold`].
+    pub ip_ban_window: Duration,
+    /// How long new connections from such an address are refused (peers
+    /// already connected from it stay).
+    pub ip_ban_time: Duration,
 }
 
 /// The memory threshold of [`Limits::memory`].
@@ -73,6 +84,11 @@ impl Default for Limits {
             max_dials_in_flight: 16,
             max_dials_waiting: 64,
             dial_timeout: Duration::from_secs(15),
+            // Above the handful of offenders one test or one flaky LAN
+            // produces, far below what a Sybil flood needs.
+            ip_ban_threshold: 8,
+            ip_ban_window: Duration::from_secs(60),
+            ip_ban_time: Duration::from_secs(120),
         }
     }
 }
@@ -113,6 +129,15 @@ impl Limits {
     pub fn with_dials(mut self, in_flight: usize, waiting: usize) -> Self {
         self.max_dials_in_flight = in_flight.max(1);
         self.max_dials_waiting = waiting;
+        self
+    }
+
+    /// Sets the address ban: `threshold` offending peer ids from one IP
+    /// within `window` refuse it for `time` (threshold 0: never).
+    pub fn with_ip_ban(mut self, threshold: usize, window: Duration, time: Duration) -> Self {
+        self.ip_ban_threshold = threshold;
+        self.ip_ban_window = window;
+        self.ip_ban_time = time;
         self
     }
 
@@ -237,6 +262,89 @@ impl DialQueue {
     }
 }
 
+/// The IP address of a connection's remote address, if it has one.
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(a) => Some(IpAddr::V4(a)),
+        Protocol::Ip6(a) => Some(IpAddr::V6(a)),
+        _ => None,
+    })
+}
+
+/// Offences counted per remote IP address as well as per peer id. Sans-I/O:
+/// the node reports offences and asks; time is passed in.
+#[derive(Debug)]
+pub(crate) struct IpBans {
+    threshold: usize,
+    window: Duration,
+    ban: Duration,
+    /// Per address: the distinct offending peers seen in the window and when.
+    offences: HashMap<IpAddr, Vec<(PeerId, Instant)>>,
+    /// Refused addresses and until when.
+    banned: HashMap<IpAddr, Instant>,
+}
+
+/// Addresses tracked at once; beyond, offences from new addresses are not
+/// counted (the per-peer block still applies).
+const MAX_IPS: usize = 4096;
+
+impl IpBans {
+    pub(crate) fn new(l: &Limits) -> Self {
+        IpBans {
+            threshold: l.ip_ban_threshold,
+            window: l.ip_ban_window,
+            ban: l.ip_ban_time,
+            offences: HashMap::new(),
+            banned: HashMap::new(),
+        }
+    }
+
+    /// `peer`, connected from `ip`, offended. `true` if `ip` is refused from now.
+    pub(crate) fn offence(&mut self, ip: IpAddr, peer: PeerId, now: Instant) -> bool {
+        if self.threshold == 0 || self.is_banned(ip, now) {
+            return false;
+        }
+        if !self.offences.contains_key(&ip) && self.offences.len() >= MAX_IPS {
+            self.expire(now);
+            if self.offences.len() >= MAX_IPS {
+                return false;
+            }
+        }
+        let window = self.window;
+        let seen = self.offences.entry(ip).or_default();
+        seen.retain(|(_, t)| now.saturating_duration_since(*t) < window);
+        if !seen.iter().any(|(p, _)| *p == peer) {
+            seen.push((peer, now));
+        }
+        if seen.len() < self.threshold {
+            return false;
+        }
+        self.offences.remove(&ip);
+        if self.banned.len() >= MAX_IPS {
+            self.expire(now);
+        }
+        if self.banned.len() < MAX_IPS {
+            self.banned.insert(ip, now + self.ban);
+        }
+        true
+    }
+
+    /// Whether new connections from `ip` are refused at `now`.
+    pub(crate) fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
+        self.banned.get(&ip).is_some_and(|until| *until > now)
+    }
+
+    /// Forgets what has aged out.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        self.banned.retain(|_, until| *until > now);
+        let window = self.window;
+        self.offences.retain(|_, seen| {
+            seen.retain(|(_, t)| now.saturating_duration_since(*t) < window);
+            !seen.is_empty()
+        });
+    }
+}
+
 /// The DHT's record store: provider records only (the event loop never
 /// stores a value record), a bounded number of keys and of providers per key.
 pub(crate) fn kad_store() -> libp2p::kad::store::MemoryStoreConfig {
@@ -318,6 +426,50 @@ mod tests {
             "a".repeat(2 * crate::protocol::MAX_NAME + 2)
         );
         assert!(!provider_key_ok(long.as_bytes()));
+    }
+
+    #[test]
+    fn many_identities_offending_from_one_address_get_it_refused() {
+        let l = Limits::default().with_ip_ban(3, Duration::from_secs(10), Duration::from_secs(30));
+        let mut b = IpBans::new(&l);
+        let t0 = Instant::now();
+        let (one, other): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let ids: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        // The same identity offending again does not count twice.
+        assert!(!b.offence(one, ids[0], t0));
+        assert!(!b.offence(one, ids[0], t0));
+        assert!(!b.offence(one, ids[1], t0));
+        // Offences older than the window are forgotten.
+        let late = t0 + Duration::from_secs(10);
+        assert!(!b.offence(one, ids[2], late));
+        assert!(!b.is_banned(one, late));
+        assert!(!b.offence(one, ids[3], late));
+        // Three identities within the window (ids[1] again, its first
+        // offence aged out): refused, and only that address.
+        assert!(b.offence(one, ids[1], late));
+        assert!(b.is_banned(one, late));
+        assert!(!b.is_banned(other, late));
+        assert!(!b.offence(other, ids[0], late));
+        // For the ban time only.
+        assert!(b.is_banned(one, late + Duration::from_secs(29)));
+        assert!(!b.is_banned(one, late + Duration::from_secs(30)));
+        b.expire(late + Duration::from_secs(30));
+        assert!(b.banned.is_empty() && b.offences.is_empty());
+        // Threshold 0: never.
+        let mut never =
+            IpBans::new(&l.with_ip_ban(0, Duration::from_secs(1), Duration::from_secs(1)));
+        assert!(ids.iter().all(|p| !never.offence(one, *p, t0)));
+    }
+
+    #[test]
+    fn ip_of_reads_v4_and_v6() {
+        let a: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        let b: Multiaddr = "/ip6/::1/tcp/4001".parse().unwrap();
+        let c: Multiaddr = "/dns4/example.org/tcp/1".parse().unwrap();
+        assert_eq!(ip_of(&a), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(ip_of(&b), Some("::1".parse().unwrap()));
+        assert_eq!(ip_of(&c), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
 use crate::codec::{ChunkCodec, Inbound};
-use crate::limits::{DialQueue, Limits, Offer, Target};
+use crate::limits::{DialQueue, IpBans, Limits, Offer, Target, ip_of};
 use crate::metrics::{Metrics, SharedRegistry};
 use crate::protocol::{MAX_NAME, PROTOCOL, Piece, Request, Response, Root, pack_bits, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -521,6 +521,10 @@ pub struct Node {
     /// Whether the DHT runs in server mode (answers others' queries and
     /// keeps their provider records).
     kad_server: bool,
+    /// Offences per remote address, and the addresses refused.
+    ip_bans: IpBans,
+    /// The remote IP address of each connected peer (its first connection).
+    peer_ips: HashMap<PeerId, std::net::IpAddr>,
 }
 
 /// The DHT's protocol; a peer that does not list it in identify (a node
@@ -635,6 +639,7 @@ impl Node {
         let (fb_tx, fb_rx) = mpsc::channel(32);
         let metrics = cfg.metrics.clone();
         let dials = DialQueue::new(&cfg.limits);
+        let ip_bans = IpBans::new(&cfg.limits);
         let peers = cfg.peers.clone();
         let mut node = Node {
             swarm,
@@ -662,6 +667,8 @@ impl Node {
             p2p_metrics,
             dials,
             kad_server,
+            ip_bans,
+            peer_ips: HashMap::new(),
         };
         for addr in peers {
             node.dial(Target::Addr(addr))?;
@@ -956,6 +963,7 @@ impl Node {
                             f.banned.push(p);
                         }
                     }
+                    self.ip_offence(p);
                     let _ = self.swarm.disconnect_peer_id(p);
                 }
                 Action::Ban(Source::HttpSeed) => {
@@ -1119,6 +1127,7 @@ impl Node {
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.pump_dials();
+        self.ip_bans.expire(now);
         self.blocked.retain(|_, until| *until > now);
         self.busy_log
             .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(2));
@@ -1212,7 +1221,25 @@ impl Node {
         tracing::warn!(%peer, why, "dropping peer");
         self.blocked
             .insert(peer, Instant::now() + self.cfg.block_time);
+        self.ip_offence(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Counts an offence of `peer` against its address too: a new identity
+    /// costs nothing, a new address does.
+    fn ip_offence(&mut self, peer: PeerId) {
+        let Some(ip) = self.peer_ips.get(&peer).copied() else {
+            return;
+        };
+        if self.ip_bans.offence(ip, peer, Instant::now()) {
+            self.metrics.banned("address");
+            tracing::warn!(
+                %ip,
+                threshold = self.cfg.limits.ip_ban_threshold,
+                for_secs = self.cfg.limits.ip_ban_time.as_secs(),
+                "refusing new connections from an address: offences from many peer ids"
+            );
+        }
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -1255,6 +1282,18 @@ impl Node {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                let ip = ip_of(endpoint.get_remote_address());
+                if let Some(ip) = ip
+                    && !self.connected.contains(&peer_id)
+                    && self.ip_bans.is_banned(ip, Instant::now())
+                {
+                    tracing::debug!(peer = %peer_id, %ip, "connection from a refused address closed");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if let Some(ip) = ip {
+                    self.peer_ips.entry(peer_id).or_insert(ip);
+                }
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
                     if let Some(kad) = self.kad() {
@@ -1278,6 +1317,7 @@ impl Node {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.peer_ips.remove(&peer_id);
                 self.metrics.set_connected(self.connected.len());
                 self.drive(Input::PeerGone(Source::Peer(peer_id)));
             }
