@@ -27,6 +27,7 @@
 pub mod addr;
 mod codec;
 mod error;
+mod limits;
 pub mod metrics;
 mod node;
 pub mod protocol;
@@ -36,6 +37,7 @@ pub mod v2;
 
 pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use limits::{Limits, Memory};
 pub use node::{
     Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Source,
     load_or_create_key,

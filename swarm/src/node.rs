@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
 use crate::codec::{ChunkCodec, Inbound};
+use crate::limits::{DialQueue, IpBans, Limits, Offer, Target, ip_of};
 use crate::metrics::{Metrics, SharedRegistry};
 use crate::protocol::{MAX_NAME, PROTOCOL, Piece, Request, Response, Root, pack_bits, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -69,6 +70,8 @@ pub struct NodeConfig {
     /// Where libp2p's own metrics go (bandwidth, connections, Kademlia,
     /// identify, under `libp2p_`); none by default.
     pub registry: Option<SharedRegistry>,
+    /// Caps on connections, memory and dials ([`Limits`]).
+    pub limits: Limits,
 }
 
 impl Default for NodeConfig {
@@ -96,6 +99,7 @@ impl Default for NodeConfig {
             super_seed: true,
             metrics: Metrics::default(),
             registry: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -146,6 +150,11 @@ impl NodeConfig {
     /// Sets the scheduler's tunables.
     pub fn with_scheduler(mut self, s: SchedulerConfig) -> Self {
         self.scheduler = s;
+        self
+    }
+    /// Sets the caps on connections, memory and dials.
+    pub fn with_limits(mut self, l: Limits) -> Self {
+        self.limits = l;
         self
     }
 }
@@ -361,6 +370,10 @@ impl Handle {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    // First, so a connection over a cap is refused before any other
+    // behaviour spends anything on it.
+    limits: libp2p::connection_limits::Behaviour,
+    memory: libp2p::memory_connection_limits::Behaviour,
     rr: request_response::Behaviour<ChunkCodec>,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     identify: identify::Behaviour,
@@ -503,6 +516,15 @@ pub struct Node {
     metrics: Metrics,
     /// libp2p's recorders, when the caller asked for metrics.
     p2p_metrics: Option<libp2p::metrics::Metrics>,
+    /// Our own dials, capped.
+    dials: DialQueue,
+    /// Whether the DHT runs in server mode (answers others' queries and
+    /// keeps their provider records).
+    kad_server: bool,
+    /// Offences per remote address, and the addresses refused.
+    ip_bans: IpBans,
+    /// The remote IP address of each connected peer (its first connection).
+    peer_ips: HashMap<PeerId, std::net::IpAddr>,
 }
 
 /// The DHT's protocol; a peer that does not list it in identify (a node
@@ -532,6 +554,11 @@ impl Node {
             // rather than silently refused stream by stream.
             .with_max_concurrent_streams(cfg.flood_limit * 2);
         let (mdns_on, dht_on) = (cfg.mdns, cfg.dht);
+        let limits = cfg.limits.clone();
+        // A node that dials nobody at start is where others bootstrap: it
+        // answers the DHT from the start. Any other node is a DHT client
+        // until it holds something to serve ([`Node::announce`]).
+        let kad_server = cfg.peers.is_empty();
         // Bandwidth is counted either way (a few atomic adds); it is only
         // exported when the caller gave a registry.
         let mut scratch = crate::metrics::Registry::default();
@@ -561,12 +588,19 @@ impl Node {
                     kcfg.set_query_timeout(Duration::from_secs(10));
                     kcfg.set_provider_record_ttl(Some(Duration::from_secs(300)));
                     kcfg.set_provider_publication_interval(None);
+                    // Every inbound record comes to the event loop, which
+                    // keeps provider records of our keys only.
+                    kcfg.set_record_filtering(kad::StoreInserts::FilterBoth);
                     let mut kad = kad::Behaviour::with_config(
                         local,
-                        kad::store::MemoryStore::new(local),
+                        kad::store::MemoryStore::with_config(local, crate::limits::kad_store()),
                         kcfg,
                     );
-                    kad.set_mode(Some(kad::Mode::Server));
+                    kad.set_mode(Some(if kad_server {
+                        kad::Mode::Server
+                    } else {
+                        kad::Mode::Client
+                    }));
                     kad
                 });
                 let mdns = if mdns_on {
@@ -575,6 +609,8 @@ impl Node {
                     None
                 };
                 Ok(Behaviour {
+                    limits: libp2p::connection_limits::Behaviour::new(limits.connection_limits()),
+                    memory: limits.memory_limits(),
                     rr: request_response::Behaviour::with_codec(
                         ChunkCodec,
                         [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
@@ -599,16 +635,13 @@ impl Node {
                 reason: e.to_string(),
             })?;
         }
-        for addr in &cfg.peers {
-            swarm.dial(addr.clone()).map_err(|e| Error::Dial {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?;
-        }
         let (tx, rx) = mpsc::channel(32);
         let (fb_tx, fb_rx) = mpsc::channel(32);
         let metrics = cfg.metrics.clone();
-        let node = Node {
+        let dials = DialQueue::new(&cfg.limits);
+        let ip_bans = IpBans::new(&cfg.limits);
+        let peers = cfg.peers.clone();
+        let mut node = Node {
             swarm,
             store,
             cfg,
@@ -632,7 +665,14 @@ impl Node {
             epoch: Instant::now(),
             metrics,
             p2p_metrics,
+            dials,
+            kad_server,
+            ip_bans,
+            peer_ips: HashMap::new(),
         };
+        for addr in peers {
+            node.dial(Target::Addr(addr))?;
+        }
         tokio::spawn(node.run());
         Ok(Handle { tx, peer_id })
     }
@@ -673,11 +713,7 @@ impl Node {
                 }
             }
             Command::Dial(addr, r) => {
-                let res = self.swarm.dial(addr.clone()).map_err(|e| Error::Dial {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                });
-                let _ = r.send(res);
+                let _ = r.send(self.dial(Target::Addr(addr)));
             }
             Command::Seed(m, r) => {
                 let _ = r.send(self.seed(*m));
@@ -757,9 +793,16 @@ impl Node {
         h.announced = true;
         let m = h.manifest.manifest();
         let latest = latest_key(&m.channel, &m.arch);
+        let to_server = !self.kad_server;
+        self.kad_server = true;
         let Some(kad) = self.kad() else {
             return;
         };
+        if to_server {
+            // It holds something now: peers may ask it, so it answers the DHT.
+            kad.set_mode(Some(kad::Mode::Server));
+            tracing::debug!("DHT server mode: holding chunks to serve");
+        }
         if let Err(e) = kad.start_providing(root_key(&root)) {
             tracing::warn!(error = %e, "cannot announce provider record");
         }
@@ -920,6 +963,7 @@ impl Node {
                             f.banned.push(p);
                         }
                     }
+                    self.ip_offence(p);
                     let _ = self.swarm.disconnect_peer_id(p);
                 }
                 Action::Ban(Source::HttpSeed) => {
@@ -1082,6 +1126,8 @@ impl Node {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.pump_dials();
+        self.ip_bans.expire(now);
         self.blocked.retain(|_, until| *until > now);
         self.busy_log
             .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(2));
@@ -1116,11 +1162,84 @@ impl Node {
         self.find_check();
     }
 
+    /// Dials `t` now if fewer than the cap are in flight, else queues it;
+    /// a dial the full queue cannot take is dropped (counted) with an error.
+    fn dial(&mut self, t: Target) -> Result<(), Error> {
+        match self.dials.offer(t) {
+            Offer::Now(t) => self.dial_now(&t),
+            Offer::Queued => Ok(()),
+            Offer::Dropped => {
+                let n = self.dials.dropped();
+                tracing::debug!(dropped = n, "dial queue full: dial dropped");
+                Err(Error::Dial {
+                    addr: "(queued dial)".into(),
+                    reason: format!(
+                        "{} dials in flight and {} waiting already; dropped ({n} so far)",
+                        self.cfg.limits.max_dials_in_flight, self.cfg.limits.max_dials_waiting
+                    ),
+                })
+            }
+        }
+    }
+
+    fn dial_now(&mut self, t: &Target) -> Result<(), Error> {
+        let opts = t.opts();
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.started(id, Instant::now());
+                Ok(())
+            }
+            Err(e) => Err(Error::Dial {
+                addr: match t {
+                    Target::Addr(a) => a.to_string(),
+                    Target::Peer(p) => p.to_string(),
+                },
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// A connection was established or a dial failed: if it was one of our
+    /// dials, its slot goes to the next waiting one.
+    fn dial_ended(&mut self, id: libp2p::swarm::ConnectionId) {
+        if self.dials.ended(id) {
+            self.pump_dials();
+        }
+    }
+
+    /// Starts the waiting dials that fit now.
+    fn pump_dials(&mut self) {
+        for t in self.dials.ready(Instant::now()) {
+            if let Err(e) = self.dial_now(&t) {
+                tracing::debug!(error = %e, "queued dial failed");
+            }
+        }
+    }
+
     fn block(&mut self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, why, "dropping peer");
         self.blocked
             .insert(peer, Instant::now() + self.cfg.block_time);
+        self.ip_offence(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Counts an offence of `peer` against its address too: a new identity
+    /// costs nothing, a new address does.
+    fn ip_offence(&mut self, peer: PeerId) {
+        let Some(ip) = self.peer_ips.get(&peer).copied() else {
+            return;
+        };
+        if self.ip_bans.offence(ip, peer, Instant::now()) {
+            self.metrics.banned("address");
+            tracing::warn!(
+                %ip,
+                threshold = self.cfg.limits.ip_ban_threshold,
+                for_secs = self.cfg.limits.ip_ban_time.as_secs(),
+                "refusing new connections from an address: offences from many peer ids"
+            );
+        }
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -1145,15 +1264,35 @@ impl Node {
                     let _ = w.send(self.listen.clone());
                 }
             }
+            SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
+                self.dial_ended(connection_id)
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection refused or failed");
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
                 num_established,
+                connection_id,
                 ..
             } => {
+                self.dial_ended(connection_id);
                 if self.banned.contains(&peer_id) || self.blocked.contains_key(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
+                }
+                let ip = ip_of(endpoint.get_remote_address());
+                if let Some(ip) = ip
+                    && !self.connected.contains(&peer_id)
+                    && self.ip_bans.is_banned(ip, Instant::now())
+                {
+                    tracing::debug!(peer = %peer_id, %ip, "connection from a refused address closed");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if let Some(ip) = ip {
+                    self.peer_ips.entry(peer_id).or_insert(ip);
                 }
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
@@ -1178,10 +1317,14 @@ impl Node {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.peer_ips.remove(&peer_id);
                 self.metrics.set_connected(self.connected.len());
                 self.drive(Input::PeerGone(Source::Peer(peer_id)));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { request })) => {
+                self.on_kad_inbound(request)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -1209,7 +1352,7 @@ impl Node {
                         kad.add_address(&peer, addr.clone());
                     }
                     if !self.connected.contains(&peer) {
-                        let _ = self.swarm.dial(addr);
+                        let _ = self.dial(Target::Addr(addr));
                     }
                 }
             }
@@ -1230,9 +1373,38 @@ impl Node {
                         self.drive(Input::PeerFound(Source::Peer(p)));
                     } else {
                         // The query still knows its addresses: dial now.
-                        let _ = self.swarm.dial(p);
+                        let _ = self.dial(Target::Peer(p));
                     }
                 }
+            }
+            _ => {}
+        }
+    }
+
+    /// Record filtering: a provider record of one of our keys is kept (up
+    /// to the store's bounds); value records are never stored.
+    fn on_kad_inbound(&mut self, request: kad::InboundRequest) {
+        match request {
+            kad::InboundRequest::AddProvider {
+                record: Some(record),
+            } => {
+                if !crate::limits::provider_key_ok(record.key.as_ref()) {
+                    tracing::debug!(provider = %record.provider, "provider record of a foreign key refused");
+                    return;
+                }
+                use kad::store::RecordStore;
+                if let Some(kad) = self.kad()
+                    && let Err(e) = kad.store_mut().add_provider(record)
+                {
+                    tracing::debug!(error = %e, "provider record not stored");
+                }
+            }
+            kad::InboundRequest::PutRecord {
+                source,
+                record: Some(_),
+                ..
+            } => {
+                tracing::debug!(%source, "value record refused: only provider records are kept");
             }
             _ => {}
         }

@@ -16,7 +16,8 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, noise, tcp, yamux};
 use phase_content::publish::{chunk_bytes, sign_artifacts};
 use phase_content::{MemStore, SecretKey, SignedManifest};
 use phase_swarm::protocol::{PROTOCOL, Request, Response, decode_response, encode_request};
-use phase_swarm::{Handle, Node, NodeConfig};
+use phase_swarm::{Handle, Limits, Node, NodeConfig};
+use tokio::sync::{mpsc, watch};
 
 /// Sends raw bytes as a request and hands back whatever bytes come back.
 #[derive(Clone, Default)]
@@ -171,8 +172,19 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// The tests here measure the process's peak RSS: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Resets the peak RSS (`VmHWM`) to the current RSS, so a peak measured
+/// next is this test's own.
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .expect("resetting VmHWM via /proc/self/clear_refs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_garbage_and_floods_drop_the_offender_only() {
+    let _serial = SERIAL.lock().await;
     let (srv, addr, m) = server(4 << 20).await;
     let root = *m.root().as_bytes();
     let full = addr.clone().with_p2p(srv.peer_id()).unwrap();
@@ -267,6 +279,327 @@ async fn oversize_garbage_and_floods_drop_the_offender_only() {
         .unwrap();
     assert_eq!(report.bytes, 4 << 20);
     assert!(report.banned.is_empty());
+    assert!(
+        srv.connected_peers()
+            .await
+            .unwrap()
+            .contains(&honest.peer_id()),
+        "the honest peer stays connected"
+    );
+}
+
+/// What became of one attacker in the fresh-identities test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// The seed refused its connection (over the cap).
+    Refused,
+    /// It flooded and the seed dropped it.
+    FloodDropped,
+    /// It flooded and was still connected when the test ended.
+    FloodKept,
+    /// It only held its connection, to the end.
+    Held,
+    /// It only held its connection, and was dropped.
+    HoldDropped,
+}
+
+/// One attacker with a fresh identity. It connects and proves it was
+/// admitted with one cheap request (a refused connection is closed by the
+/// seed before any answer), reports that, waits for `phase` 1, then floods
+/// (or only holds its connection) until the seed drops it or `phase` is 2.
+async fn fresh_attacker(
+    addr: Multiaddr,
+    root: [u8; 32],
+    flood: bool,
+    admitted: mpsc::Sender<bool>,
+    mut phase: watch::Receiver<u8>,
+) -> Fate {
+    let bound = Duration::from_secs(30);
+    let mut a = attacker();
+    a.dial(addr).unwrap();
+    let peer = tokio::time::timeout(bound, async {
+        loop {
+            match a.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => return Some(peer_id),
+                SwarmEvent::OutgoingConnectionError { .. } => return None,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the dial ended within 30 s");
+    let ok = match peer {
+        None => false,
+        Some(p) => {
+            a.behaviour_mut()
+                .send_request(&p, encode_request(&Request::HaveMap { root }).unwrap());
+            tokio::time::timeout(bound, async {
+                loop {
+                    match a.select_next_some().await {
+                        SwarmEvent::Behaviour(request_response::Event::Message {
+                            message: request_response::Message::Response { .. },
+                            ..
+                        }) => return true,
+                        SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                            ..
+                        })
+                        | SwarmEvent::ConnectionClosed { .. } => return false,
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .expect("the admission check ended within 30 s")
+        }
+    };
+    admitted.send(ok).await.unwrap();
+    let (Some(p), true) = (peer, ok) else {
+        return Fate::Refused;
+    };
+    // Keep the connection driven while the others connect.
+    let mut dropped = false;
+    while *phase.borrow_and_update() == 0 && !dropped {
+        tokio::select! {
+            _ = phase.changed() => {}
+            e = a.select_next_some() => dropped = matches!(e, SwarmEvent::ConnectionClosed { .. }),
+        }
+    }
+    if flood && !dropped {
+        // Real chunks first (each holds an upload slot and is never read),
+        // then ranges, which the seed refuses at once.
+        for index in 0..64 {
+            a.behaviour_mut()
+                .send_request(&p, encode_request(&Request::Chunk { root, index }).unwrap());
+        }
+        let range = encode_request(&Request::Range {
+            root,
+            start: 0,
+            count: 64,
+        })
+        .unwrap();
+        for _ in 0..200 {
+            a.behaviour_mut().send_request(&p, range.clone());
+        }
+    }
+    while *phase.borrow_and_update() < 2 && !dropped {
+        tokio::select! {
+            _ = phase.changed() => {}
+            e = a.select_next_some() => dropped = matches!(e, SwarmEvent::ConnectionClosed { .. }),
+        }
+    }
+    match (flood, dropped) {
+        (true, true) => Fate::FloodDropped,
+        (true, false) => Fate::FloodKept,
+        (false, false) => Fate::Held,
+        (false, true) => Fate::HoldDropped,
+    }
+}
+
+/// 50 attackers, each a fresh libp2p identity (a ban by peer id costs them
+/// nothing), connect to a seed whose incoming cap is below 50; half of
+/// those let in flood it with requests, half only hold their connections.
+/// A fetch by an honest peer that was connected first completes with the
+/// very bytes published, the seed never has more connections than its cap,
+/// and the process's peak resident memory grows by less than 64 MiB (50
+/// attacker swarms, the seed and the fetcher all live in this process).
+/// Afterwards the flooders' address is refused: more fresh identities from
+/// it are turned away although slots are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_fresh_identities_flooding_do_not_stop_an_honest_fetch() {
+    let _serial = SERIAL.lock().await;
+    const ATTACKERS: usize = 50;
+    const CAP: u32 = 32;
+    const RSS_BOUND_MIB: u64 = 64;
+    let len = 8 << 20;
+    let store = MemStore::new();
+    let m = manifest(&store, len);
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i * 31 % 251) as u8 ^ (i >> 12) as u8)
+        .collect();
+    let root = *m.root().as_bytes();
+    let srv = Node::spawn(
+        NodeConfig::default()
+            .with_mdns(false)
+            .with_listen(loopback())
+            .with_limits(Limits::default().with_max_established_incoming(CAP)),
+        Arc::new(store),
+    )
+    .unwrap();
+    srv.seed(m.clone()).await.unwrap();
+    let addr = srv.listen_addrs().await.unwrap()[0].clone();
+
+    // The honest peer connects before the attack (a booting machine that
+    // dialed the seed's `/swarm` address); its fetch starts with the flood.
+    let honest_store = Arc::new(MemStore::new());
+    let honest = Node::spawn(
+        NodeConfig::default()
+            .with_mdns(false)
+            .with_listen(loopback())
+            .with_peers(vec![addr.clone().with_p2p(srv.peer_id()).unwrap()]),
+        honest_store.clone(),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !srv
+            .connected_peers()
+            .await
+            .unwrap()
+            .contains(&honest.peer_id())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the honest peer connected within 20 s");
+
+    reset_peak_rss();
+    let rss_before = peak_rss_kib();
+    let (adm_tx, mut adm_rx) = mpsc::channel(ATTACKERS);
+    let (phase_tx, phase_rx) = watch::channel(0u8);
+    let tasks: Vec<_> = (0..ATTACKERS)
+        .map(|i| {
+            tokio::spawn(fresh_attacker(
+                addr.clone(),
+                root,
+                i % 2 == 0,
+                adm_tx.clone(),
+                phase_rx.clone(),
+            ))
+        })
+        .collect();
+    drop(adm_tx);
+    let mut admitted = 0;
+    for _ in 0..ATTACKERS {
+        let ok = tokio::time::timeout(Duration::from_secs(60), adm_rx.recv())
+            .await
+            .expect("every attacker knew within 60 s whether it was let in")
+            .expect("attacker tasks alive");
+        admitted += usize::from(ok);
+    }
+    let peak_during_connect = srv.connected_peers().await.unwrap().len();
+
+    // The flood and the honest fetch start together; the seed's connection
+    // count is sampled throughout.
+    let started = std::time::Instant::now();
+    let fetch = {
+        let (h, m) = (honest.clone(), m.clone());
+        tokio::spawn(async move { h.fetch(m, None, None).await })
+    };
+    phase_tx.send(1).unwrap();
+    let sampler = {
+        let srv = srv.clone();
+        let mut phase = phase_tx.subscribe();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            while *phase.borrow_and_update() < 2 {
+                tokio::select! {
+                    _ = every.tick() => peak = peak.max(srv.connected_peers().await.unwrap().len()),
+                    _ = phase.changed() => {}
+                }
+            }
+            peak
+        })
+    };
+    let report = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("the honest fetch finished within 60 s")
+        .unwrap()
+        .unwrap();
+    let fetch_time = started.elapsed();
+    let grown_mib = peak_rss_kib().saturating_sub(rss_before) / 1024;
+    let still = srv.connected_peers().await.unwrap();
+    phase_tx.send(2).unwrap();
+    let peak = sampler.await.unwrap().max(peak_during_connect);
+    let mut fates = Vec::new();
+    for t in tasks {
+        fates.push(
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("attacker ended within 30 s")
+                .unwrap(),
+        );
+    }
+    let count = |f: Fate| fates.iter().filter(|x| **x == f).count();
+    println!(
+        "attackers {ATTACKERS}: admitted {admitted}, refused {}, flooders dropped {}, \
+         flooders kept {}, holders kept {}, holders dropped {}; seed cap {CAP}, peak \
+         connections {peak}; honest fetch {} bytes in {fetch_time:?}; peak RSS grew {grown_mib} MiB",
+        count(Fate::Refused),
+        count(Fate::FloodDropped),
+        count(Fate::FloodKept),
+        count(Fate::Held),
+        count(Fate::HoldDropped),
+        report.bytes,
+    );
+
+    // The cap held: the honest peer had one slot, the attackers the rest.
+    assert_eq!(admitted, CAP as usize - 1, "attackers let in");
+    assert_eq!(count(Fate::Refused), ATTACKERS - admitted);
+    assert!(
+        peak <= CAP as usize,
+        "the seed had {peak} connections, cap {CAP}"
+    );
+    // Every flooder that got in was dropped; the honest peer was not.
+    assert_eq!(count(Fate::FloodKept), 0, "{fates:?}");
+    assert!(count(Fate::FloodDropped) > 0);
+    assert!(
+        still.contains(&honest.peer_id()),
+        "the honest peer stays connected"
+    );
+    assert!(report.banned.is_empty());
+    // Byte-identical.
+    let mut got = Vec::new();
+    phase_content::reassemble(&*honest_store, &m.manifest().artifacts[0], &mut got).unwrap();
+    assert!(
+        got == data,
+        "the fetched bytes differ from the published ones"
+    );
+    assert!(
+        grown_mib < RSS_BOUND_MIB,
+        "peak RSS grew by {grown_mib} MiB (bound {RSS_BOUND_MIB})"
+    );
+
+    // More fresh identities from the flooders' address are turned away now
+    // (offences from many peer ids ban the address), although the seed has
+    // free slots again; the honest peer, connected from that same address,
+    // stays.
+    const RETRIES: usize = 10;
+    let free = CAP as usize - srv.connected_peers().await.unwrap().len();
+    assert!(free >= RETRIES, "{free} free slots");
+    let (adm_tx, mut adm_rx) = mpsc::channel(RETRIES);
+    let (_phase_tx, phase_rx) = watch::channel(2u8);
+    let retries: Vec<_> = (0..RETRIES)
+        .map(|_| {
+            tokio::spawn(fresh_attacker(
+                addr.clone(),
+                root,
+                false,
+                adm_tx.clone(),
+                phase_rx.clone(),
+            ))
+        })
+        .collect();
+    drop(adm_tx);
+    let mut readmitted = 0;
+    for _ in 0..RETRIES {
+        let ok = tokio::time::timeout(Duration::from_secs(60), adm_rx.recv())
+            .await
+            .expect("every retry knew within 60 s whether it was let in")
+            .expect("retry tasks alive");
+        readmitted += usize::from(ok);
+    }
+    for t in retries {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("retry ended within 30 s")
+            .unwrap();
+    }
+    println!("afterwards {RETRIES} more fresh identities: {readmitted} let in, {free} slots free");
+    assert_eq!(
+        readmitted, 0,
+        "fresh identities from a banned address let in"
+    );
     assert!(
         srv.connected_peers()
             .await
