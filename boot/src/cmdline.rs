@@ -228,10 +228,12 @@ impl PhaseConfig {
             let value = p.value.unwrap_or("");
             match name {
                 "provider" => {
-                    if value.is_empty() {
+                    // Trailing slashes are dropped, so `/` alone is as empty as nothing.
+                    let url = value.trim_end_matches('/');
+                    if url.is_empty() {
                         return Err(bad("want a URL"));
                     }
-                    cfg.provider = Some(value.trim_end_matches('/').to_owned());
+                    cfg.provider = Some(url.to_owned());
                 }
                 "pubkey" => {
                     cfg.pubkey = Some(value.parse().map_err(|_| bad("want 64 hex digits"))?)
@@ -427,10 +429,23 @@ mod tests {
             "phase.metrics=",
             "phase.channel=../x",
             "phase.provider=",
+            "phase.provider=/",
+            "phase.provider=///",
+            "phase.provider=\"/\"",
         ] {
             let e = PhaseConfig::parse(line).expect_err(line);
             assert!(e.to_string().contains("phase."), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn provider_of_only_slashes_is_refused_not_empty() {
+        for line in ["phase.provider=/", "phase.provider=///"] {
+            let e = PhaseConfig::parse(line).expect_err(line);
+            assert!(e.to_string().contains("want a URL"), "{line}: {e}");
+        }
+        let (cfg, _) = PhaseConfig::parse("phase.provider=http://seed//").expect("parses");
+        assert_eq!(cfg.provider.as_deref(), Some("http://seed"));
     }
 
     fn value() -> impl Strategy<Value = String> {
