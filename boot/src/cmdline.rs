@@ -227,6 +227,11 @@ impl PhaseConfig {
             };
             let value = p.value.unwrap_or("");
             match name {
+                // A `"` inside a value cannot be written back on a command line (the
+                // kernel has no escape for it), and no URL or multiaddr holds one.
+                "provider" | "peers" if value.contains('"') => {
+                    return Err(bad("want no double quote inside the value (%22 in a URL)"));
+                }
                 "provider" => {
                     // Trailing slashes are dropped, so `/` alone is as empty as nothing.
                     let url = value.trim_end_matches('/');
@@ -446,6 +451,27 @@ mod tests {
         }
         let (cfg, _) = PhaseConfig::parse("phase.provider=http://seed//").expect("parses");
         assert_eq!(cfg.provider.as_deref(), Some("http://seed"));
+    }
+
+    #[test]
+    fn quotes_inside_free_text_values_are_refused() {
+        // Found by fuzz/fuzz_targets/cmdline.rs: the value `a"b phase.mode=lan` (an
+        // unclosed quote swallows the rest of the line) rendered back as a line
+        // whose `phase.mode` was `lan"`.
+        for line in [
+            "phase.provider=a\"b phase.mode=lan",
+            "phase.provider=http://x/\"y\"",
+            "phase.peers=/ip4/1.2.3.4/tcp/1,\"a b",
+        ] {
+            let e = PhaseConfig::parse(line).expect_err(line);
+            assert!(e.to_string().contains("double quote"), "{line}: {e}");
+        }
+        // Quotes around a whole value are still just quoting.
+        let (cfg, _) =
+            PhaseConfig::parse("\"phase.provider=http://x\" phase.peers=\"/ip4/1.2.3.4/tcp/1\"")
+                .expect("parses");
+        assert_eq!(cfg.provider.as_deref(), Some("http://x"));
+        assert_eq!(cfg.peers, ["/ip4/1.2.3.4/tcp/1"]);
     }
 
     fn value() -> impl Strategy<Value = String> {
