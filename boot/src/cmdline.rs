@@ -227,11 +227,18 @@ impl PhaseConfig {
             };
             let value = p.value.unwrap_or("");
             match name {
+                // A `"` inside a value cannot be written back on a command line (the
+                // kernel has no escape for it), and no URL or multiaddr holds one.
+                "provider" | "peers" if value.contains('"') => {
+                    return Err(bad("want no double quote inside the value (%22 in a URL)"));
+                }
                 "provider" => {
-                    if value.is_empty() {
+                    // Trailing slashes are dropped, so `/` alone is as empty as nothing.
+                    let url = value.trim_end_matches('/');
+                    if url.is_empty() {
                         return Err(bad("want a URL"));
                     }
-                    cfg.provider = Some(value.trim_end_matches('/').to_owned());
+                    cfg.provider = Some(url.to_owned());
                 }
                 "pubkey" => {
                     cfg.pubkey = Some(value.parse().map_err(|_| bad("want 64 hex digits"))?)
@@ -437,10 +444,44 @@ mod tests {
             "phase.metrics=",
             "phase.channel=../x",
             "phase.provider=",
+            "phase.provider=/",
+            "phase.provider=///",
+            "phase.provider=\"/\"",
         ] {
             let e = PhaseConfig::parse(line).expect_err(line);
             assert!(e.to_string().contains("phase."), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn provider_of_only_slashes_is_refused_not_empty() {
+        for line in ["phase.provider=/", "phase.provider=///"] {
+            let e = PhaseConfig::parse(line).expect_err(line);
+            assert!(e.to_string().contains("want a URL"), "{line}: {e}");
+        }
+        let (cfg, _) = PhaseConfig::parse("phase.provider=http://seed//").expect("parses");
+        assert_eq!(cfg.provider.as_deref(), Some("http://seed"));
+    }
+
+    #[test]
+    fn quotes_inside_free_text_values_are_refused() {
+        // Found by fuzz/fuzz_targets/cmdline.rs: the value `a"b phase.mode=lan` (an
+        // unclosed quote swallows the rest of the line) rendered back as a line
+        // whose `phase.mode` was `lan"`.
+        for line in [
+            "phase.provider=a\"b phase.mode=lan",
+            "phase.provider=http://x/\"y\"",
+            "phase.peers=/ip4/1.2.3.4/tcp/1,\"a b",
+        ] {
+            let e = PhaseConfig::parse(line).expect_err(line);
+            assert!(e.to_string().contains("double quote"), "{line}: {e}");
+        }
+        // Quotes around a whole value are still just quoting.
+        let (cfg, _) =
+            PhaseConfig::parse("\"phase.provider=http://x\" phase.peers=\"/ip4/1.2.3.4/tcp/1\"")
+                .expect("parses");
+        assert_eq!(cfg.provider.as_deref(), Some("http://x"));
+        assert_eq!(cfg.peers, ["/ip4/1.2.3.4/tcp/1"]);
     }
 
     fn value() -> impl Strategy<Value = String> {

@@ -32,8 +32,30 @@ struct Header<'a> {
     rdev: (u32, u32),
 }
 
+/// The kernel's `PATH_MAX`: it silently skips an entry whose name (with its
+/// NUL) or symlink target is longer (init/initramfs.c).
+pub const PATH_MAX: usize = 4096;
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// The name as stored (leading `/` removed), or why the kernel would not
+/// unpack it as the entry asked for.
+fn entry_name(path: &str) -> io::Result<&str> {
+    let name = path.trim_start_matches('/');
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.contains('\0') {
+        "it contains a NUL byte"
+    } else if name.len() + 1 > PATH_MAX {
+        "it is longer than the kernel's PATH_MAX (4096 bytes with its NUL)"
+    } else if name == TRAILER {
+        "it is the end-of-archive marker: a reader would stop there"
+    } else {
+        return Ok(name);
+    };
+    Err(invalid(format!("bad cpio entry name {path:?}: {reason}")))
 }
 
 impl<W: Write> Writer<W> {
@@ -62,11 +84,9 @@ impl<W: Write> Writer<W> {
         self.raw(&[0u8; 3][..n])
     }
 
+    /// Writes an entry's header; `h.name` is already checked (or the trailer).
     fn header(&mut self, h: Header<'_>) -> io::Result<()> {
-        let name = h.name.trim_start_matches('/');
-        if name.is_empty() || name.contains('\0') {
-            return Err(invalid(format!("bad cpio entry name {:?}", h.name)));
-        }
+        let name = h.name;
         let ino = if h.name == TRAILER { 0 } else { self.next_ino };
         self.next_ino += 1;
         let fields = [
@@ -98,7 +118,7 @@ impl<W: Write> Writer<W> {
     /// Adds a directory (parents are not created implicitly).
     pub fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
         self.header(Header {
-            name: path,
+            name: entry_name(path)?,
             mode: S_IFDIR | (perm & 0o7777),
             nlink: 2,
             size: 0,
@@ -108,10 +128,11 @@ impl<W: Write> Writer<W> {
 
     /// Adds a regular file with the given contents.
     pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+        let name = entry_name(path)?;
         let size = u32::try_from(data.len())
             .map_err(|_| invalid(format!("{path}: {} bytes is too big for cpio", data.len())))?;
         self.header(Header {
-            name: path,
+            name,
             mode: S_IFREG | (perm & 0o7777),
             nlink: 1,
             size,
@@ -123,8 +144,15 @@ impl<W: Write> Writer<W> {
 
     /// Adds a symbolic link.
     pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
+        let name = entry_name(path)?;
+        if target.is_empty() || target.contains('\0') || target.len() + 1 > PATH_MAX {
+            return Err(invalid(format!(
+                "bad symlink target {target:?} for {path:?}: want 1 to {} bytes, no NUL",
+                PATH_MAX - 1
+            )));
+        }
         self.header(Header {
-            name: path,
+            name,
             mode: S_IFLNK | 0o777,
             nlink: 1,
             size: target.len() as u32,
@@ -137,7 +165,7 @@ impl<W: Write> Writer<W> {
     /// Adds a character device node (e.g. `/dev/console`, 5:1).
     pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
         self.header(Header {
-            name: path,
+            name: entry_name(path)?,
             mode: S_IFCHR | (perm & 0o7777),
             nlink: 1,
             size: 0,
@@ -242,5 +270,45 @@ mod tests {
     fn rejects_empty_names() {
         let mut w = Writer::new(Vec::new());
         assert!(w.file("/", 0o644, b"x").is_err());
+    }
+
+    #[test]
+    fn refuses_names_a_reader_would_misread() {
+        let long = "a".repeat(PATH_MAX);
+        let ok_long = "a".repeat(PATH_MAX - 1);
+        for (name, why) in [
+            ("TRAILER!!!", "end-of-archive"),
+            ("/TRAILER!!!", "end-of-archive"),
+            ("", "empty"),
+            ("//", "empty"),
+            ("a\0b", "NUL"),
+            (long.as_str(), "PATH_MAX"),
+        ] {
+            let mut w = Writer::new(Vec::new());
+            let errors = [
+                w.file(name, 0o644, b"x").expect_err("file"),
+                w.dir(name, 0o755).expect_err("dir"),
+                w.symlink(name, "x").expect_err("symlink"),
+                w.char_dev(name, 0o600, 5, 1).expect_err("char_dev"),
+            ];
+            for e in errors {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+                assert!(e.to_string().contains(why), "{name:?}: {e}");
+            }
+            assert_eq!(w.written(), 0, "{name:?}: nothing written");
+        }
+        let mut w = Writer::new(Vec::new());
+        w.file(&ok_long, 0o644, b"x")
+            .expect("4095 bytes + NUL fits");
+        w.file("TRAILER!!!x", 0o644, b"x")
+            .expect("only the exact marker");
+        for target in ["", "a\0b", long.as_str()] {
+            let mut w = Writer::new(Vec::new());
+            let e = w.symlink("l", target).expect_err("target");
+            assert!(e.to_string().contains("symlink target"), "{e}");
+        }
+        let mut w = Writer::new(Vec::new());
+        w.symlink("l", &ok_long)
+            .expect("4095-byte target + NUL fits");
     }
 }
