@@ -169,3 +169,29 @@ pub fn make_artifacts(
     std::fs::write(a.join("initramfs"), pseudo_random(initramfs, 2)).expect("write");
     dir
 }
+
+/// An HTTP client that reports every status instead of failing on 4xx/5xx,
+/// with `timeout` for the whole exchange.
+pub fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// GET `url`: its status and its body (at most 64 MiB), within `timeout`.
+pub fn http_get(url: &str, timeout: Duration) -> (u16, Vec<u8>) {
+    let mut resp = http_agent(timeout)
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("HTTP GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .unwrap_or_else(|e| panic!("HTTP GET {url}: body: {e}"));
+    (status, body)
+}

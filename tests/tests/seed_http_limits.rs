@@ -258,20 +258,7 @@ fn honest_fetch(seed: &Seed, out: &Path, state: &Path) -> Duration {
 }
 
 fn http_get(url: &str) -> (u16, Vec<u8>) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(T))
-        .build()
-        .into();
-    let mut r = agent.get(url).call().expect("HTTP GET");
-    let status = r.status().as_u16();
-    let body = r
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .expect("body");
-    (status, body)
+    phase_tests::http_get(url, T)
 }
 
 fn assert_same_files(dir: &Path, got: &Path, what: &str) {

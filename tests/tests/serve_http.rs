@@ -12,23 +12,11 @@ use phase_tests::{Seed, make_artifacts, plasmd, pseudo_random, require};
 const T: Duration = Duration::from_secs(60);
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(T))
-        .build()
-        .into()
+    phase_tests::http_agent(T)
 }
 
 fn get(url: &str) -> (u16, Vec<u8>) {
-    let mut resp = agent().get(url).call().expect("HTTP request");
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .expect("body");
-    (status, body)
+    phase_tests::http_get(url, T)
 }
 
 /// Runs plasmd with args; returns (success, stdout, stderr).
