@@ -307,6 +307,39 @@ enum Fate {
 /// admitted with one cheap request (a refused connection is closed by the
 /// seed before any answer), reports that, waits for `phase` 1, then floods
 /// (or only holds its connection) until the seed drops it or `phase` is 2.
+/// Starts `n` [`fresh_attacker`]s (attacker `i` floods if `flood(i)`) and
+/// waits until each knows whether it was let in: their tasks and how many were.
+async fn wave(
+    addr: &Multiaddr,
+    root: [u8; 32],
+    n: usize,
+    flood: impl Fn(usize) -> bool,
+    phase: &watch::Receiver<u8>,
+) -> (Vec<tokio::task::JoinHandle<Fate>>, usize) {
+    let (adm_tx, mut adm_rx) = mpsc::channel(n);
+    let tasks = (0..n)
+        .map(|i| {
+            tokio::spawn(fresh_attacker(
+                addr.clone(),
+                root,
+                flood(i),
+                adm_tx.clone(),
+                phase.clone(),
+            ))
+        })
+        .collect();
+    drop(adm_tx);
+    let mut admitted = 0;
+    for _ in 0..n {
+        let ok = tokio::time::timeout(Duration::from_secs(60), adm_rx.recv())
+            .await
+            .expect("every attacker knew within 60 s whether it was let in")
+            .expect("attacker tasks alive");
+        admitted += usize::from(ok);
+    }
+    (tasks, admitted)
+}
+
 async fn fresh_attacker(
     addr: Multiaddr,
     root: [u8; 32],
@@ -454,28 +487,8 @@ async fn fifty_fresh_identities_flooding_do_not_stop_an_honest_fetch() {
 
     reset_peak_rss();
     let rss_before = peak_rss_kib();
-    let (adm_tx, mut adm_rx) = mpsc::channel(ATTACKERS);
     let (phase_tx, phase_rx) = watch::channel(0u8);
-    let tasks: Vec<_> = (0..ATTACKERS)
-        .map(|i| {
-            tokio::spawn(fresh_attacker(
-                addr.clone(),
-                root,
-                i % 2 == 0,
-                adm_tx.clone(),
-                phase_rx.clone(),
-            ))
-        })
-        .collect();
-    drop(adm_tx);
-    let mut admitted = 0;
-    for _ in 0..ATTACKERS {
-        let ok = tokio::time::timeout(Duration::from_secs(60), adm_rx.recv())
-            .await
-            .expect("every attacker knew within 60 s whether it was let in")
-            .expect("attacker tasks alive");
-        admitted += usize::from(ok);
-    }
+    let (tasks, admitted) = wave(&addr, root, ATTACKERS, |i| i % 2 == 0, &phase_rx).await;
     let peak_during_connect = srv.connected_peers().await.unwrap().len();
 
     // The flood and the honest fetch start together; the seed's connection
@@ -567,28 +580,8 @@ async fn fifty_fresh_identities_flooding_do_not_stop_an_honest_fetch() {
     const RETRIES: usize = 10;
     let free = CAP as usize - srv.connected_peers().await.unwrap().len();
     assert!(free >= RETRIES, "{free} free slots");
-    let (adm_tx, mut adm_rx) = mpsc::channel(RETRIES);
     let (_phase_tx, phase_rx) = watch::channel(2u8);
-    let retries: Vec<_> = (0..RETRIES)
-        .map(|_| {
-            tokio::spawn(fresh_attacker(
-                addr.clone(),
-                root,
-                false,
-                adm_tx.clone(),
-                phase_rx.clone(),
-            ))
-        })
-        .collect();
-    drop(adm_tx);
-    let mut readmitted = 0;
-    for _ in 0..RETRIES {
-        let ok = tokio::time::timeout(Duration::from_secs(60), adm_rx.recv())
-            .await
-            .expect("every retry knew within 60 s whether it was let in")
-            .expect("retry tasks alive");
-        readmitted += usize::from(ok);
-    }
+    let (retries, readmitted) = wave(&addr, root, RETRIES, |_| false, &phase_rx).await;
     for t in retries {
         tokio::time::timeout(Duration::from_secs(30), t)
             .await
