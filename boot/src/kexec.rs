@@ -7,11 +7,13 @@
 //!   command line, the memory map and some entropy it builds the segments of
 //!   a `kexec_load` (kernel, initrd, patched DTB, entry trampoline).
 //! - [`Kexec`] is the syscall boundary: [`Syscalls`] is the real one,
-//!   [`DryRun`] records calls and answers with scripted errors.
-//! - [`load`] ties them: `kexec_file_load` first, `kexec_load` only when the
-//!   kernel lacks or refuses the file interface for a format reason (ENOSYS,
-//!   EINVAL, ENOEXEC, ENOTSUP), never on a policy refusal (EPERM,
-//!   EKEYREJECTED, ENOKEY).
+//!   [`DryRun`] records calls and answers with scripted errors. Its inputs
+//!   are [`Payload`]s: bytes, or a file (a [`memfd`] the caller wrote the
+//!   artifact into) whose descriptor `kexec_file_load` takes without a copy.
+//! - [`load`] / [`load_payloads`] tie them: `kexec_file_load` first,
+//!   `kexec_load` only when the kernel lacks or refuses the file interface
+//!   for a format reason (ENOSYS, EINVAL, ENOEXEC, ENOTSUP), never on a
+//!   policy refusal (EPERM, EKEYREJECTED, ENOKEY).
 
 use std::io::Read;
 use std::path::Path;
@@ -24,7 +26,7 @@ use crate::dtb::{self, ChosenPatch};
 #[cfg(target_os = "linux")]
 mod sys;
 #[cfg(target_os = "linux")]
-pub use sys::Syscalls;
+pub use sys::{Syscalls, memfd};
 mod x86_64;
 pub use x86_64::{
     BzHeader, E820_MAX, E820_RAM, E820Entry, MEMMAP_MAX, X86Inputs, bzimage_header, e820_type,
@@ -382,13 +384,156 @@ pub fn plan_arm64(
     })
 }
 
+/// A kexec input: bytes in memory, or a file already holding them (a memfd
+/// from [`memfd`] that the caller wrote the artifact into).
+///
+/// `kexec_file_load` takes a [`Payload::File`]'s descriptor as it is, so the
+/// bytes are never copied again; [`Payload::Bytes`] are copied into a memfd
+/// first. The `kexec_load` planners need the bytes: a file is mapped
+/// ([`Payload::map`]), not read.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Bytes in memory.
+    Bytes(&'a [u8]),
+    /// A file holding exactly `len` bytes from offset 0.
+    File {
+        /// The file (its descriptor goes to `kexec_file_load`).
+        file: &'a std::fs::File,
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl<'a> Payload<'a> {
+    /// `file` as a payload of its current length.
+    pub fn file(file: &'a std::fs::File) -> Result<Payload<'a>, Error> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("fstat", "kexec payload", e))?
+            .len();
+        Ok(Payload::File { file, len })
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its bytes: borrowed, or the file mapped read-only (no copy).
+    pub fn map(&self) -> Result<Mapped<'a>, Error> {
+        match *self {
+            Payload::Bytes(b) => Ok(Mapped::Borrowed(b)),
+            Payload::File { file, len } => Mapped::file(file, len),
+        }
+    }
+}
+
+/// The bytes of a [`Payload`], mapped or borrowed.
+#[derive(Debug)]
+pub enum Mapped<'a> {
+    /// Borrowed from memory.
+    Borrowed(&'a [u8]),
+    /// A read-only private mapping of a file, unmapped on drop.
+    #[cfg(unix)]
+    Map {
+        /// Start of the mapping.
+        ptr: std::ptr::NonNull<u8>,
+        /// Its length (non-zero).
+        len: usize,
+    },
+    /// Read into memory (hosts without `mmap`).
+    #[cfg(not(unix))]
+    Owned(Vec<u8>),
+}
+
+impl Mapped<'_> {
+    #[cfg(unix)]
+    fn file(file: &std::fs::File, len: u64) -> Result<Mapped<'static>, Error> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(|_| Error::Image {
+            reason: format!("a {len}-byte payload does not fit in the address space"),
+        })?;
+        if len == 0 {
+            return Ok(Mapped::Borrowed(&[]));
+        }
+        // SAFETY: a fresh read-only private mapping of an open descriptor;
+        // the kernel picks the address. Our payload files are memfds this
+        // process wrote and nothing writes once they are handed to kexec.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::io(
+                "mmap",
+                "kexec payload",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::Image {
+            reason: "mmap returned a null mapping".into(),
+        })?;
+        Ok(Mapped::Map { ptr, len })
+    }
+
+    #[cfg(not(unix))]
+    fn file(mut file: &std::fs::File, len: u64) -> Result<Mapped<'static>, Error> {
+        let mut v = Vec::new();
+        file.take(len)
+            .read_to_end(&mut v)
+            .map_err(|e| Error::io("read", "kexec payload", e))?;
+        Ok(Mapped::Owned(v))
+    }
+}
+
+impl std::ops::Deref for Mapped<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Mapped::Borrowed(b) => b,
+            // SAFETY: ptr/len describe our live read-only mapping.
+            #[cfg(unix)]
+            Mapped::Map { ptr, len } => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), *len) },
+            #[cfg(not(unix))]
+            Mapped::Owned(v) => v,
+        }
+    }
+}
+
+impl Drop for Mapped<'_> {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Mapped::Map { ptr, len } = self {
+            // SAFETY: unmaps exactly the mapping made in `Mapped::file`.
+            unsafe {
+                libc::munmap(ptr.as_ptr().cast(), *len);
+            }
+        }
+    }
+}
+
 /// The kernel interface, so the decision logic runs without a kernel.
 pub trait Kexec {
     /// `kexec_file_load(kernel_fd, initrd_fd, cmdline, flags)`.
     fn file_load(
         &mut self,
-        kernel: &[u8],
-        initrd: Option<&[u8]>,
+        kernel: Payload<'_>,
+        initrd: Option<Payload<'_>>,
         cmdline: &str,
     ) -> Result<(), Error>;
     /// `kexec_load(entry, segments, KEXEC_ARCH_DEFAULT)`.
@@ -426,8 +571,8 @@ fn falls_back(errno: i32) -> bool {
     )
 }
 
-/// Loads the target: `kexec_file_load` first, `kexec_load` when the kernel
-/// lacks or refuses the file interface for a format reason.
+/// Loads the target from bytes in memory: [`load_payloads`] with
+/// [`Payload::Bytes`].
 pub fn load(
     k: &mut dyn Kexec,
     ctx: &LoadContext<'_>,
@@ -435,13 +580,37 @@ pub fn load(
     initrd: Option<&[u8]>,
     cmdline: &str,
 ) -> Result<Loaded, Error> {
+    load_payloads(
+        k,
+        ctx,
+        Payload::Bytes(kernel),
+        initrd.map(Payload::Bytes),
+        cmdline,
+    )
+}
+
+/// Loads the target: `kexec_file_load` first, `kexec_load` when the kernel
+/// lacks or refuses the file interface for a format reason. Files go to
+/// `kexec_file_load` as they are; the `kexec_load` planners read them mapped.
+pub fn load_payloads(
+    k: &mut dyn Kexec,
+    ctx: &LoadContext<'_>,
+    kernel: Payload<'_>,
+    initrd: Option<Payload<'_>>,
+    cmdline: &str,
+) -> Result<Loaded, Error> {
     ctx.preflight.check()?;
-    let kernel_for_file: std::borrow::Cow<'_, [u8]> = match ctx.arch {
-        // arm64's kexec_file_load takes only a raw Image.
-        Arch::Aarch64 => maybe_gunzip(kernel)?,
-        Arch::X86_64 => kernel.into(),
+    // arm64's kexec_file_load takes only a raw Image: a gzip'd one is
+    // decompressed into memory (and copied into a memfd) first.
+    let unzipped: Vec<u8>;
+    let kernel_for_file = match ctx.arch {
+        Arch::Aarch64 if kernel.map()?.starts_with(&[0x1f, 0x8b]) => {
+            unzipped = maybe_gunzip(&kernel.map()?)?.into_owned();
+            Payload::Bytes(&unzipped)
+        }
+        _ => kernel,
     };
-    let first = match k.file_load(&kernel_for_file, initrd, cmdline) {
+    let first = match k.file_load(kernel_for_file, initrd, cmdline) {
         Ok(()) => {
             tracing::info!(path = "kexec_file_load", "loaded");
             return Ok(Loaded {
@@ -467,6 +636,9 @@ pub fn load(
         });
     }
     let why = format!("kexec_file_load failed with {}", errno_name(errno));
+    let kernel = kernel.map()?;
+    let initrd = initrd.map(|i| i.map()).transpose()?;
+    let (kernel, initrd) = (&kernel[..], initrd.as_deref());
     let plan = match ctx.arch {
         Arch::Aarch64 => {
             let inputs = ctx.arm64.as_ref().ok_or_else(|| Error::Unsupported {
@@ -504,7 +676,7 @@ pub struct ForceKexecLoad<'a>(pub &'a mut dyn Kexec);
 
 #[cfg(any(test, feature = "test-knobs"))]
 impl Kexec for ForceKexecLoad<'_> {
-    fn file_load(&mut self, _: &[u8], _: Option<&[u8]>, _: &str) -> Result<(), Error> {
+    fn file_load(&mut self, _: Payload<'_>, _: Option<Payload<'_>>, _: &str) -> Result<(), Error> {
         Err(Error::Syscall {
             call: "SYS_kexec_file_load (not called: phase.test_force_kexec_load=1)".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOSYS),
@@ -559,6 +731,9 @@ pub enum Call {
         initrd: Option<usize>,
         /// Command line.
         cmdline: String,
+        /// Whether the kernel and the initrd (if any) came as files, whose
+        /// descriptors go to the kernel without a copy.
+        by_fd: bool,
     },
     /// `kexec_load` with the plan.
     Load(KexecPlan),
@@ -590,14 +765,17 @@ fn scripted(call: &str, errno: i32) -> Result<(), Error> {
 impl Kexec for DryRun {
     fn file_load(
         &mut self,
-        kernel: &[u8],
-        initrd: Option<&[u8]>,
+        kernel: Payload<'_>,
+        initrd: Option<Payload<'_>>,
         cmdline: &str,
     ) -> Result<(), Error> {
+        let is_file = |p: &Payload<'_>| matches!(p, Payload::File { .. });
+        let size = |p: Payload<'_>| usize::try_from(p.len()).unwrap_or(usize::MAX);
         self.calls.push(Call::FileLoad {
-            kernel: kernel.len(),
-            initrd: initrd.map(<[u8]>::len),
+            kernel: size(kernel),
+            initrd: initrd.map(size),
             cmdline: cmdline.to_owned(),
+            by_fd: is_file(&kernel) && initrd.as_ref().is_none_or(is_file),
         });
         scripted("SYS_kexec_file_load", self.file_load_errno)
     }
@@ -849,6 +1027,102 @@ mod tests {
         let l = run(Arch::Aarch64, &Preflight::default(), &mut k).expect("loads");
         assert_eq!(l.path, "kexec_file_load");
         assert_eq!(k.calls.len(), 1);
+    }
+
+    /// `bytes` in a temporary file, as a memfd would hold them.
+    fn file_with(bytes: &[u8]) -> std::fs::File {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().expect("tempfile");
+        f.write_all(bytes).expect("write");
+        f
+    }
+
+    #[test]
+    fn files_go_to_file_load_by_descriptor_and_are_mapped_for_the_fallback() {
+        let img = fake_image(1 << 20, 2 << 20);
+        let (kf, inf) = (file_with(&img), file_with(b"initrd"));
+        let (kernel, initrd) = (
+            Payload::file(&kf).expect("fstat"),
+            Payload::file(&inf).expect("fstat"),
+        );
+        assert_eq!((kernel.len(), initrd.len()), (1 << 20, 6));
+        let dtb = crate::dtb::tests::synthetic();
+        let mem = parse_iomem(IOMEM);
+        let pre = Preflight::default();
+        let ctx = LoadContext {
+            arch: Arch::Aarch64,
+            preflight: &pre,
+            arm64: Some(ctx_inputs(&dtb, &mem, &[1; 16])),
+            x86_64: None,
+        };
+        let mut k = DryRun::default();
+        load_payloads(&mut k, &ctx, kernel, Some(initrd), "c").expect("loads");
+        assert_eq!(
+            k.calls,
+            [Call::FileLoad {
+                kernel: 1 << 20,
+                initrd: Some(6),
+                cmdline: "c".into(),
+                by_fd: true
+            }]
+        );
+        // Bytes in memory are not files: Syscalls copies those into a memfd.
+        let mut k = DryRun::default();
+        load(&mut k, &ctx, &img, Some(b"initrd"), "c").expect("loads");
+        assert!(
+            matches!(k.calls[..], [Call::FileLoad { by_fd: false, .. }]),
+            "{:?}",
+            k.calls
+        );
+        // The kexec_load fallback plans from the files' bytes, mapped.
+        let mut k = DryRun {
+            file_load_errno: libc::ENOSYS,
+            ..DryRun::default()
+        };
+        let l = load_payloads(&mut k, &ctx, kernel, Some(initrd), "c").expect("falls back");
+        assert_eq!(l.path, "kexec_load");
+        let Call::Load(plan) = &k.calls[1] else {
+            panic!("no kexec_load after ENOSYS")
+        };
+        let from_bytes = plan_arm64(
+            &img,
+            Some(b"initrd"),
+            "c",
+            ctx.arm64.as_ref().expect("arm64"),
+        )
+        .expect("plan");
+        assert!(
+            *plan == from_bytes,
+            "the plan from files differs from the plan from bytes"
+        );
+        // A gzip'd Image in a file is decompressed for kexec_file_load.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &img).expect("gz");
+        let gzf = file_with(&gz.finish().expect("gz"));
+        let mut k = DryRun::default();
+        load_payloads(&mut k, &ctx, Payload::file(&gzf).expect("fstat"), None, "c").expect("loads");
+        assert!(
+            matches!(
+                k.calls[..],
+                [Call::FileLoad {
+                    kernel: 1_048_576,
+                    initrd: None,
+                    by_fd: false,
+                    ..
+                }]
+            ),
+            "{:?}",
+            k.calls
+        );
+        // An empty file maps to no bytes rather than failing mmap.
+        let empty = file_with(b"");
+        assert!(
+            Payload::file(&empty)
+                .expect("fstat")
+                .map()
+                .expect("map")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The real kexec syscalls (`memfd_create`, `kexec_file_load`, `kexec_load`,
 //! `reboot`): Linux only, so the planner and [`super::DryRun`] stay portable.
 
-use super::{Arch, Kexec, KexecPlan};
+use super::{Arch, Kexec, KexecPlan, Payload};
 use crate::Error;
 
 /// The real syscalls.
@@ -20,8 +20,9 @@ impl Syscalls {
     }
 }
 
-fn memfd(name: &str, data: &[u8]) -> Result<std::fs::File, Error> {
-    use std::io::Write;
+/// An empty memfd named `name` (close-on-exec): write an artifact into it
+/// and hand it to [`Kexec::file_load`] as a [`Payload::File`].
+pub fn memfd(name: &str) -> Result<std::fs::File, Error> {
     use std::os::fd::FromRawFd;
     let cname = std::ffi::CString::new(name).map_err(|_| Error::Unsupported {
         reason: "memfd name has a NUL".into(),
@@ -36,10 +37,39 @@ fn memfd(name: &str, data: &[u8]) -> Result<std::fs::File, Error> {
         ));
     }
     // SAFETY: fd was just returned by memfd_create and is not owned elsewhere.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// `data` in a new memfd.
+fn memfd_with(name: &str, data: &[u8]) -> Result<std::fs::File, Error> {
+    use std::io::Write;
+    let mut f = memfd(name)?;
     f.write_all(data)
         .map_err(|e| Error::io("write memfd", name, e))?;
     Ok(f)
+}
+
+/// A file payload as it is, bytes copied into a new memfd.
+enum Fd<'a> {
+    Borrowed(&'a std::fs::File),
+    Owned(std::fs::File),
+}
+
+impl Fd<'_> {
+    fn of<'a>(name: &str, p: Payload<'a>) -> Result<Fd<'a>, Error> {
+        Ok(match p {
+            Payload::File { file, .. } => Fd::Borrowed(file),
+            Payload::Bytes(b) => Fd::Owned(memfd_with(name, b)?),
+        })
+    }
+
+    fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Fd::Borrowed(f) => f.as_raw_fd(),
+            Fd::Owned(f) => f.as_raw_fd(),
+        }
+    }
 }
 
 const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 0x4;
@@ -55,13 +85,12 @@ struct RawSegment {
 impl Kexec for Syscalls {
     fn file_load(
         &mut self,
-        kernel: &[u8],
-        initrd: Option<&[u8]>,
+        kernel: Payload<'_>,
+        initrd: Option<Payload<'_>>,
         cmdline: &str,
     ) -> Result<(), Error> {
-        use std::os::fd::AsRawFd;
-        let kfd = memfd("kernel", kernel)?;
-        let ifd = initrd.map(|i| memfd("initrd", i)).transpose()?;
+        let kfd = Fd::of("kernel", kernel)?;
+        let ifd = initrd.map(|i| Fd::of("initrd", i)).transpose()?;
         let c = std::ffi::CString::new(cmdline).map_err(|_| Error::Unsupported {
             reason: "command line contains a NUL byte".into(),
         })?;
@@ -71,13 +100,13 @@ impl Kexec for Syscalls {
         } else {
             KEXEC_FILE_NO_INITRAMFS
         };
-        let ifd_raw = ifd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let ifd_raw = ifd.as_ref().map_or(-1, Fd::raw);
         let nr = self.arch.syscall_numbers().1;
         // SAFETY: fds are open, the cmdline pointer/len describe a live C string.
         let r = unsafe {
             libc::syscall(
                 nr as libc::c_long,
-                kfd.as_raw_fd(),
+                kfd.raw(),
                 ifd_raw,
                 len as libc::c_ulong,
                 c.as_ptr(),
@@ -88,7 +117,7 @@ impl Kexec for Syscalls {
             return Err(Error::Syscall {
                 call: format!(
                     "SYS_kexec_file_load({}, {}, {}, {:?}, {:#x})",
-                    kfd.as_raw_fd(),
+                    kfd.raw(),
                     ifd_raw,
                     len,
                     cmdline,

@@ -19,12 +19,13 @@
 //! the whole initrd (the kernel's unpacker skips zero padding between
 //! archives but insists on that alignment for a `070701` header).
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::cpio;
-use phase_content::{ChunkStore, Hash, MemStore, SignedManifest, reassemble};
+use phase_content::{Artifact, ChunkStore, Hash, MemStore, SignedManifest};
 
 /// Where the carried store lives in the target's rootfs (no leading slash:
 /// cpio paths are relative).
@@ -46,45 +47,110 @@ pub(crate) fn phase_params(cmdline: &str, high: u64) -> String {
     words.join(" ")
 }
 
-/// The target's initrd in one buffer, sized exactly before the first byte
-/// is written: the manifest's `initramfs` reassembled from `store` (if it
-/// has one), zero padding to a 4-byte boundary, then the carried archive
-/// (the manifest, `params` and every chunk the manifest lists, each read
-/// from `store`, which only holds verified chunks) written in place. No
-/// artifact byte is copied twice and the buffer never grows; returns it and
-/// the carried archive's length.
+/// The target's initrd in a memfd, ready for `kexec_file_load` (see
+/// [`write_target_initrd`]); returns it and the carried archive's length.
 pub(crate) fn target_initrd(
     manifest: &SignedManifest,
     store: &dyn ChunkStore,
     params: &str,
-) -> anyhow::Result<(Vec<u8>, usize)> {
-    let initramfs = manifest.manifest().artifact("initramfs");
-    let base = usize::try_from(initramfs.map_or(0, |a| a.size))
-        .context("the initramfs does not fit in memory")?;
-    let pad = (4 - base % 4) % 4;
-    // A dry pass sizes the archive; chunks are shared buffers, so it copies nothing.
-    let mut count = Count(0);
-    write_archive(&mut count, manifest, store, params)?;
-    let carried = usize::try_from(count.0).context("the carried archive does not fit in memory")?;
-    let total = base + pad + carried;
-    let mut out = Vec::new();
-    out.try_reserve_exact(total)
-        .with_context(|| format!("no memory for the {total}-byte target initrd"))?;
-    if let Some(a) = initramfs {
-        reassemble(store, a, &mut out).context("reassembling initramfs")?;
+) -> anyhow::Result<(std::fs::File, u64)> {
+    let mut fd = phase_boot::kexec::memfd("initrd").context("a memfd for the target initrd")?;
+    // Chunks are large and go straight through; the buffer only gathers
+    // the archive's small headers into fewer writes.
+    let out = std::io::BufWriter::with_capacity(64 << 10, &mut fd);
+    let (_, carried) = write_target_initrd(manifest, store, params, out)?;
+    Ok((fd, carried))
+}
+
+/// Writes the target's initrd to `out` in one pass: the manifest's
+/// `initramfs` chunk by chunk from `store` (if it has one), zero padding to
+/// a 4-byte boundary, then the carried archive (the manifest, `params` and
+/// every chunk the manifest lists, each read from `store`, which only holds
+/// verified chunks). No artifact is gathered into a buffer on the way:
+/// every chunk goes from the store to `out` once. Returns the bytes written
+/// and the carried archive's length.
+pub(crate) fn write_target_initrd<W: Write>(
+    manifest: &SignedManifest,
+    store: &dyn ChunkStore,
+    params: &str,
+    out: W,
+) -> anyhow::Result<(u64, u64)> {
+    let mut out = Counted { inner: out, n: 0 };
+    if let Some(a) = manifest.manifest().artifact("initramfs") {
+        write_chunks(store, a, &mut out).context("writing the initramfs")?;
     }
-    out.resize(base + pad, 0);
+    let pad = usize::try_from((4 - out.n % 4) % 4).unwrap_or(0);
+    out.write_all(&[0u8; 3][..pad])
+        .context("writing the initrd padding")?;
+    let base = out.n;
     write_archive(&mut out, manifest, store, params)?;
+    out.flush().context("writing the target initrd")?;
+    Ok((out.n, out.n - base))
+}
+
+/// Writes `artifact` to `out` chunk by chunk from `store`, checking each
+/// chunk's length; returns the bytes written.
+///
+/// Unlike `phase_content::reassemble` this does not hash the whole artifact
+/// again. Every chunk `store` holds was checked against its hash on the way
+/// in (`ChunkStore::put`), and those hashes are the signed manifest's chunk
+/// list, so the bytes written are exactly the ones the publisher signed; a
+/// second blake3 pass over the whole artifact could not catch anything an
+/// attacker can change, and costs a full pass over the kernel and initramfs
+/// (tens of MB, slow under emulation) between the last chunk and kexec.
+pub(crate) fn write_chunks<W: Write>(
+    store: &dyn ChunkStore,
+    artifact: &Artifact,
+    mut out: W,
+) -> anyhow::Result<u64> {
+    let mut written = 0u64;
+    for (index, hash) in artifact.chunks.iter().enumerate() {
+        let data = store.get(hash)?.with_context(|| {
+            format!(
+                "chunk {index} ({hash}) of {} is not in the store",
+                artifact.name
+            )
+        })?;
+        let want = artifact.chunk_len(index);
+        anyhow::ensure!(
+            data.len() as u64 == want,
+            "chunk {index} of {} has {} bytes, the manifest says {want}",
+            artifact.name,
+            data.len()
+        );
+        out.write_all(&data)
+            .with_context(|| format!("writing chunk {index} of {}", artifact.name))?;
+        written += want;
+    }
     anyhow::ensure!(
-        out.len() == total,
-        "the carried archive came out {} bytes, sized {carried}",
-        out.len() - base - pad
+        written == artifact.size,
+        "{} came out {written} bytes, the manifest says {}",
+        artifact.name,
+        artifact.size
     );
-    Ok((out, carried))
+    Ok(written)
+}
+
+/// A writer that counts what it passes on.
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Writes the carried archive to `out`.
-fn write_archive<W: std::io::Write>(
+fn write_archive<W: Write>(
     out: W,
     manifest: &SignedManifest,
     store: &dyn ChunkStore,
@@ -118,20 +184,6 @@ fn write_archive<W: std::io::Write>(
     }
     w.finish()?;
     Ok(())
-}
-
-/// A writer that only counts.
-struct Count(u64);
-
-impl std::io::Write for Count {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn unique_chunks(manifest: &SignedManifest) -> Vec<Hash> {
@@ -283,11 +335,26 @@ mod tests {
             .remove(0)
             .manifest;
         let params = format!("phase.pubkey={} phase.test_liar=1", key.public());
-        let (whole, carried) = target_initrd(&m, &fs, &params).unwrap();
-        assert_eq!(whole.capacity(), whole.len(), "sized exactly, never grown");
+        let mut whole = Vec::new();
+        let (total, carried) = write_target_initrd(&m, &fs, &params, &mut whole).unwrap();
+        assert_eq!(total, whole.len() as u64);
         assert_eq!(&whole[..5001], &[2u8; 5001][..], "the initramfs first");
         assert_eq!(&whole[5001..5004], &[0, 0, 0], "padding to 4 bytes");
-        assert_eq!(whole.len(), 5004 + carried);
+        assert_eq!(whole.len() as u64, 5004 + carried);
+        // The memfd PID 1 hands to kexec_file_load holds the same bytes.
+        let (mut fd, in_fd) = target_initrd(&m, &fs, &params).unwrap();
+        assert_eq!(in_fd, carried);
+        let mut back = Vec::new();
+        std::io::Seek::rewind(&mut fd).unwrap();
+        std::io::Read::read_to_end(&mut fd, &mut back).unwrap();
+        assert!(back == whole, "the memfd differs from the written initrd");
+        // A chunk the store lacks is a clear error, not a short initrd.
+        let kernel_artifact = m.manifest().artifact("kernel").unwrap();
+        let e = write_chunks(&MemStore::new(), kernel_artifact, std::io::sink()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("chunk 0 (") && format!("{e:#}").contains("not in the store"),
+            "{e:#}"
+        );
         let cpio = whole[5004..].to_vec();
         assert_eq!(&cpio[..6], b"070701");
         let root = t.path().join("root");

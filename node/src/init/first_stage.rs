@@ -269,8 +269,8 @@ pub(crate) struct Ready {
     /// Keeps the node (and so serving) alive until kexec.
     _rt: tokio::runtime::Runtime,
     pub(crate) fetch: SwarmFetch,
-    /// The target's initramfs with the carried archive appended.
-    pub(crate) initrd: Vec<u8>,
+    /// The target's initramfs with the carried archive appended, in a memfd.
+    pub(crate) initrd: std::fs::File,
 }
 
 /// Fetches through the swarm (retrying with capped back-off, like the HTTP

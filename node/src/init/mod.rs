@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::kexec::{self, Arch, Kexec, LoadContext, Preflight};
-use phase_content::{MemStore, SignedManifest, reassemble};
+use phase_content::{MemStore, SignedManifest};
 
 mod carry;
 mod first_stage;
@@ -206,17 +206,20 @@ fn warm_entropy() {
     }
 }
 
-fn artifact_bytes(
+/// The artifact `name` written from `store` into a memfd, chunk by chunk
+/// (`carry::write_chunks`): `kexec_file_load` gets the memfd as it is, and
+/// no whole-artifact buffer is built on the way.
+fn artifact_memfd(
     manifest: &SignedManifest,
     store: &MemStore,
     name: &str,
-) -> anyhow::Result<Option<Vec<u8>>> {
+) -> anyhow::Result<Option<std::fs::File>> {
     let Some(a) = manifest.manifest().artifact(name) else {
         return Ok(None);
     };
-    let mut out = Vec::with_capacity(usize::try_from(a.size).unwrap_or(0));
-    reassemble(store, a, &mut out).with_context(|| format!("reassembling {name}"))?;
-    Ok(Some(out))
+    let mut fd = kexec::memfd(name).with_context(|| format!("a memfd for {name}"))?;
+    carry::write_chunks(store, a, &mut fd).with_context(|| format!("writing {name}"))?;
+    Ok(Some(fd))
 }
 
 fn entropy(n: usize) -> Vec<u8> {
@@ -234,22 +237,24 @@ fn boot(
     cfg: &PhaseConfig,
     manifest: &SignedManifest,
     store: &MemStore,
-    carrying: Option<Vec<u8>>,
+    carrying: Option<std::fs::File>,
     real: bool,
 ) -> anyhow::Result<()> {
-    let kernel = artifact_bytes(manifest, store, "kernel")?
+    let kernel = artifact_memfd(manifest, store, "kernel")?
         .context("the manifest has no kernel artifact")?;
     // With the carried store the target boots holding what it booted from
     // (the top-level DESIGN.md, decision 6); `carry::target_initrd` built it.
     let initrd = match carrying {
         Some(i) => Some(i),
-        None => artifact_bytes(manifest, store, "initramfs")?,
+        None => artifact_memfd(manifest, store, "initramfs")?,
     };
+    let kernel = kexec::Payload::file(&kernel)?;
+    let initrd = initrd.as_ref().map(kexec::Payload::file).transpose()?;
     let cmdline = manifest.manifest().cmdline.clone().unwrap_or_default();
     println!(
         "plasmd: phase verified kernel={} initramfs={} cmdline={cmdline:?}",
         kernel.len(),
-        initrd.as_ref().map_or(0, Vec::len)
+        initrd.map_or(0, |i| i.len())
     );
     let arch = match cfg.arch.as_str() {
         "x86_64" => Arch::X86_64,
@@ -313,9 +318,9 @@ fn boot(
     let loaded = if cfg.test_force_kexec_load {
         println!("plasmd: test knob: kexec_file_load answered ENOSYS without calling it");
         let mut forced = kexec::ForceKexecLoad(k.as_mut());
-        kexec::load(&mut forced, &ctx, &kernel, initrd.as_deref(), &cmdline)?
+        kexec::load_payloads(&mut forced, &ctx, kernel, initrd, &cmdline)?
     } else {
-        kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?
+        kexec::load_payloads(k.as_mut(), &ctx, kernel, initrd, &cmdline)?
     };
     // `knobs::apply` switched the knob off in this build.
     #[cfg(not(feature = "test-knobs"))]
