@@ -324,7 +324,7 @@ fn boot(
     };
     // `knobs::apply` switched the knob off in this build.
     #[cfg(not(feature = "test-knobs"))]
-    let loaded = kexec::load(k.as_mut(), &ctx, &kernel, initrd.as_deref(), &cmdline)?;
+    let loaded = kexec::load_payloads(k.as_mut(), &ctx, kernel, initrd, &cmdline)?;
     println!(
         "plasmd: phase kexec path={} reason={}",
         loaded.path, loaded.reason
