@@ -63,4 +63,5 @@ pub use manifest::{
 };
 pub use store::{
     ChunkStore, CorruptingStore, FsStore, MemStore, reassemble, verify_file, write_artifact,
+    write_chunks,
 };

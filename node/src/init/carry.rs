@@ -25,7 +25,7 @@ use std::path::Path;
 use anyhow::Context;
 use phase_boot::cmdline::{self, PhaseConfig};
 use phase_boot::cpio;
-use phase_content::{Artifact, ChunkStore, Hash, MemStore, SignedManifest};
+use phase_content::{ChunkStore, Hash, MemStore, SignedManifest};
 
 /// Where the carried store lives in the target's rootfs (no leading slash:
 /// cpio paths are relative).
@@ -77,7 +77,7 @@ pub(crate) fn write_target_initrd<W: Write>(
 ) -> anyhow::Result<(u64, u64)> {
     let mut out = Counted { inner: out, n: 0 };
     if let Some(a) = manifest.manifest().artifact("initramfs") {
-        write_chunks(store, a, &mut out).context("writing the initramfs")?;
+        phase_content::write_chunks(store, a, &mut out).context("writing the initramfs")?;
     }
     let pad = usize::try_from((4 - out.n % 4) % 4).unwrap_or(0);
     out.write_all(&[0u8; 3][..pad])
@@ -86,49 +86,6 @@ pub(crate) fn write_target_initrd<W: Write>(
     write_archive(&mut out, manifest, store, params)?;
     out.flush().context("writing the target initrd")?;
     Ok((out.n, out.n - base))
-}
-
-/// Writes `artifact` to `out` chunk by chunk from `store`, checking each
-/// chunk's length; returns the bytes written.
-///
-/// Unlike `phase_content::reassemble` this does not hash the whole artifact
-/// again. Every chunk `store` holds was checked against its hash on the way
-/// in (`ChunkStore::put`), and those hashes are the signed manifest's chunk
-/// list, so the bytes written are exactly the ones the publisher signed; a
-/// second blake3 pass over the whole artifact could not catch anything an
-/// attacker can change, and costs a full pass over the kernel and initramfs
-/// (tens of MB, slow under emulation) between the last chunk and kexec.
-pub(crate) fn write_chunks<W: Write>(
-    store: &dyn ChunkStore,
-    artifact: &Artifact,
-    mut out: W,
-) -> anyhow::Result<u64> {
-    let mut written = 0u64;
-    for (index, hash) in artifact.chunks.iter().enumerate() {
-        let data = store.get(hash)?.with_context(|| {
-            format!(
-                "chunk {index} ({hash}) of {} is not in the store",
-                artifact.name
-            )
-        })?;
-        let want = artifact.chunk_len(index);
-        anyhow::ensure!(
-            data.len() as u64 == want,
-            "chunk {index} of {} has {} bytes, the manifest says {want}",
-            artifact.name,
-            data.len()
-        );
-        out.write_all(&data)
-            .with_context(|| format!("writing chunk {index} of {}", artifact.name))?;
-        written += want;
-    }
-    anyhow::ensure!(
-        written == artifact.size,
-        "{} came out {written} bytes, the manifest says {}",
-        artifact.name,
-        artifact.size
-    );
-    Ok(written)
 }
 
 /// A writer that counts what it passes on.
@@ -350,7 +307,8 @@ mod tests {
         assert!(back == whole, "the memfd differs from the written initrd");
         // A chunk the store lacks is a clear error, not a short initrd.
         let kernel_artifact = m.manifest().artifact("kernel").unwrap();
-        let e = write_chunks(&MemStore::new(), kernel_artifact, std::io::sink()).unwrap_err();
+        let e = phase_content::write_chunks(&MemStore::new(), kernel_artifact, std::io::sink())
+            .unwrap_err();
         assert!(
             format!("{e:#}").contains("chunk 0 (") && format!("{e:#}").contains("not in the store"),
             "{e:#}"

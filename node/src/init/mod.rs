@@ -207,7 +207,7 @@ fn warm_entropy() {
 }
 
 /// The artifact `name` written from `store` into a memfd, chunk by chunk
-/// (`carry::write_chunks`): `kexec_file_load` gets the memfd as it is, and
+/// (`phase_content::write_chunks`): `kexec_file_load` gets the memfd as it is, and
 /// no whole-artifact buffer is built on the way.
 fn artifact_memfd(
     manifest: &SignedManifest,
@@ -218,7 +218,7 @@ fn artifact_memfd(
         return Ok(None);
     };
     let mut fd = kexec::memfd(name).with_context(|| format!("a memfd for {name}"))?;
-    carry::write_chunks(store, a, &mut fd).with_context(|| format!("writing {name}"))?;
+    phase_content::write_chunks(store, a, &mut fd).with_context(|| format!("writing {name}"))?;
     Ok(Some(fd))
 }
 
