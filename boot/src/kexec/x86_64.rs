@@ -815,18 +815,24 @@ pub(crate) mod tests {
             let l = load(&mut k, &ctx(&bios), &img, None, "c").expect("file load");
             assert_eq!(l.path, "kexec_file_load");
             assert!(l.reason.contains(errno_name(errno)), "{}", l.reason);
-            assert!(matches!(k.calls[..], [Call::Load(_), Call::FileLoad { .. }]));
+            assert!(matches!(
+                k.calls[..],
+                [Call::Load(_), Call::FileLoad { .. }]
+            ));
         }
         // Both refused: one error naming both.
         let mut k = DryRun {
             load_errno: libc::ENOSYS,
             file_load_errno: libc::ENOEXEC,
-        ..DryRun::default()
+            ..DryRun::default()
         };
         let e = load(&mut k, &ctx(&bios), &img, None, "c").expect_err("both fail");
         let msg = e.to_string();
         assert!(matches!(e, Error::BothFailed { .. }), "{msg}");
-        assert!(msg.contains("SYS_kexec_load") && msg.contains("SYS_kexec_file_load"), "{msg}");
+        assert!(
+            msg.contains("SYS_kexec_load") && msg.contains("SYS_kexec_file_load"),
+            "{msg}"
+        );
         assert_eq!(k.calls.len(), 2, "no third attempt");
 
         // The test knob skips kexec_load.
@@ -834,7 +840,11 @@ pub(crate) mod tests {
         let mut forced = crate::kexec::ForceKexecFileLoad(&mut inner);
         let l = load(&mut forced, &ctx(&bios), &img, None, "c").expect("file load");
         assert_eq!(l.path, "kexec_file_load");
-        assert!(l.reason.contains("test_force_kexec_file_load"), "{}", l.reason);
+        assert!(
+            l.reason.contains("test_force_kexec_file_load"),
+            "{}",
+            l.reason
+        );
         assert!(matches!(inner.calls[..], [Call::FileLoad { .. }]));
     }
 
@@ -860,7 +870,11 @@ pub(crate) mod tests {
             let mut k = DryRun::default();
             let l = load(&mut k, &ctx(pre), &img, None, "c").expect("loads");
             assert_eq!(l.path, "kexec_file_load");
-            assert!(matches!(k.calls[..], [Call::FileLoad { .. }]), "{:?}", k.calls);
+            assert!(
+                matches!(k.calls[..], [Call::FileLoad { .. }]),
+                "{:?}",
+                k.calls
+            );
         }
         let mut k = DryRun::default();
         let l = load(&mut k, &ctx(&efi), &img, None, "c").expect("loads");
@@ -869,8 +883,14 @@ pub(crate) mod tests {
         // EFI-booted: the kexec_load fallback as before, on a format error only.
         let mut inner = DryRun::default();
         let mut forced = crate::kexec::ForceKexecLoad(&mut inner);
-        let l = load(&mut forced, &ctx(&efi), &img, Some(b"initrd"), "console=ttyS0")
-            .expect("loads");
+        let l = load(
+            &mut forced,
+            &ctx(&efi),
+            &img,
+            Some(b"initrd"),
+            "console=ttyS0",
+        )
+        .expect("loads");
         assert_eq!(l.path, "kexec_load");
         assert!(l.reason.contains("ENOSYS"), "{}", l.reason);
         let [Call::Load(plan)] = &inner.calls[..] else {
