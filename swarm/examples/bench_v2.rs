@@ -1,13 +1,20 @@
 //! One `/phase/swarm/2` session over loopback beside a raw TCP copy, all in
-//! one process: per repetition (interleaved, so a noisy machine hits every
-//! mode alike) a raw TCP copy, a v2 session over plain TCP (no noise, no
-//! yamux) and a v2 session over real libp2p (tcp + noise + yamux), each
-//! moving the same bytes. Prints MB/s and process CPU-seconds per GB (both
-//! ends, from /proc/self/stat) per run, then the medians and the median of
-//! the per-repetition ratios to the raw copy.
+//! one process. Per repetition, interleaved so that a noisy machine hits
+//! every mode alike, the same bytes go:
+//! - as a raw TCP copy (1 MiB writes and reads);
+//! - as the same copy over one libp2p stream (tcp + noise + yamux, no
+//!   session): the transport's own cost;
+//! - through a v2 session over plain TCP (no noise, no yamux): the session's
+//!   own cost;
+//! - through a v2 session over real libp2p (tcp + noise + yamux).
+//!
+//! Prints MB/s and process CPU-seconds per GB (both ends: every thread's
+//! schedstat) per run, then the medians and the median of the
+//! per-repetition ratios to the raw copy.
 //!
 //! `cargo run --release -p phase-swarm --example bench_v2 -- [MiB] [chunk KiB] [reps] [depth]`
-//! (defaults 64, 1024, 5, 8).
+//! (defaults 64, 1024, 5, 8); `BENCH_V2_ONLY=raw|stream|plain|libp2p` runs
+//! one mode (for a profiler).
 
 #![allow(clippy::unwrap_used)]
 
@@ -37,15 +44,20 @@ fn data(len: usize) -> Bytes {
     v.into()
 }
 
-/// Process CPU seconds (user + system, all threads) from /proc/self/stat.
+/// Process CPU seconds so far: the time on CPU of every thread, from
+/// /proc/self/task/*/schedstat (nanoseconds; /proc/self/stat counts 10 ms
+/// ticks, too coarse for a transfer of a second). The runtime's threads live
+/// as long as the process, so none is lost by exiting mid-run.
 fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
-    // USER_HZ is 100 on Linux.
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
+    let mut ns = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = t.unwrap().path().join("schedstat");
+        // A thread may exit between the listing and the read.
+        if let Ok(s) = std::fs::read_to_string(path) {
+            ns += s.split(' ').next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    ns as f64 / 1e9
 }
 
 /// One measured transfer.
@@ -260,7 +272,8 @@ impl Libp2pPair {
         }
     }
 
-    async fn run(&mut self, pieces: &[Bytes], depth: usize) -> Run {
+    /// A new stream: (A's accepted end, B's opened end).
+    async fn streams(&mut self) -> (libp2p::Stream, libp2p::Stream) {
         let client = tokio::time::timeout(WAIT, self.b_control.open_stream(self.a_peer, PROTOCOL))
             .await
             .unwrap()
@@ -269,6 +282,42 @@ impl Libp2pPair {
             .await
             .unwrap()
             .unwrap();
+        (server, client)
+    }
+
+    /// The transport alone: the bytes copied A to B over one libp2p
+    /// stream, 1 MiB writes and reads, no session.
+    async fn copy(&mut self, bytes: Bytes) -> Run {
+        use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut server, mut client) = self.streams().await;
+        let total = bytes.len();
+        let m = measure_start();
+        let send = tokio::spawn(async move {
+            for part in bytes.chunks(1 << 20) {
+                server.write_all(part).await.unwrap();
+            }
+            server.close().await.unwrap();
+        });
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let run = measure_end(m);
+        send.await.unwrap();
+        assert_eq!(got, total, "libp2p stream copy lost bytes");
+        run
+    }
+
+    async fn run(&mut self, pieces: &[Bytes], depth: usize) -> Run {
+        let (server, client) = self.streams().await;
         let (a, b) = locals(pieces.len() as u32);
         let cfg = SessionConfig::default().with_depth(depth);
         let sa = Session::over_libp2p(server, cfg.clone(), a).unwrap();
@@ -316,17 +365,18 @@ async fn main() {
         "{mib} MiB in {} chunks of {kib} KiB, depth {depth}, {reps} repetitions, 2 worker threads",
         pieces.len()
     );
-    // BENCH_V2_ONLY=raw|plain|libp2p runs one mode (for a profiler).
+    // BENCH_V2_ONLY=raw|stream|plain|libp2p runs one mode (for a profiler).
     let only = std::env::var("BENCH_V2_ONLY").ok();
     let on = |mode: &str| only.as_deref().is_none_or(|o| o == mode);
     if let Some(o) = &only
-        && !["raw", "plain", "libp2p"].contains(&o.as_str())
+        && !["raw", "stream", "plain", "libp2p"].contains(&o.as_str())
     {
-        eprintln!("BENCH_V2_ONLY is raw, plain or libp2p, not {o:?}");
+        eprintln!("BENCH_V2_ONLY is raw, stream, plain or libp2p, not {o:?}");
         std::process::exit(2);
     }
     let mut pair = Libp2pPair::new().await;
-    let (mut raw, mut plain, mut p2p) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut stream, mut plain, mut p2p) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let show = |r: Option<&Run>| {
         r.map_or("      -                   ".to_string(), |r| {
             format!(
@@ -340,6 +390,9 @@ async fn main() {
         if on("raw") {
             raw.push(raw_tcp(bytes.clone()).await);
         }
+        if on("stream") {
+            stream.push(pair.copy(bytes.clone()).await);
+        }
         if on("plain") {
             plain.push(v2_plain_tcp(&pieces, depth).await);
         }
@@ -348,8 +401,9 @@ async fn main() {
         }
         let last = |v: &Vec<Run>| v.last().copied().filter(|_| v.len() == rep);
         println!(
-            "rep {rep}: raw TCP {} | v2 plain TCP {} | v2 libp2p {}",
+            "rep {rep}: raw TCP {} | libp2p stream {} | v2 plain TCP {} | v2 libp2p {}",
             show(last(&raw).as_ref()),
+            show(last(&stream).as_ref()),
             show(last(&plain).as_ref()),
             show(last(&p2p).as_ref()),
         );
@@ -376,7 +430,12 @@ async fn main() {
     };
     println!("medians of {reps}:");
     line("raw TCP copy", &raw, "");
-    line("v2 over plain TCP", &plain, "");
+    line(
+        "libp2p stream copy",
+        &stream,
+        " (tcp+noise+yamux, no session)",
+    );
+    line("v2 over plain TCP", &plain, " (no noise, no yamux)");
     line("v2 over libp2p", &p2p, " (tcp+noise+yamux)");
     for t in pair.tasks {
         t.abort();
