@@ -54,9 +54,9 @@ struct Args {
     #[arg(long)]
     kexec_root: Option<PathBuf>,
     /// How the baseline loads: `-s` (kexec_file_load) or empty for
-    /// kexec_load. Default: the path plasmd takes with the same kernel,
-    /// `-s` on x86_64, kexec_load on aarch64 (Debian's arm64 kernel
-    /// refuses kexec_file_load of an unsigned image).
+    /// kexec_load (add `-i` to skip the purgatory's checks). Default: `-s`
+    /// on x86_64 (issue 13's reference init), kexec_load on aarch64
+    /// (Debian's arm64 kernel has no kexec_file_load).
     #[arg(long, allow_hyphen_values = true)]
     kexec_flags: Option<String>,
     /// Zero bytes the baseline appends to its initrd before kexec (rounded
@@ -217,6 +217,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             timeout,
         )
         .with_context(|| format!("plasmd boot {r}"))?;
+        for (who, lines) in [("baseline", &b.1), ("plasmd", &o.1)] {
+            let text: String = lines
+                .iter()
+                .map(|l| format!("[{:7.3}] {}\n", l.at.as_secs_f64(), l.text))
+                .collect();
+            let path = work.join(format!("console-{who}-{r}.log"));
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
         let tl = timeline(&o.1);
         let show = |tl: &[(String, f64)]| {
             tl.iter()
