@@ -15,6 +15,7 @@
 //!   for a format reason (ENOSYS, EINVAL, ENOEXEC, ENOTSUP), never on a
 //!   policy refusal (EPERM, EKEYREJECTED, ENOKEY).
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::Path;
 
@@ -132,13 +133,15 @@ pub fn parse_lockdown(s: &str) -> Option<String> {
     Some(s[start..end].to_owned())
 }
 
-/// One `kexec_load` segment: bytes and where they go.
+/// One `kexec_load` segment: bytes and where they go. The kernel and the
+/// initrd are borrowed from their (mapped) payloads, not copied: the kernel
+/// copies them into place once, at `kexec_load`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
+pub struct Segment<'a> {
     /// What it is (for logs and tests).
     pub what: &'static str,
     /// The bytes (`bufsz` = len).
-    pub buf: Vec<u8>,
+    pub buf: Cow<'a, [u8]>,
     /// Physical destination, page aligned.
     pub mem: u64,
     /// Destination size, page aligned, >= `buf.len()`.
@@ -147,11 +150,30 @@ pub struct Segment {
 
 /// Everything `kexec_load` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KexecPlan {
+pub struct KexecPlan<'a> {
     /// Physical entry point.
     pub entry: u64,
     /// Segments, non-overlapping.
-    pub segments: Vec<Segment>,
+    pub segments: Vec<Segment<'a>>,
+}
+
+impl KexecPlan<'_> {
+    /// The same plan owning its bytes.
+    pub fn into_owned(self) -> KexecPlan<'static> {
+        KexecPlan {
+            entry: self.entry,
+            segments: self
+                .segments
+                .into_iter()
+                .map(|s| Segment {
+                    what: s.what,
+                    buf: Cow::Owned(s.buf.into_owned()),
+                    mem: s.mem,
+                    memsz: s.memsz,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A physical RAM range `[start, end)`.
@@ -292,12 +314,12 @@ pub struct Arm64Inputs<'a> {
 /// Plans an arm64 `kexec_load`: kernel at the lowest 2 MiB aligned RAM base
 /// plus `text_offset`, then initrd, DTB and trampoline, each 2 MiB aligned so
 /// no segment shares a block mapping with another.
-pub fn plan_arm64(
-    kernel: &[u8],
-    initrd: Option<&[u8]>,
+pub fn plan_arm64<'a>(
+    kernel: &'a [u8],
+    initrd: Option<&'a [u8]>,
     cmdline: &str,
     inputs: &Arm64Inputs<'_>,
-) -> Result<KexecPlan, Error> {
+) -> Result<KexecPlan<'a>, Error> {
     let image = maybe_gunzip(kernel)?;
     let hdr = arm64_header(&image)?;
     let kaslr_seed = inputs
@@ -356,7 +378,7 @@ pub fn plan_arm64(
             rng_seed,
         },
     )?;
-    let seg = |what, buf: Vec<u8>, mem: u64, memsz: u64| -> Result<Segment, Error> {
+    let seg = |what, buf: Cow<'a, [u8]>, mem: u64, memsz: u64| -> Result<Segment<'a>, Error> {
         let len = buf.len() as u64;
         Ok(Segment {
             what,
@@ -370,19 +392,14 @@ pub fn plan_arm64(
             mem,
         })
     };
-    let mut segments = vec![seg(
-        "kernel",
-        image.into_owned(),
-        kernel_at,
-        hdr.image_size,
-    )?];
+    let mut segments = vec![seg("kernel", image, kernel_at, hdr.image_size)?];
     if let Some(i) = initrd {
-        segments.push(seg("initrd", i.to_vec(), initrd_at, i.len() as u64)?);
+        segments.push(seg("initrd", Cow::Borrowed(i), initrd_at, i.len() as u64)?);
     }
-    segments.push(seg("dtb", dtb, dtb_at, 0)?);
+    segments.push(seg("dtb", Cow::Owned(dtb), dtb_at, 0)?);
     segments.push(seg(
         "trampoline",
-        arm64_trampoline(kernel_at, dtb_at),
+        Cow::Owned(arm64_trampoline(kernel_at, dtb_at)),
         tramp_at,
         PAGE,
     )?);
@@ -413,6 +430,25 @@ pub enum Payload<'a> {
 }
 
 impl<'a> Payload<'a> {
+    /// Whether the payload begins with `magic` (a file is read at offset 0,
+    /// not mapped).
+    pub fn starts_with(&self, magic: &[u8]) -> Result<bool, Error> {
+        match *self {
+            Payload::Bytes(b) => Ok(b.starts_with(magic)),
+            Payload::File { file, len } => {
+                if len < magic.len() as u64 {
+                    return Ok(false);
+                }
+                let mut head = vec![0u8; magic.len()];
+                let mut f = file;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))
+                    .and_then(|_| f.read_exact(&mut head))
+                    .map_err(|e| Error::io("read", "kexec payload", e))?;
+                Ok(head == magic)
+            }
+        }
+    }
+
     /// `file` as a payload of its current length.
     pub fn file(file: &'a std::fs::File) -> Result<Payload<'a>, Error> {
         let len = file
@@ -472,6 +508,12 @@ impl Mapped<'_> {
         if len == 0 {
             return Ok(Mapped::Borrowed(&[]));
         }
+        // Linux: fault the whole mapping in at once; kexec_load reads every
+        // page of it anyway, and one populate is cheaper than a fault per page.
+        #[cfg(target_os = "linux")]
+        let flags = libc::MAP_PRIVATE | libc::MAP_POPULATE;
+        #[cfg(not(target_os = "linux"))]
+        let flags = libc::MAP_PRIVATE;
         // SAFETY: a fresh read-only private mapping of an open descriptor;
         // the kernel picks the address. Our payload files are memfds this
         // process wrote and nothing writes once they are handed to kexec.
@@ -480,7 +522,7 @@ impl Mapped<'_> {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE,
+                flags,
                 file.as_raw_fd(),
                 0,
             )
@@ -545,7 +587,7 @@ pub trait Kexec {
         cmdline: &str,
     ) -> Result<(), Error>;
     /// `kexec_load(entry, segments, KEXEC_ARCH_DEFAULT)`.
-    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error>;
+    fn load(&mut self, plan: &KexecPlan<'_>) -> Result<(), Error>;
     /// `reboot(LINUX_REBOOT_CMD_KEXEC)`: returns only on failure.
     fn exec(&mut self) -> Error;
 }
@@ -661,7 +703,7 @@ pub fn load_payloads(
     // decompressed into memory (and copied into a memfd) first.
     let unzipped: Vec<u8>;
     let kernel_for_file = match ctx.arch {
-        Arch::Aarch64 if kernel.map()?.starts_with(&[0x1f, 0x8b]) => {
+        Arch::Aarch64 if kernel.starts_with(&[0x1f, 0x8b])? => {
             unzipped = maybe_gunzip(&kernel.map()?)?.into_owned();
             Payload::Bytes(&unzipped)
         }
@@ -755,7 +797,7 @@ impl Kexec for ForceKexecLoad<'_> {
         })
     }
 
-    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
+    fn load(&mut self, plan: &KexecPlan<'_>) -> Result<(), Error> {
         self.0.load(plan)
     }
 
@@ -782,7 +824,7 @@ impl Kexec for ForceKexecFileLoad<'_> {
         self.0.file_load(kernel, initrd, cmdline)
     }
 
-    fn load(&mut self, _: &KexecPlan) -> Result<(), Error> {
+    fn load(&mut self, _: &KexecPlan<'_>) -> Result<(), Error> {
         Err(Error::Syscall {
             call: "SYS_kexec_load (not called: phase.test_force_kexec_file_load=1)".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOSYS),
@@ -838,7 +880,7 @@ pub enum Call {
         by_fd: bool,
     },
     /// `kexec_load` with the plan.
-    Load(KexecPlan),
+    Load(KexecPlan<'static>),
     /// `reboot(LINUX_REBOOT_CMD_KEXEC)`.
     Exec,
 }
@@ -882,8 +924,8 @@ impl Kexec for DryRun {
         scripted("SYS_kexec_file_load", self.file_load_errno)
     }
 
-    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
-        self.calls.push(Call::Load(plan.clone()));
+    fn load(&mut self, plan: &KexecPlan<'_>) -> Result<(), Error> {
+        self.calls.push(Call::Load(plan.clone().into_owned()));
         scripted("SYS_kexec_load", self.load_errno)
     }
 
@@ -1046,7 +1088,7 @@ mod tests {
 
     /// The error of a plan expected to fail, without printing a plan's
     /// megabytes when it does not.
-    fn no_plan(r: Result<KexecPlan, Error>) -> Error {
+    fn no_plan(r: Result<KexecPlan<'_>, Error>) -> Error {
         match r {
             Ok(p) => panic!("planned at {:#x}, expected an error", p.entry),
             Err(e) => e,

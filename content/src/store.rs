@@ -24,6 +24,11 @@ pub trait ChunkStore: Send + Sync {
     /// Stores a chunk after checking that `data` hashes to `hash`.
     /// Returns whether it was new.
     fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, Error>;
+    /// [`ChunkStore::put`] for bytes the caller gives up: a store that keeps
+    /// chunks in memory keeps these without a copy.
+    fn put_bytes(&self, hash: &Hash, data: Bytes) -> Result<bool, Error> {
+        self.put(hash, &data)
+    }
 }
 
 fn check(hash: &Hash, data: &[u8]) -> Result<(), Error> {
@@ -73,12 +78,16 @@ impl ChunkStore for MemStore {
     }
 
     fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, Error> {
-        check(hash, data)?;
+        self.put_bytes(hash, Bytes::copy_from_slice(data))
+    }
+
+    fn put_bytes(&self, hash: &Hash, data: Bytes) -> Result<bool, Error> {
+        check(hash, &data)?;
         let mut m = self
             .chunks
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok(m.insert(*hash, Bytes::copy_from_slice(data)).is_none())
+        Ok(m.insert(*hash, data).is_none())
     }
 }
 
@@ -412,6 +421,22 @@ pub fn verify_file(artifact: &Artifact, path: &Path) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::chunk::chunk_hashes;
+
+    #[test]
+    fn mem_store_keeps_given_bytes_without_a_copy_and_checks_them() {
+        let s = MemStore::new();
+        let data = Bytes::from(vec![7u8; 1000]);
+        let h = Hash::of(&data);
+        assert!(s.put_bytes(&h, data.clone()).expect("stored"));
+        let got = s.get(&h).expect("get").expect("present");
+        assert_eq!(got.as_ptr(), data.as_ptr(), "the same buffer, not a copy");
+        let bad = Bytes::from(vec![8u8; 1000]);
+        assert!(matches!(
+            s.put_bytes(&Hash::of(b"other"), bad),
+            Err(Error::ChunkMismatch { .. })
+        ));
+        assert_eq!(s.len(), 1);
+    }
 
     fn artifact(data: &[u8], cs: u32) -> Artifact {
         Artifact {

@@ -129,7 +129,7 @@ impl Kexec for Syscalls {
         Ok(())
     }
 
-    fn load(&mut self, plan: &KexecPlan) -> Result<(), Error> {
+    fn load(&mut self, plan: &KexecPlan<'_>) -> Result<(), Error> {
         let raw: Vec<RawSegment> = plan
             .segments
             .iter()

@@ -8,6 +8,7 @@
 //! and offset taken from the image is checked: a bad image is an
 //! [`Error::Image`], never a panic or a wrapped address.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use super::{KexecPlan, PAGE, Range, Segment};
@@ -345,12 +346,12 @@ fn place_high(ram: &[Range], len: u64, limit: u64, avoid: (u64, u64)) -> Option<
 /// RAM (its segment covers `init_size`, the room the decompressor uses),
 /// right after it the zero page, the command line and the trampoline; the
 /// initrd as high as `initrd_addr_max` allows. Entry: the trampoline.
-pub fn plan_x86_64(
-    kernel: &[u8],
-    initrd: Option<&[u8]>,
+pub fn plan_x86_64<'a>(
+    kernel: &'a [u8],
+    initrd: Option<&'a [u8]>,
     cmdline: &str,
     inputs: &X86Inputs<'_>,
-) -> Result<KexecPlan, Error> {
+) -> Result<KexecPlan<'a>, Error> {
     let hdr = bzimage_header(kernel)?;
     if cmdline.len() as u64 > u64::from(hdr.cmdline_size) {
         return Err(bad(format!(
@@ -423,7 +424,7 @@ pub fn plan_x86_64(
     }
 
     let page_up = |n: u64, what: &str| align_up(n, PAGE).ok_or_else(|| ovf(what));
-    let pm = kernel[hdr.pm_offset..].to_vec();
+    let pm = Cow::Borrowed(&kernel[hdr.pm_offset..]);
     let entry = add(kernel_at, ENTRY_64, "kernel entry")?;
     let mut segments = vec![Segment {
         what: "kernel",
@@ -435,25 +436,25 @@ pub fn plan_x86_64(
         segments.push(Segment {
             what: "initrd",
             memsz: page_up(initrd_len, "initrd")?,
-            buf: i.to_vec(),
+            buf: Cow::Borrowed(i),
             mem: initrd_at,
         });
     }
     segments.push(Segment {
         what: "boot_params",
-        buf: bp,
+        buf: Cow::Owned(bp),
         mem: bp_at,
         memsz: PAGE,
     });
     segments.push(Segment {
         what: "cmdline",
         memsz: page_up(cmd.len() as u64, "cmdline")?,
-        buf: cmd,
+        buf: Cow::Owned(cmd),
         mem: cmd_at,
     });
     segments.push(Segment {
         what: "trampoline",
-        buf: x86_64_trampoline(tramp_at, bp_at, entry),
+        buf: Cow::Owned(x86_64_trampoline(tramp_at, bp_at, entry)),
         mem: tramp_at,
         memsz: PAGE,
     });
@@ -515,7 +516,7 @@ pub(crate) mod tests {
     }
 
     /// What a plan must satisfy whatever the inputs.
-    fn check_layout(plan: &KexecPlan, memmap: &[E820Entry]) {
+    fn check_layout(plan: &KexecPlan<'_>, memmap: &[E820Entry]) {
         let ram = usable_ram(memmap);
         let mut prev_end = 0;
         for s in &plan.segments {
@@ -541,7 +542,7 @@ pub(crate) mod tests {
         assert_eq!(plan.entry, t.mem, "entry is the trampoline");
     }
 
-    fn seg<'a>(plan: &'a KexecPlan, what: &str) -> &'a Segment {
+    fn seg<'a>(plan: &'a KexecPlan<'_>, what: &str) -> &'a Segment<'a> {
         plan.segments
             .iter()
             .find(|s| s.what == what)
@@ -686,7 +687,7 @@ pub(crate) mod tests {
         );
         assert_eq!(k.mem % u64::from(h.kernel_alignment), 0);
         assert!(k.memsz >= u64::from(h.init_size));
-        assert_eq!(k.buf, img[h.pm_offset..]);
+        assert_eq!(&k.buf[..], &img[h.pm_offset..]);
         let bp = &seg(&plan, "boot_params").buf;
         // The setup header is copied; the loader's fields are then filled in.
         for (o, len) in [(0x1f1, 1), (0x202, 6), (0x230, 8), (0x258, 12)] {
@@ -703,7 +704,7 @@ pub(crate) mod tests {
         assert!(ir.mem > 0x3000_0000, "initrd placed high: {:#x}", ir.mem);
         let c = seg(&plan, "cmdline");
         assert_eq!(u32_at(bp, 0x228), c.mem);
-        assert_eq!(c.buf, b"console=ttyS0 token=abc\0");
+        assert_eq!(&c.buf[..], b"console=ttyS0 token=abc\0");
         assert_eq!(bp[0x1e8], 7, "every e820 entry");
         assert_eq!(
             &bp[0x2d0 + 3 * 20..0x2d0 + 3 * 20 + 8],

@@ -2,6 +2,7 @@
 //! signed manifest, the seed's libp2p addresses, and chunks as a last
 //! resort. The one HTTP client of `plasmd fetch` and of PID 1.
 
+use std::io::Read;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -59,11 +60,23 @@ impl HttpSeed {
             .get(&url)
             .call()
             .with_context(|| format!("GET {url}"))?;
+        // Sized from Content-Length (within the limit), so a chunk is read
+        // straight into its buffer without regrowing it.
+        let mut buf = Vec::with_capacity(
+            resp.body()
+                .content_length()
+                .unwrap_or(0)
+                .min(limit)
+                .try_into()
+                .unwrap_or(0),
+        );
         resp.body_mut()
             .with_config()
             .limit(limit)
-            .read_to_vec()
-            .with_context(|| format!("reading GET {url}"))
+            .reader()
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading GET {url}"))?;
+        Ok(buf)
     }
 
     /// Where [`HttpSeed::manifest`] reads `channel`/`arch` from.

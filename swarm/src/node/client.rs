@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use libp2p::PeerId;
 use phase_content::{Hash, PublicKey, SignedManifest};
 use tokio::sync::{oneshot, watch};
@@ -333,7 +334,7 @@ impl Node {
         let i = index as usize;
         let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
         let data = match data {
-            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
+            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => Bytes::from(d),
             _ => {
                 self.metrics.rejected(&src);
                 if fetching {
@@ -354,7 +355,7 @@ impl Node {
                 Err(None)
             }
         } else {
-            match self.store.put(&held.hashes[i], &data) {
+            match self.store.put_bytes(&held.hashes[i], data.clone()) {
                 Ok(_) => {
                     held.mark(i);
                     Ok(())
