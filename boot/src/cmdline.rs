@@ -168,6 +168,11 @@ pub struct PhaseConfig {
     /// `kexec_file_load` with ENOSYS without calling it, so the `kexec_load`
     /// fallback runs on a kernel that has both.
     pub test_force_kexec_load: bool,
+    /// `phase.test_force_kexec_file_load=1`: TEST ONLY. Init answers
+    /// `kexec_load` with ENOSYS without calling it, so an x86_64 kernel that
+    /// takes `kexec_load` first (BIOS-booted, no lockdown) uses
+    /// `kexec_file_load`.
+    pub test_force_kexec_file_load: bool,
 }
 
 impl Default for PhaseConfig {
@@ -184,6 +189,7 @@ impl Default for PhaseConfig {
             metrics: None,
             test_disable_kexec: false,
             test_force_kexec_load: false,
+            test_force_kexec_file_load: false,
         }
     }
 }
@@ -274,7 +280,7 @@ impl PhaseConfig {
                             .map_err(|_| bad("want a TCP port (0-65535)"))?,
                     )
                 }
-                "test_disable_kexec" | "test_force_kexec_load" => {
+                "test_disable_kexec" | "test_force_kexec_load" | "test_force_kexec_file_load" => {
                     let on = match p.value {
                         None | Some("1") | Some("y") => true,
                         Some("0") | Some("n") => false,
@@ -283,10 +289,10 @@ impl PhaseConfig {
                         Some(_) if !cfg!(feature = "test-knobs") => true,
                         Some(_) => return Err(bad("want 1 or 0")),
                     };
-                    if name == "test_disable_kexec" {
-                        cfg.test_disable_kexec = on;
-                    } else {
-                        cfg.test_force_kexec_load = on;
+                    match name {
+                        "test_disable_kexec" => cfg.test_disable_kexec = on,
+                        "test_force_kexec_load" => cfg.test_force_kexec_load = on,
+                        _ => cfg.test_force_kexec_file_load = on,
                     }
                 }
                 _ => warnings.push(Warning {
@@ -342,6 +348,9 @@ impl PhaseConfig {
         }
         if self.test_force_kexec_load {
             push("test_force_kexec_load", "1");
+        }
+        if self.test_force_kexec_file_load {
+            push("test_force_kexec_file_load", "1");
         }
         words.join(" ")
     }
@@ -506,6 +515,7 @@ mod tests {
             metrics in proptest::option::of(any::<u16>()),
             test_disable_kexec in any::<bool>(),
             test_force_kexec_load in any::<bool>(),
+            test_force_kexec_file_load in any::<bool>(),
             noise in "[a-z =\"]{0,20}",
         ) {
             let cfg = PhaseConfig {
@@ -520,6 +530,7 @@ mod tests {
                 metrics,
                 test_disable_kexec,
                 test_force_kexec_load,
+                test_force_kexec_file_load,
             };
             // Other parameters (even odd quoting) before ours do not leak into ours.
             let line = format!("console=ttyS0 {} {}", noise.replace('"', ""), cfg.to_cmdline());

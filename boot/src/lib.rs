@@ -26,7 +26,7 @@
 //! // the x86_64 fallback needs the firmware memory map; without one this is
 //! // a clear error, not a guess.
 //! let mut k = DryRun { file_load_errno: libc::ENOSYS, ..DryRun::default() };
-//! let pre = Preflight { load_disabled: Some(false), lockdown: None };
+//! let pre = Preflight { load_disabled: Some(false), lockdown: None, efi: false };
 //! let ctx = LoadContext { arch: Arch::X86_64, preflight: &pre, arm64: None, x86_64: None };
 //! let err = kexec::load(&mut k, &ctx, b"bzImage", None, "console=ttyS0").unwrap_err();
 //! assert!(err.to_string().contains("ENOSYS"));
@@ -72,6 +72,14 @@ pub enum Error {
         mode: String,
         /// Why `kexec_file_load` failed.
         first: Box<Error>,
+    },
+    /// x86_64: `kexec_load` (tried first) and then `kexec_file_load` both failed.
+    #[error("kexec_load failed ({load}), and then kexec_file_load failed ({file_load})")]
+    BothFailed {
+        /// Why `kexec_load` failed.
+        load: Box<Error>,
+        /// Why `kexec_file_load` failed.
+        file_load: Box<Error>,
     },
     /// A syscall failed; `call` shows it with its arguments.
     #[error("{call} = {}: {source}", kexec::errno_name(source.raw_os_error().unwrap_or(0)))]

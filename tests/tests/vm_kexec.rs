@@ -191,32 +191,41 @@ fn boots_target_with(arch: Arch, s: &Setup, want_path: &str, extra: &str) -> Pro
 }
 
 #[test]
-fn x86_64_kexec_file_load_boots_the_fetched_kernel() {
-    kexec_boots_target(Arch::X86_64, "kexec_file_load");
+fn x86_64_kexec_load_first_boots_the_fetched_kernel() {
+    // A BIOS-booted guest without lockdown takes kexec_load first: our
+    // bzImage planner, zero page and trampoline boot the target, with no
+    // in-kernel digest and no purgatory (DESIGN.md decision 5).
+    let Some(s) = setup(Arch::X86_64, false) else {
+        return;
+    };
+    let guest = boots_target_with(Arch::X86_64, &s, "kexec_load", "");
+    let out = guest.output();
+    assert!(
+        out.contains("plasmd: phase kexec path=kexec_load reason=preferred on a BIOS-booted"),
+        "{out}"
+    );
 }
 
 #[test]
-fn x86_64_kexec_load_fallback_boots_the_fetched_kernel() {
-    // The amd64 kernel has kexec_file_load; the test knob answers it with
-    // ENOSYS so our bzImage planner, zero page and trampoline boot the target.
+fn x86_64_kexec_file_load_boots_the_fetched_kernel() {
+    // The test knob answers kexec_load with ENOSYS, so the kernel's own
+    // file interface (and its purgatory) boots the target.
     let Some(s) = setup(Arch::X86_64, true) else {
         return;
     };
     let guest = boots_target_with(
         Arch::X86_64,
         &s,
-        "kexec_load",
-        "phase.test_force_kexec_load=1",
+        "kexec_file_load",
+        "phase.test_force_kexec_file_load=1",
     );
     let out = guest.output();
     assert!(
-        out.contains("plasmd: test knob: kexec_file_load answered ENOSYS without calling it"),
+        out.contains("plasmd: test knob: kexec_load answered ENOSYS without calling it"),
         "{out}"
     );
     assert!(
-        out.contains(
-            "plasmd: phase kexec path=kexec_load reason=kexec_file_load failed with ENOSYS"
-        ),
+        out.contains("plasmd: phase kexec path=kexec_file_load reason=kexec_load failed: "),
         "{out}"
     );
 }
@@ -262,11 +271,16 @@ fn x86_64_a_guest_without_test_knobs_ignores_them_and_boots() {
     let guest = boots_target_with(
         Arch::X86_64,
         &s,
-        "kexec_file_load",
-        "phase.test_disable_kexec=1 phase.test_force_kexec_load=1",
+        "kexec_load",
+        "phase.test_disable_kexec=1 phase.test_force_kexec_load=1 \
+         phase.test_force_kexec_file_load=1",
     );
     let out = guest.output();
-    for knob in ["test_disable_kexec", "test_force_kexec_load"] {
+    for knob in [
+        "test_disable_kexec",
+        "test_force_kexec_load",
+        "test_force_kexec_file_load",
+    ] {
         let line = format!("plasmd: ignoring phase.{knob}: this build has no test knobs");
         assert_eq!(out.matches(&line).count(), 1, "{line}:\n{out}");
     }

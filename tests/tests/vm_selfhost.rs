@@ -48,7 +48,7 @@ fn kexec_path(g: &Proc, want: &str) {
 
 #[test]
 fn three_vms_the_seed_leaves_and_two_boot_from_the_first() {
-    three_vms(Arch::X86_64, "kexec_file_load");
+    three_vms(Arch::X86_64, "kexec_load");
 }
 
 #[test]

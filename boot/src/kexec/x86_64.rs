@@ -467,7 +467,7 @@ pub fn plan_x86_64(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::kexec::{Arch, Call, DryRun, LoadContext, Preflight, load};
+    use crate::kexec::{Arch, Call, DryRun, LoadContext, Preflight, errno_name, load};
     use proptest::prelude::*;
 
     /// A bzImage-shaped file: 4 setup sectors, protocol 2.15, relocatable,
@@ -787,43 +787,129 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn dry_run_takes_the_kexec_load_fallback_with_this_plan() {
+    fn a_bios_booted_kernel_takes_kexec_load_first_with_this_plan() {
         let img = fake_bzimage(1 << 20, 8 << 20);
         let m = qemu_memmap();
-        let pre = Preflight::default();
-        let ctx = LoadContext {
+        let bios = Preflight::default();
+        let ctx = |pre| LoadContext {
             arch: Arch::X86_64,
-            preflight: &pre,
+            preflight: pre,
             arm64: None,
             x86_64: Some(inputs(&m)),
         };
-        let mut inner = DryRun::default();
-        let mut forced = crate::kexec::ForceKexecLoad(&mut inner);
-        let l = load(&mut forced, &ctx, &img, Some(b"initrd"), "console=ttyS0").expect("loads");
+        let mut k = DryRun::default();
+        let l = load(&mut k, &ctx(&bios), &img, Some(b"initrd"), "console=ttyS0").expect("loads");
         assert_eq!(l.path, "kexec_load");
-        assert!(l.reason.contains("ENOSYS"), "{}", l.reason);
-        assert_eq!(inner.calls.len(), 1, "kexec_file_load was not called");
-        let Call::Load(plan) = &inner.calls[0] else {
-            panic!("{:?}", inner.calls)
+        assert!(l.reason.contains("BIOS-booted"), "{}", l.reason);
+        let [Call::Load(plan)] = &k.calls[..] else {
+            panic!("only kexec_load is called: {:?}", k.calls)
         };
         check_layout(plan, &m);
-        // A real ENOSYS from the kernel takes the same path.
+
+        // kexec_load refused for any reason: kexec_file_load, and the reason says why.
+        for errno in [libc::ENOSYS, libc::EPERM, libc::EINVAL] {
+            let mut k = DryRun {
+                load_errno: errno,
+                ..DryRun::default()
+            };
+            let l = load(&mut k, &ctx(&bios), &img, None, "c").expect("file load");
+            assert_eq!(l.path, "kexec_file_load");
+            assert!(l.reason.contains(errno_name(errno)), "{}", l.reason);
+            assert!(matches!(
+                k.calls[..],
+                [Call::Load(_), Call::FileLoad { .. }]
+            ));
+        }
+        // Both refused: one error naming both.
         let mut k = DryRun {
-            file_load_errno: libc::ENOSYS,
+            load_errno: libc::ENOSYS,
+            file_load_errno: libc::ENOEXEC,
             ..DryRun::default()
         };
-        let l = load(&mut k, &ctx, &img, None, "c").expect("loads");
+        let e = load(&mut k, &ctx(&bios), &img, None, "c").expect_err("both fail");
+        let msg = e.to_string();
+        assert!(matches!(e, Error::BothFailed { .. }), "{msg}");
+        assert!(
+            msg.contains("SYS_kexec_load") && msg.contains("SYS_kexec_file_load"),
+            "{msg}"
+        );
+        assert_eq!(k.calls.len(), 2, "no third attempt");
+
+        // The test knob skips kexec_load.
+        let mut inner = DryRun::default();
+        let mut forced = crate::kexec::ForceKexecFileLoad(&mut inner);
+        let l = load(&mut forced, &ctx(&bios), &img, None, "c").expect("file load");
+        assert_eq!(l.path, "kexec_file_load");
+        assert!(
+            l.reason.contains("test_force_kexec_file_load"),
+            "{}",
+            l.reason
+        );
+        assert!(matches!(inner.calls[..], [Call::FileLoad { .. }]));
+    }
+
+    #[test]
+    fn efi_booted_and_locked_down_kernels_keep_kexec_file_load_first() {
+        let img = fake_bzimage(1 << 20, 8 << 20);
+        let m = qemu_memmap();
+        let efi = Preflight {
+            efi: true,
+            ..Preflight::default()
+        };
+        let locked = Preflight {
+            lockdown: Some("integrity".into()),
+            ..Preflight::default()
+        };
+        let ctx = |pre| LoadContext {
+            arch: Arch::X86_64,
+            preflight: pre,
+            arm64: None,
+            x86_64: Some(inputs(&m)),
+        };
+        for pre in [&efi, &locked] {
+            let mut k = DryRun::default();
+            let l = load(&mut k, &ctx(pre), &img, None, "c").expect("loads");
+            assert_eq!(l.path, "kexec_file_load");
+            assert!(
+                matches!(k.calls[..], [Call::FileLoad { .. }]),
+                "{:?}",
+                k.calls
+            );
+        }
+        let mut k = DryRun::default();
+        let l = load(&mut k, &ctx(&efi), &img, None, "c").expect("loads");
+        assert!(l.reason.contains("EFI-booted"), "{}", l.reason);
+
+        // EFI-booted: the kexec_load fallback as before, on a format error only.
+        let mut inner = DryRun::default();
+        let mut forced = crate::kexec::ForceKexecLoad(&mut inner);
+        let l = load(
+            &mut forced,
+            &ctx(&efi),
+            &img,
+            Some(b"initrd"),
+            "console=ttyS0",
+        )
+        .expect("loads");
         assert_eq!(l.path, "kexec_load");
-        assert!(matches!(
-            k.calls[..],
-            [Call::FileLoad { .. }, Call::Load(_)]
-        ));
-        // A policy refusal does not fall back.
+        assert!(l.reason.contains("ENOSYS"), "{}", l.reason);
+        let [Call::Load(plan)] = &inner.calls[..] else {
+            panic!("kexec_file_load was not called: {:?}", inner.calls)
+        };
+        check_layout(plan, &m);
         let mut k = DryRun {
             file_load_errno: libc::EPERM,
             ..DryRun::default()
         };
-        assert!(load(&mut k, &ctx, &img, None, "c").is_err());
+        assert!(load(&mut k, &ctx(&efi), &img, None, "c").is_err());
+        assert_eq!(k.calls.len(), 1, "a policy refusal does not fall back");
+        // Locked down: no unsigned fallback at all.
+        let mut k = DryRun {
+            file_load_errno: libc::ENOSYS,
+            ..DryRun::default()
+        };
+        let e = load(&mut k, &ctx(&locked), &img, None, "c").expect_err("locked down");
+        assert!(matches!(e, Error::LockedDown { .. }), "{e}");
         assert_eq!(k.calls.len(), 1);
     }
 

@@ -1,6 +1,8 @@
 //! Test knobs: `phase.test_disable_kexec=1` (PID 1 sets the kernel's one-way
 //! `kexec_load_disabled` latch), `phase.test_force_kexec_load=1`
-//! (`kexec_file_load` answers ENOSYS so the `kexec_load` fallback runs) and
+//! (`kexec_file_load` answers ENOSYS so the `kexec_load` fallback runs),
+//! `phase.test_force_kexec_file_load=1` (`kexec_load` answers ENOSYS, so an
+//! x86_64 kernel that prefers it goes on to `kexec_file_load`) and
 //! `phase.test_liar=1` (the booted node corrupts every chunk it serves).
 //!
 //! They act only in a `plasmd` built with the cargo feature `test-knobs`
@@ -29,6 +31,10 @@ pub(crate) fn apply(cfg: &mut PhaseConfig) -> Vec<String> {
     for (name, on) in [
         ("test_disable_kexec", &mut cfg.test_disable_kexec),
         ("test_force_kexec_load", &mut cfg.test_force_kexec_load),
+        (
+            "test_force_kexec_file_load",
+            &mut cfg.test_force_kexec_file_load,
+        ),
     ] {
         if std::mem::take(on) {
             lines.push(ignored(name));
@@ -53,7 +59,8 @@ pub(crate) fn liar(raw: &str) -> (bool, Option<String>) {
 mod tests {
     use super::*;
 
-    const ALL: &str = "console=ttyS0 phase.test_disable_kexec=1 phase.test-force-kexec-load";
+    const ALL: &str = "console=ttyS0 phase.test_disable_kexec=1 phase.test-force-kexec-load \
+                       phase.test_force_kexec_file_load=1";
 
     fn parsed(line: &str) -> PhaseConfig {
         PhaseConfig::parse(line).expect("parses").0
@@ -74,6 +81,7 @@ mod tests {
         let mut cfg = parsed(ALL);
         assert!(apply(&mut cfg).is_empty());
         assert!(cfg.test_disable_kexec && cfg.test_force_kexec_load);
+        assert!(cfg.test_force_kexec_file_load);
         assert_eq!(liar("phase.pubkey=x phase.test_liar=1"), (true, None));
         assert_eq!(liar("phase.test_liar"), (true, None));
     }
@@ -87,9 +95,11 @@ mod tests {
             [
                 "plasmd: ignoring phase.test_disable_kexec: this build has no test knobs",
                 "plasmd: ignoring phase.test_force_kexec_load: this build has no test knobs",
+                "plasmd: ignoring phase.test_force_kexec_file_load: this build has no test knobs",
             ]
         );
         assert!(!cfg.test_disable_kexec && !cfg.test_force_kexec_load);
+        assert!(!cfg.test_force_kexec_file_load);
         assert_eq!(
             liar("phase.pubkey=x phase.test_liar=1"),
             (

@@ -319,6 +319,10 @@ fn boot(
         println!("plasmd: test knob: kexec_file_load answered ENOSYS without calling it");
         let mut forced = kexec::ForceKexecLoad(k.as_mut());
         kexec::load_payloads(&mut forced, &ctx, kernel, initrd, &cmdline)?
+    } else if cfg.test_force_kexec_file_load {
+        println!("plasmd: test knob: kexec_load answered ENOSYS without calling it");
+        let mut forced = kexec::ForceKexecFileLoad(k.as_mut());
+        kexec::load_payloads(&mut forced, &ctx, kernel, initrd, &cmdline)?
     } else {
         kexec::load_payloads(k.as_mut(), &ctx, kernel, initrd, &cmdline)?
     };

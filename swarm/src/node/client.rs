@@ -1,0 +1,568 @@
+//! The fetching side: the manifests held ([`Held`]), the running fetch and
+//! manifest search, the scheduler's actions carried out, and the answers to
+//! our requests (chunks verified and stored here).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use libp2p::PeerId;
+use phase_content::{Hash, PublicKey, SignedManifest};
+use tokio::sync::{oneshot, watch};
+
+use super::dial::root_key;
+use super::{Fallback, FetchProgress, FetchReport, Node, PeerStats, Source};
+use crate::Error;
+use crate::codec::Inbound;
+use crate::protocol::{Request, Response, Root, unpack_bits};
+use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+
+/// A manifest this node holds chunks of.
+pub(super) struct Held {
+    pub(super) manifest: SignedManifest,
+    pub(super) hashes: Vec<Hash>,
+    pub(super) lens: Vec<u64>,
+    /// (name, first chunk, chunk count, size) per artifact.
+    pub(super) artifacts: Vec<(String, usize, usize, u64)>,
+    /// The one record of which chunks are held (what this node serves), and
+    /// the fetch state while this root is being fetched.
+    pub(super) sched: Scheduler<Source>,
+    /// Verified bytes held per artifact.
+    pub(super) done: Vec<u64>,
+    pub(super) announced: bool,
+    /// What this node has sent of each chunk (super-seeding once complete).
+    pub(super) sent: crate::superseed::SendCounts,
+}
+
+impl Held {
+    pub(super) fn new(manifest: SignedManifest, cfg: SchedulerConfig, rng_seed: u64) -> Self {
+        let mut hashes = Vec::new();
+        let mut lens = Vec::new();
+        let mut artifacts = Vec::new();
+        for a in &manifest.manifest().artifacts {
+            artifacts.push((a.name.clone(), hashes.len(), a.chunks.len(), a.size));
+            for (i, h) in a.chunks.iter().enumerate() {
+                hashes.push(*h);
+                lens.push(a.chunk_len(i));
+            }
+        }
+        let n = hashes.len();
+        let done = vec![0; artifacts.len()];
+        Held {
+            manifest,
+            hashes,
+            lens,
+            artifacts,
+            sched: Scheduler::new(n, cfg, rng_seed),
+            done,
+            announced: false,
+            sent: crate::superseed::SendCounts::new(n),
+        }
+    }
+
+    /// Marks chunk `i` held and counts its bytes, once.
+    pub(super) fn mark(&mut self, i: usize) {
+        if !self.sched.is_held(i as u32) {
+            self.sched.mark_held(i as u32);
+            self.add_done(i);
+        }
+    }
+
+    fn add_done(&mut self, i: usize) {
+        let a = self
+            .artifacts
+            .partition_point(|(_, first, _, _)| *first <= i);
+        if let Some(d) = a.checked_sub(1).and_then(|a| self.done.get_mut(a)) {
+            *d += self.lens[i];
+        }
+    }
+
+    pub(super) fn progress(&self, peers: usize) -> FetchProgress {
+        FetchProgress {
+            artifacts: self
+                .artifacts
+                .iter()
+                .zip(&self.done)
+                .map(|((name, _, _, size), done)| (name.clone(), *done, *size))
+                .collect(),
+            held: self.sched.held_count(),
+            total: self.hashes.len(),
+            peers,
+        }
+    }
+}
+
+/// What belongs to one fetch; the chunks and the scheduler belong to the
+/// root's [`Held`], so a later fetch of the same root resumes.
+pub(super) struct Fetch {
+    pub(super) root: Root,
+    pub(super) start: Instant,
+    pub(super) stats: BTreeMap<Source, PeerStats>,
+    pub(super) bytes: u64,
+    /// Peers banned while this fetch ran (the node's set holds them all).
+    pub(super) banned: Vec<PeerId>,
+    pub(super) fallback: Option<Arc<dyn Fallback>>,
+    pub(super) progress: Option<watch::Sender<FetchProgress>>,
+    pub(super) reply: oneshot::Sender<Result<FetchReport, Error>>,
+    pub(super) last_lookup: Instant,
+}
+
+pub(super) struct Find {
+    pub(super) channel: String,
+    pub(super) arch: String,
+    pub(super) pinned: PublicKey,
+    pub(super) deadline: Instant,
+    pub(super) asked: HashSet<PeerId>,
+    pub(super) outstanding: usize,
+    pub(super) best: Option<SignedManifest>,
+    pub(super) reply: oneshot::Sender<Result<SignedManifest, Error>>,
+}
+
+pub(super) enum Outbound {
+    Chunk { root: Root, index: u32 },
+    HaveMap { root: Root },
+    Latest,
+}
+
+impl Node {
+    pub(super) fn start_fetch(
+        &mut self,
+        m: SignedManifest,
+        fallback: Option<Arc<dyn Fallback>>,
+        progress: Option<watch::Sender<FetchProgress>>,
+        reply: oneshot::Sender<Result<FetchReport, Error>>,
+    ) {
+        if let Some(f) = &self.fetch {
+            if !f.reply.is_closed() {
+                let _ = reply.send(Err(Error::Fetch {
+                    root: m.root().to_hex(),
+                    reason: "another fetch is running on this node; wait for it to finish \
+                             or drop it before fetching again"
+                        .into(),
+                }));
+                return;
+            }
+            // Its caller gave up (a timeout): this fetch takes over and
+            // resumes from what that one verified.
+            tracing::debug!(root = %Hash::from_bytes(f.root), "replacing an abandoned fetch");
+            self.fetch = None;
+        }
+        let root = *m.root().as_bytes();
+        let (cfg, seed) = (self.cfg.scheduler.clone(), self.cfg.rng_seed);
+        let held = self
+            .held
+            .entry(root)
+            .or_insert_with(|| Held::new(m, cfg, seed));
+        // A fresh view of peers and timers, but not of the chunks held.
+        held.sched.reset();
+        held.sched
+            .set_fallback(fallback.is_some().then_some(Source::HttpSeed));
+        for i in 0..held.hashes.len() {
+            if self.store.has(&held.hashes[i]) {
+                held.mark(i);
+            }
+        }
+        let need_announce = held.sched.held_count() > 0 && !held.announced;
+        let mm = held.manifest.manifest();
+        self.metrics.serving(&mm.channel, &mm.arch, mm.sequence);
+        if let Some(kad) = self.kad() {
+            kad.get_providers(root_key(&root));
+        }
+        self.fetch = Some(Fetch {
+            root,
+            start: Instant::now(),
+            stats: BTreeMap::new(),
+            bytes: 0,
+            banned: Vec::new(),
+            fallback,
+            progress,
+            reply,
+            last_lookup: Instant::now(),
+        });
+        if need_announce {
+            self.announce(root);
+        }
+        let peers: Vec<Source> = self.connected.iter().map(|p| Source::Peer(*p)).collect();
+        self.drive(Input::ProvidersFound(peers));
+    }
+
+    /// Feeds the running fetch's scheduler and carries out its actions.
+    pub(super) fn drive(&mut self, mut input: Input<Source>) {
+        let now = self.now();
+        let Some(root) = self.fetch.as_ref().map(|f| f.root) else {
+            return;
+        };
+        // The scheduler forgot every banned peer; it must not hear of one again.
+        let banned = |s: &Source| matches!(s, Source::Peer(p) if self.banned.contains(p));
+        match &mut input {
+            Input::ProvidersFound(ps) => ps.retain(|p| !banned(p)),
+            Input::Tick => {}
+            Input::PeerFound(p)
+            | Input::HaveMap { peer: p, .. }
+            | Input::Have { peer: p, .. }
+            | Input::ChunkOk { peer: p, .. }
+            | Input::ChunkBad { peer: p, .. }
+            | Input::ChunkFailed { peer: p, .. }
+            | Input::DoNotHave { peer: p, .. }
+            | Input::Busy { peer: p, .. }
+            | Input::Unchoke(p)
+            | Input::PeerGone(p) => {
+                if banned(p) {
+                    return;
+                }
+            }
+        }
+        // Alone (no peer connected, no dial in flight): the HTTP rescue need
+        // not wait for anyone (the top-level DESIGN.md, decision 11).
+        let alone = self.connected.is_empty()
+            && self
+                .swarm
+                .network_info()
+                .connection_counters()
+                .num_pending_outgoing()
+                == 0;
+        let Some(h) = self.held.get_mut(&root) else {
+            return;
+        };
+        h.sched.set_alone(alone, now);
+        let actions = h.sched.handle(input, now);
+        for a in actions {
+            match a {
+                Action::Request {
+                    peer: Source::Peer(p),
+                    chunk,
+                } => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_request(&p, Inbound::Ok(Request::Chunk { root, index: chunk }));
+                    self.outbound
+                        .insert(id, (p, Outbound::Chunk { root, index: chunk }));
+                }
+                Action::Request {
+                    peer: Source::HttpSeed,
+                    chunk,
+                } => {
+                    let Some(f) = self.fetch.as_ref() else { return };
+                    let (Some(fb), Some(h)) = (
+                        f.fallback.clone(),
+                        self.held
+                            .get(&root)
+                            .and_then(|h| h.hashes.get(chunk as usize)),
+                    ) else {
+                        continue;
+                    };
+                    let (hash, tx) = (*h, self.fb_tx.clone());
+                    tokio::spawn(async move {
+                        let res = tokio::task::spawn_blocking(move || fb.get(&hash))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                        let _ = tx.send((root, chunk, res)).await;
+                    });
+                }
+                Action::AskHaveMap(Source::Peer(p)) => {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_request(&p, Inbound::Ok(Request::HaveMap { root }));
+                    self.outbound.insert(id, (p, Outbound::HaveMap { root }));
+                }
+                Action::AskHaveMap(Source::HttpSeed) => {}
+                Action::Ban(Source::Peer(p)) => {
+                    if self.banned.insert(p) {
+                        self.metrics.banned("bad_chunk");
+                        tracing::warn!(peer = %p, "banned: sent a chunk that failed verification");
+                        if let Some(f) = self.fetch.as_mut() {
+                            f.banned.push(p);
+                        }
+                    }
+                    self.ip_offence(p);
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                Action::Ban(Source::HttpSeed) => {
+                    tracing::warn!("the HTTP seed sent a chunk that failed verification");
+                }
+                Action::Done => self.finish_fetch(),
+            }
+        }
+    }
+
+    pub(super) fn finish_fetch(&mut self) {
+        let Some(f) = self.fetch.take() else {
+            return;
+        };
+        let report = FetchReport {
+            wall: f.start.elapsed(),
+            bytes: f.bytes,
+            sources: f.stats,
+            banned: f.banned,
+        };
+        self.metrics.fetched(report.wall);
+        if let (Some(p), Some(h)) = (&f.progress, self.held.get(&f.root)) {
+            let _ = p.send(h.progress(self.connected.len()));
+        }
+        let _ = f.reply.send(Ok(report));
+    }
+
+    pub(super) fn on_fallback(&mut self, root: Root, index: u32, res: Result<Vec<u8>, String>) {
+        match res {
+            Ok(data) => self.on_chunk(Source::HttpSeed, root, index, Some(data)),
+            Err(e) => {
+                tracing::debug!(index, error = %e, "fallback chunk failed");
+                if self.fetch.as_ref().is_some_and(|f| f.root == root) {
+                    self.drive(Input::ChunkFailed {
+                        peer: Source::HttpSeed,
+                        chunk: index,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A chunk arrived from `src` (`None`: the answer was not a chunk at all).
+    pub(super) fn on_chunk(&mut self, src: Source, root: Root, index: u32, data: Option<Vec<u8>>) {
+        if matches!(src, Source::Peer(p) if self.banned.contains(&p)) {
+            // A late answer from a banned peer: its bytes are not wanted.
+            return;
+        }
+        let Some(held) = self.held.get_mut(&root) else {
+            return;
+        };
+        let i = index as usize;
+        let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
+        let data = match data {
+            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
+            _ => {
+                self.metrics.rejected(&src);
+                if fetching {
+                    self.drive(Input::ChunkBad {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
+            }
+        };
+        // Verify exactly once: the store checks the hash before it keeps the
+        // bytes; a duplicate (end-game) is still checked, so a liar is caught.
+        let verdict = if held.sched.is_held(index) {
+            if Hash::of(&data) == held.hashes[i] {
+                Ok(())
+            } else {
+                Err(None)
+            }
+        } else {
+            match self.store.put(&held.hashes[i], &data) {
+                Ok(_) => {
+                    held.mark(i);
+                    Ok(())
+                }
+                Err(phase_content::Error::ChunkMismatch { .. }) => Err(None),
+                Err(e) => Err(Some(e)),
+            }
+        };
+        match verdict {
+            Ok(()) => {}
+            Err(None) => {
+                self.metrics.rejected(&src);
+                if fetching {
+                    self.drive(Input::ChunkBad {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
+            }
+            Err(Some(e)) => {
+                tracing::warn!(error = %e, "cannot store chunk");
+                if fetching {
+                    self.drive(Input::ChunkFailed {
+                        peer: src,
+                        chunk: index,
+                    });
+                }
+                return;
+            }
+        }
+        let first = !held.announced;
+        let progress = held.progress(self.connected.len());
+        if fetching {
+            self.metrics.verified(&src, data.len());
+        } else {
+            self.metrics.late(&src, data.len());
+        }
+        if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
+            let st = f.stats.entry(src).or_default();
+            st.bytes += data.len() as u64;
+            st.chunks += 1;
+            f.bytes += data.len() as u64;
+            if let Some(p) = &f.progress {
+                let _ = p.send(progress);
+            }
+        }
+        if first {
+            // Announce as soon as the first verified chunk is held.
+            self.announce(root);
+        }
+        if fetching {
+            self.drive(Input::ChunkOk {
+                peer: src,
+                chunk: index,
+            });
+        }
+    }
+
+    pub(super) fn ask_latest(&mut self, find: &mut Find, p: PeerId) {
+        if self.banned.contains(&p) || !find.asked.insert(p) {
+            return;
+        }
+        let id = self.swarm.behaviour_mut().rr.send_request(
+            &p,
+            Inbound::Ok(Request::Latest {
+                channel: find.channel.clone(),
+                arch: find.arch.clone(),
+            }),
+        );
+        find.outstanding += 1;
+        self.outbound.insert(id, (p, Outbound::Latest));
+    }
+
+    pub(super) fn find_check(&mut self) {
+        let Some(f) = self.find.as_ref() else { return };
+        let timed_out = Instant::now() >= f.deadline;
+        if (f.best.is_some() && f.outstanding == 0) || timed_out {
+            let Some(f) = self.find.take() else { return };
+            let what = format!("{}/{}", f.channel, f.arch);
+            let _ = f.reply.send(f.best.ok_or(Error::NoManifest { what }));
+        }
+    }
+
+    pub(super) fn on_response(&mut self, peer: PeerId, what: Outbound, resp: Response) {
+        match what {
+            Outbound::Chunk { root, index } => {
+                let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
+                let src = Source::Peer(peer);
+                match resp {
+                    Response::Chunks(mut pieces) if pieces.len() == 1 => {
+                        let p = pieces.remove(0);
+                        let data = (p.index == index).then_some(p.data);
+                        self.on_chunk(src, root, index, data);
+                    }
+                    Response::Chunks(_) => self.on_chunk(src, root, index, None),
+                    Response::DoNotHave if fetching => self.drive(Input::DoNotHave {
+                        peer: src,
+                        chunk: index,
+                    }),
+                    Response::Busy if fetching => {
+                        self.metrics.busy_received();
+                        self.drive(Input::Busy {
+                            peer: src,
+                            chunk: index,
+                        })
+                    }
+                    _ if fetching => self.drive(Input::ChunkFailed {
+                        peer: src,
+                        chunk: index,
+                    }),
+                    _ => {}
+                }
+            }
+            Outbound::HaveMap { root } => {
+                let Some(n) = self.held.get(&root).map(|h| h.hashes.len()) else {
+                    return;
+                };
+                match resp {
+                    Response::HaveMap { chunks, bits } if chunks as usize == n => {
+                        if let Some(have) = unpack_bits(chunks, &bits) {
+                            self.drive(Input::HaveMap {
+                                peer: Source::Peer(peer),
+                                have,
+                            });
+                        }
+                    }
+                    Response::DoNotHave => self.drive(Input::HaveMap {
+                        peer: Source::Peer(peer),
+                        have: vec![false; n],
+                    }),
+                    _ => {}
+                }
+            }
+            Outbound::Latest => {
+                if let Some(f) = self.find.as_mut() {
+                    f.outstanding = f.outstanding.saturating_sub(1);
+                    if let Response::Manifest(bytes) = resp {
+                        match SignedManifest::verify(&bytes, &f.pinned) {
+                            Ok(m)
+                                if m.manifest().channel == f.channel
+                                    && m.manifest().arch == f.arch =>
+                            {
+                                let better = f
+                                    .best
+                                    .as_ref()
+                                    .is_none_or(|b| m.manifest().sequence > b.manifest().sequence);
+                                if better {
+                                    f.best = Some(m);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "peer offered a manifest that does not verify");
+                            }
+                        }
+                    }
+                }
+                self.find_check();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn progress_counts_bytes_per_artifact() {
+        use phase_content::{Artifact, FORMAT, Manifest, SecretKey, chunk_hashes};
+        let key = SecretKey::from_seed([1; 32]);
+        let k = vec![1u8; 10_000];
+        let i = vec![2u8; 5_000];
+        let art = |name: &str, d: &[u8]| Artifact {
+            name: name.into(),
+            size: d.len() as u64,
+            hash: Hash::of(d),
+            chunk_size: 4096,
+            chunks: chunk_hashes(d, 4096),
+        };
+        let m = Manifest {
+            format: FORMAT,
+            channel: "stable".into(),
+            arch: "x86_64".into(),
+            sequence: 1,
+            created: 0,
+            publisher: key.public(),
+            cmdline: None,
+            artifacts: vec![art("kernel", &k), art("initramfs", &i)],
+            seeds: vec![],
+            peers: vec![],
+        }
+        .sign(&key)
+        .unwrap();
+        let mut h = Held::new(m, SchedulerConfig::default(), 1);
+        assert_eq!(h.hashes.len(), 5);
+        h.mark(2);
+        h.mark(4);
+        h.mark(4);
+        let p = h.progress(0);
+        assert_eq!(p.artifacts[0], ("kernel".into(), 10_000 - 8192, 10_000));
+        assert_eq!(p.artifacts[1], ("initramfs".into(), 5_000 - 4096, 5_000));
+        assert_eq!((p.held, p.total), (2, 5));
+        assert!(
+            h.sched.is_held(4) && !h.sched.is_held(3),
+            "the scheduler is the record"
+        );
+    }
+}

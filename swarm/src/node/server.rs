@@ -1,0 +1,281 @@
+//! The serving side: inbound requests counted against the per-peer and
+//! global upload slots, answered (busy, super-seeding, refusals), and the
+//! abuse limits (flood, malformed requests, stalled readers, offences per
+//! address, foreign DHT records).
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::kad;
+use libp2p::request_response::{self, ResponseChannel};
+
+use super::client::{Held, Outbound};
+use super::{Node, Source};
+use crate::codec::Inbound;
+use crate::protocol::{Piece, Request, Response, pack_bits};
+use crate::scheduler::Input;
+
+impl Node {
+    pub(super) fn block(&mut self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, why, "dropping peer");
+        self.blocked
+            .insert(peer, Instant::now() + self.cfg.block_time);
+        self.ip_offence(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Counts an offence of `peer` against its address too: a new identity
+    /// costs nothing, a new address does.
+    pub(super) fn ip_offence(&mut self, peer: PeerId) {
+        let Some(ip) = self.peer_ips.get(&peer).copied() else {
+            return;
+        };
+        if self.ip_bans.offence(ip, peer, Instant::now()) {
+            self.metrics.banned("address");
+            tracing::warn!(
+                %ip,
+                threshold = self.cfg.limits.ip_ban_threshold,
+                for_secs = self.cfg.limits.ip_ban_time.as_secs(),
+                "refusing new connections from an address: offences from many peer ids"
+            );
+        }
+    }
+
+    /// Record filtering: a provider record of one of our keys is kept (up
+    /// to the store's bounds); value records are never stored.
+    pub(super) fn on_kad_inbound(&mut self, request: kad::InboundRequest) {
+        match request {
+            kad::InboundRequest::AddProvider {
+                record: Some(record),
+            } => {
+                if !crate::limits::provider_key_ok(record.key.as_ref()) {
+                    tracing::debug!(provider = %record.provider, "provider record of a foreign key refused");
+                    return;
+                }
+                use kad::store::RecordStore;
+                if let Some(kad) = self.kad()
+                    && let Err(e) = kad.store_mut().add_provider(record)
+                {
+                    tracing::debug!(error = %e, "provider record not stored");
+                }
+            }
+            kad::InboundRequest::PutRecord {
+                source,
+                record: Some(_),
+                ..
+            } => {
+                tracing::debug!(%source, "value record refused: only provider records are kept");
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_rr(&mut self, ev: request_response::Event<Inbound, Response>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request_id,
+                        request,
+                        channel,
+                    },
+                ..
+            } => {
+                if self.banned.contains(&peer) || self.blocked.contains_key(&peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
+                let request = match request {
+                    Inbound::Ok(r) => r,
+                    Inbound::Bad(why) => {
+                        tracing::debug!(%peer, %why, "malformed request");
+                        self.metrics.banned("malformed");
+                        self.block(peer, "malformed or oversize request");
+                        return;
+                    }
+                };
+                let n = self.serving.entry(peer).or_default();
+                *n += 1;
+                let n = *n;
+                self.serving_total += 1;
+                self.inbound.insert(request_id, peer);
+                if n > self.cfg.flood_limit {
+                    self.metrics.banned("flood");
+                    self.block(peer, "request flood");
+                    return;
+                }
+                let busy =
+                    n > self.cfg.per_peer_serving || self.serving_total > self.cfg.max_serving;
+                let resp = self.answer(peer, request, busy);
+                // Busy and refused answers alike: an honest peer backs off
+                // after one, and never sends what we refuse.
+                if matches!(resp, Response::Busy | Response::Refused(_)) {
+                    let now = Instant::now();
+                    let e = self.busy_log.entry(peer).or_insert((now, 0));
+                    if now.duration_since(e.0) >= Duration::from_secs(1) {
+                        *e = (now, 0);
+                    }
+                    e.1 += 1;
+                    if e.1 > self.cfg.flood_busy {
+                        self.metrics.banned("flood");
+                        self.block(peer, "request flood (kept asking while told busy)");
+                        return;
+                    }
+                }
+                self.metrics.answered(&resp);
+                self.respond(channel, resp);
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, what)) = self.outbound.remove(&request_id) else {
+                    return;
+                };
+                self.on_response(peer, what, response);
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let Some((_, what)) = self.outbound.remove(&request_id) else {
+                    return;
+                };
+                tracing::debug!(%peer, %error, "request failed");
+                match what {
+                    Outbound::Chunk { root, index } => {
+                        if self.fetch.as_ref().is_some_and(|f| f.root == root) {
+                            self.drive(Input::ChunkFailed {
+                                peer: Source::Peer(peer),
+                                chunk: index,
+                            });
+                        }
+                    }
+                    Outbound::HaveMap { .. } => {}
+                    Outbound::Latest => {
+                        if let Some(f) = self.find.as_mut() {
+                            f.outstanding = f.outstanding.saturating_sub(1);
+                        }
+                        self.find_check();
+                    }
+                }
+            }
+            Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "answering a request failed");
+                self.inbound_done(request_id);
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.to_string() == crate::codec::STALLED
+                {
+                    // It asked and did not read for WRITE_STALL: the upload is
+                    // cancelled (its slot is free) and the peer not served.
+                    self.block(peer, "asked for chunks and did not read them");
+                }
+            }
+            Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),
+        }
+    }
+
+    pub(super) fn inbound_done(&mut self, id: request_response::InboundRequestId) {
+        if let Some(peer) = self.inbound.remove(&id) {
+            self.serving_total = self.serving_total.saturating_sub(1);
+            if let Some(n) = self.serving.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.serving.remove(&peer);
+                }
+            }
+        }
+    }
+
+    pub(super) fn respond(&mut self, ch: ResponseChannel<Response>, r: Response) {
+        let _ = self.swarm.behaviour_mut().rr.send_response(ch, r);
+    }
+
+    pub(super) fn read_chunk(&self, held: &Held, i: usize) -> Option<Vec<u8>> {
+        if !held.sched.is_held(i as u32) {
+            return None;
+        }
+        match self.store.get(&held.hashes[i]) {
+            Ok(Some(b)) => Some(b.to_vec()),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read chunk");
+                None
+            }
+        }
+    }
+
+    pub(super) fn answer(&mut self, peer: PeerId, req: Request, busy: bool) -> Response {
+        let refused = |s: &str| Response::Refused(s.to_owned());
+        match req {
+            Request::HaveMap { root } => match self.held.get(&root) {
+                Some(h) if self.cfg.super_seed && h.sched.is_done() => Response::HaveMap {
+                    chunks: h.hashes.len() as u32,
+                    bits: pack_bits(&h.sent.offer_map()),
+                },
+                Some(h) => Response::HaveMap {
+                    chunks: h.hashes.len() as u32,
+                    bits: pack_bits(h.sched.held()),
+                },
+                None => Response::DoNotHave,
+            },
+            Request::Manifest { root } => match self.held.get(&root) {
+                Some(h) => Response::Manifest(h.manifest.envelope().to_vec()),
+                None => Response::DoNotHave,
+            },
+            Request::Latest { channel, arch } => self
+                .held
+                .values()
+                .filter(|h| {
+                    let m = h.manifest.manifest();
+                    m.channel == channel && m.arch == arch
+                })
+                .max_by_key(|h| h.manifest.manifest().sequence)
+                .map_or(Response::DoNotHave, |h| {
+                    Response::Manifest(h.manifest.envelope().to_vec())
+                }),
+            Request::Chunk { .. } if busy => Response::Busy,
+            Request::Chunk { root, index } => {
+                let Some(h) = self.held.get(&root) else {
+                    return Response::DoNotHave;
+                };
+                let i = index as usize;
+                if i >= h.hashes.len() {
+                    tracing::debug!(%peer, index, "chunk index out of range");
+                    return refused("chunk index out of range");
+                }
+                if self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(i) {
+                    // Sent more often than others: let peers serve this one.
+                    return Response::DoNotHave;
+                }
+                match self.read_chunk(h, i) {
+                    Some(data) => {
+                        if let Some(h) = self.held.get_mut(&root) {
+                            h.sent.record(i);
+                        }
+                        Response::Chunks(vec![Piece { index, data }])
+                    }
+                    None => Response::DoNotHave,
+                }
+            }
+            // Nothing asks for ranges (the scheduler asks chunk by chunk),
+            // and one range holds an upload slot eight times as long as a
+            // chunk: refused. The variant stays so the wire numbering does.
+            Request::Range { .. } => refused("range requests are not served; ask chunk by chunk"),
+        }
+    }
+}
