@@ -7,8 +7,9 @@
 //! flow touching A or B whenever a flow there starts or ends (processor
 //! sharing at both ends). Messages take a one-way latency; a request reaches
 //! the server after one latency, the last byte reaches the client one
-//! latency after it left. Servers answer "busy" past the same serving caps
-//! the real node uses. Discovery: a node learns the seed and
+//! latency after it left. Every chunk request is answered by the node's own
+//! serving policy ([`phase_swarm::serving::ServingPolicy`]: do-not-have,
+//! super-seeding, busy past the node's caps, in that order). Discovery: a node learns the seed and
 //! `initial_peers` random nodes at start (mDNS on a LAN finds them all; the
 //! DHT's routing table gives some), then up to `dht_answer` random providers
 //! (nodes holding at least one chunk) per DHT query, every `dht_interval`
@@ -20,6 +21,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
+use phase_swarm::serving::{Answer, Holding, ServingConfig, ServingPolicy, SlotToken};
 use phase_swarm::superseed::SendCounts;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -197,11 +199,6 @@ enum Ev {
         server: Peer,
         client: Peer,
     },
-    /// v2: `client`, unchoked by `server`, wants nothing from it now.
-    NotInterested {
-        server: Peer,
-        client: Peer,
-    },
     /// A flow may have finished (stale if the version moved on).
     FlowEnd {
         flow: usize,
@@ -218,6 +215,8 @@ struct Flow {
     rate: f64,
     updated: f64,
     version: u64,
+    /// The server's upload slot, given back when the flow ends.
+    token: Option<SlotToken<Peer>>,
 }
 
 struct Host {
@@ -232,14 +231,13 @@ struct Host {
     done_at: Option<f64>,
     known: HashSet<Peer>,
     sent: SendCounts,
+    /// Who holds this host's upload slots: the node's own policy.
+    serving: ServingPolicy<Peer>,
     /// v2: open connections (at most `V2::neighbours`).
     nbrs: Vec<Peer>,
-    /// v2: accepted requests not yet being uploaded, first come first served.
-    queue: std::collections::VecDeque<(Peer, u32)>,
-    /// v2: clients whose requests this server takes.
-    unchoked: Vec<Peer>,
-    /// v2: choked clients waiting for a place, oldest first.
-    waiting: std::collections::VecDeque<Peer>,
+    /// v2: admitted requests (holding a slot) not yet being uploaded, first
+    /// come first served.
+    queue: std::collections::VecDeque<(Peer, u32, SlotToken<Peer>)>,
 }
 
 struct World {
@@ -460,8 +458,8 @@ impl World {
         }
     }
 
-    /// Starts an upload of `chunk` from `server` to `client`.
-    fn start_flow(&mut self, server: Peer, client: Peer, chunk: u32) {
+    /// Starts an upload of `chunk` from `server` to `client` in the slot `token`.
+    fn start_flow(&mut self, server: Peer, client: Peer, chunk: u32, token: SlotToken<Peer>) {
         let flow = Flow {
             from: server,
             to: client,
@@ -470,6 +468,7 @@ impl World {
             rate: 0.0,
             updated: self.now,
             version: 0,
+            token: Some(token),
         };
         let id = match self.free_flows.pop() {
             Some(i) => {
@@ -489,11 +488,35 @@ impl World {
     /// What `h` advertises: its offer map when it super-seeds, else what it holds.
     fn bitfield(&self, h: Peer) -> Vec<bool> {
         let h = &self.hosts[h];
-        if self.cfg.super_seed && h.sched.is_done() {
-            h.sent.offer_map()
-        } else {
-            h.sched.held().to_vec()
-        }
+        h.serving
+            .advertise(h.sched.held(), h.sched.is_done(), &h.sent)
+    }
+
+    /// The serving policy's answer to `client`'s request for `chunk` at `server`.
+    fn ask(&mut self, server: Peer, client: Peer, chunk: u32) -> Answer<Peer> {
+        let h = &mut self.hosts[server];
+        let holding = Holding {
+            held: h.sched.is_held(chunk),
+            complete: h.sched.is_done(),
+            sent: &mut h.sent,
+        };
+        let now = Duration::from_secs_f64(self.now);
+        h.serving.on_request(client, chunk, holding, now)
+    }
+
+    /// A refusal reaches `client` one latency later.
+    fn refuse(&mut self, server: Peer, client: Peer, chunk: u32, answer: &Answer<Peer>) {
+        let r = match answer {
+            Answer::Busy => Input::Busy {
+                peer: server,
+                chunk,
+            },
+            _ => Input::DoNotHave {
+                peer: server,
+                chunk,
+            },
+        };
+        self.at(self.now + self.lat(), Ev::Deliver(client, r));
     }
 
     /// v2: a connection from `from` reaches `to`; it opens if both have room,
@@ -521,45 +544,20 @@ impl World {
         }
     }
 
-    /// v2: a request reaches `server`. Chunks it does not offer are refused
-    /// at once; a choked client is told so (and queued for an unchoke); an
-    /// unchoked client's request waits in the server's queue.
+    /// v2: a request reaches `server`. The serving policy refuses chunks it
+    /// does not offer and chokes a client past its caps (unchoked when a slot
+    /// frees); an admitted request holds its slot while it waits in the
+    /// server's queue for one of `V2::upload_slots` uploads.
     fn request_v2(&mut self, server: Peer, client: Peer, chunk: u32) {
         let lat = self.lat();
-        let Some(v2) = self.cfg.v2.clone() else {
-            return;
+        let round = self.hosts[server].sent.round();
+        let token = match self.ask(server, client, chunk) {
+            Answer::Serve(t) => t,
+            refusal => return self.refuse(server, client, chunk, &refusal),
         };
         let h = &mut self.hosts[server];
-        let done = h.sched.is_done();
-        let oversent = self.cfg.super_seed && done && !h.sent.offer(chunk as usize);
-        if !h.sched.is_held(chunk) || oversent {
-            let r = Input::DoNotHave {
-                peer: server,
-                chunk,
-            };
-            self.at(self.now + lat, Ev::Deliver(client, r));
-            return;
-        }
-        if !h.unchoked.contains(&client) {
-            if h.unchoked.len() < v2.unchoked {
-                h.unchoked.push(client);
-                h.waiting.retain(|&w| w != client);
-            } else {
-                if !h.waiting.contains(&client) {
-                    h.waiting.push_back(client);
-                }
-                let r = Input::Busy {
-                    peer: server,
-                    chunk,
-                };
-                self.at(self.now + lat, Ev::Deliver(client, r));
-                return;
-            }
-        }
-        h.queue.push_back((client, chunk));
-        let round = h.sent.round();
-        h.sent.record(chunk as usize);
-        if self.cfg.super_seed && done && h.sent.round() > round {
+        h.queue.push_back((client, chunk, token));
+        if self.cfg.super_seed && h.sched.is_done() && h.sent.round() > round {
             // Every chunk is on offer again: tell the neighbours.
             let have = h.sent.offer_map();
             for i in 0..self.hosts[server].nbrs.len() {
@@ -578,33 +576,10 @@ impl World {
     fn start_queued(&mut self, server: Peer) {
         let slots = self.cfg.v2.as_ref().map_or(1, |v| v.upload_slots);
         while self.hosts[server].uploads.len() < slots {
-            let Some((client, chunk)) = self.hosts[server].queue.pop_front() else {
+            let Some((client, chunk, token)) = self.hosts[server].queue.pop_front() else {
                 break;
             };
-            self.start_flow(server, client, chunk);
-        }
-    }
-
-    /// v2: `client` has nothing queued or uploading at `server`: its place
-    /// goes to the longest-waiting choked client.
-    fn release_if_idle(&mut self, server: Peer, client: Peer) {
-        let h = &self.hosts[server];
-        let busy = h.queue.iter().any(|&(c, _)| c == client)
-            || h.uploads
-                .iter()
-                .any(|&f| self.flows[f].as_ref().is_some_and(|f| f.to == client));
-        if busy || !h.unchoked.contains(&client) {
-            return;
-        }
-        let lat = self.lat();
-        let h = &mut self.hosts[server];
-        h.unchoked.retain(|&c| c != client);
-        while let Some(w) = h.waiting.pop_front() {
-            if !h.unchoked.contains(&w) {
-                h.unchoked.push(w);
-                self.at(self.now + lat, Ev::Unchoke { server, client: w });
-                break;
-            }
+            self.start_flow(server, client, chunk, token);
         }
     }
 
@@ -652,12 +627,7 @@ impl World {
             // v2 sends the bitfield when a connection opens, then pushes HAVEs.
             Ev::MapAsk { .. } if self.cfg.v2.is_some() => {}
             Ev::MapAsk { server, client } => {
-                let h = &self.hosts[server];
-                let have = if self.cfg.super_seed && h.sched.is_done() {
-                    h.sent.offer_map()
-                } else {
-                    h.sched.held().to_vec()
-                };
+                let have = self.bitfield(server);
                 self.at(
                     self.now + lat,
                     Ev::Deliver(client, Input::HaveMap { peer: server, have }),
@@ -672,37 +642,10 @@ impl World {
                 server,
                 client,
                 chunk,
-            } => {
-                let h = &self.hosts[server];
-                let to_client = h
-                    .uploads
-                    .iter()
-                    .filter(|&&f| self.flows[f].as_ref().is_some_and(|f| f.to == client))
-                    .count();
-                let oversent =
-                    self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(chunk as usize);
-                let reply = if !h.sched.is_held(chunk) || oversent {
-                    Some(Input::DoNotHave {
-                        peer: server,
-                        chunk,
-                    })
-                } else if h.uploads.len() >= self.cfg.max_serving
-                    || to_client >= self.cfg.per_peer_serving
-                {
-                    Some(Input::Busy {
-                        peer: server,
-                        chunk,
-                    })
-                } else {
-                    None
-                };
-                if let Some(r) = reply {
-                    self.at(self.now + lat, Ev::Deliver(client, r));
-                    return;
-                }
-                self.hosts[server].sent.record(chunk as usize);
-                self.start_flow(server, client, chunk);
-            }
+            } => match self.ask(server, client, chunk) {
+                Answer::Serve(token) => self.start_flow(server, client, chunk, token),
+                refusal => self.refuse(server, client, chunk, &refusal),
+            },
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
                     return;
@@ -712,7 +655,9 @@ impl World {
                 }
                 let (from, to, chunk) = (f.from, f.to, f.chunk);
                 self.sent[from] += self.chunk_bits[chunk as usize] / 8.0;
-                self.flows[flow] = None;
+                if let Some(token) = self.flows[flow].take().and_then(|f| f.token) {
+                    self.hosts[from].serving.on_done(token);
+                }
                 self.free_flows.push(flow);
                 self.hosts[from].uploads.retain(|&x| x != flow);
                 self.hosts[to].downloads.retain(|&x| x != flow);
@@ -723,18 +668,38 @@ impl World {
                 );
                 if self.cfg.v2.is_some() {
                     self.start_queued(from);
-                    self.release_if_idle(from, to);
+                    let now = Duration::from_secs_f64(self.now);
+                    while let Some(client) = self.hosts[from].serving.unchoke_next(now) {
+                        self.at(
+                            self.now + lat,
+                            Ev::Unchoke {
+                                server: from,
+                                client,
+                            },
+                        );
+                    }
                 }
             }
             Ev::Connect { from, to } => self.connect(from, to),
-            Ev::Unchoke { server, client } => {
-                self.drive(client, Input::Unchoke(server));
-                if self.hosts[client].sched.in_flight(&server) == 0 {
-                    self.at(self.now + lat, Ev::NotInterested { server, client });
-                }
-            }
-            Ev::NotInterested { server, client } => self.release_if_idle(server, client),
+            Ev::Unchoke { server, client } => self.drive(client, Input::Unchoke(server)),
         }
+    }
+}
+
+/// The serving policy's tunables for a simulated host. v1: the node's caps.
+/// v2: `unchoked` clients at once, each with up to `depth` requests admitted
+/// (its pipeline), choked past that and unchoked when a slot frees.
+pub fn serving_config(cfg: &SimConfig) -> ServingConfig {
+    let c = ServingConfig::default().with_super_seed(cfg.super_seed);
+    match &cfg.v2 {
+        None => c
+            .with_slots(cfg.max_serving)
+            .with_per_peer(cfg.per_peer_serving),
+        Some(v2) => c
+            .with_slots(v2.unchoked.max(1) * v2.depth.max(1))
+            .with_per_peer(v2.depth)
+            .with_peers(v2.unchoked)
+            .with_choke(true),
     }
 }
 
@@ -763,6 +728,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         cfg.sched.per_peer_in_flight = v2.depth.max(1);
     }
     let cfg = &cfg;
+    let serving = serving_config(cfg);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let eff = cfg.efficiency;
     let mut hosts = Vec::with_capacity(cfg.nodes + 1);
@@ -781,10 +747,9 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         done_at: Some(0.0),
         known: HashSet::new(),
         sent: SendCounts::new(m),
+        serving: ServingPolicy::new(serving.clone()),
         nbrs: Vec::new(),
         queue: Default::default(),
-        unchoked: Vec::new(),
-        waiting: Default::default(),
     });
     for _ in 0..cfg.nodes {
         hosts.push(Host {
@@ -797,10 +762,9 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
             done_at: None,
             known: HashSet::new(),
             sent: SendCounts::new(m),
+            serving: ServingPolicy::new(serving.clone()),
             nbrs: Vec::new(),
             queue: Default::default(),
-            unchoked: Vec::new(),
-            waiting: Default::default(),
         });
     }
     let mut w = World {

@@ -32,6 +32,7 @@ pub mod metrics;
 mod node;
 pub mod protocol;
 pub mod scheduler;
+pub mod serving;
 pub mod superseed;
 pub mod v2;
 

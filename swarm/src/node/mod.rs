@@ -74,7 +74,9 @@ pub struct Node {
     outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
     inbound: HashMap<request_response::InboundRequestId, PeerId>,
     serving: HashMap<PeerId, usize>,
-    serving_total: usize,
+    /// Who holds an upload slot ([`crate::serving`]), and each chunk upload's slot.
+    policy: crate::serving::ServingPolicy<PeerId>,
+    uploads: HashMap<request_response::InboundRequestId, crate::serving::SlotToken<PeerId>>,
     /// Per peer: start of the current one-second window and busy answers in it.
     busy_log: HashMap<PeerId, (Instant, u32)>,
     connected: HashSet<PeerId>,
@@ -208,6 +210,7 @@ impl Node {
         let dials = DialQueue::new(&cfg.limits);
         let ip_bans = IpBans::new(&cfg.limits);
         let peers = cfg.peers.clone();
+        let policy = crate::serving::ServingPolicy::new(server::serving_config(&cfg));
         let mut node = Node {
             swarm,
             store,
@@ -219,7 +222,8 @@ impl Node {
             outbound: HashMap::new(),
             inbound: HashMap::new(),
             serving: HashMap::new(),
-            serving_total: 0,
+            policy,
+            uploads: HashMap::new(),
             busy_log: HashMap::new(),
             connected: HashSet::new(),
             banned: HashSet::new(),

@@ -1,6 +1,6 @@
-//! The serving side: inbound requests counted against the per-peer and
-//! global upload slots, answered (busy, super-seeding, refusals), and the
-//! abuse limits (flood, malformed requests, stalled readers, offences per
+//! The serving side: inbound requests answered, chunk requests as the
+//! serving policy ([`crate::serving`]) decides (do-not-have, super-seeding,
+//! busy past the upload slots), and the abuse limits (flood, malformed requests, stalled readers, offences per
 //! address, foreign DHT records).
 
 use std::time::{Duration, Instant};
@@ -10,10 +10,19 @@ use libp2p::kad;
 use libp2p::request_response::{self, ResponseChannel};
 
 use super::client::{Held, Outbound};
-use super::{Node, Source};
+use super::{Node, NodeConfig, Source};
 use crate::codec::Inbound;
 use crate::protocol::{Piece, Request, Response, pack_bits};
 use crate::scheduler::Input;
+use crate::serving::{Answer, Holding, ServingConfig};
+
+/// The serving policy's tunables from the node's (v1: no choking).
+pub(super) fn serving_config(cfg: &NodeConfig) -> ServingConfig {
+    ServingConfig::default()
+        .with_slots(cfg.max_serving)
+        .with_per_peer(cfg.per_peer_serving)
+        .with_super_seed(cfg.super_seed)
+}
 
 impl Node {
     pub(super) fn block(&mut self, peer: PeerId, why: &str) {
@@ -99,19 +108,20 @@ impl Node {
                 let n = self.serving.entry(peer).or_default();
                 *n += 1;
                 let n = *n;
-                self.serving_total += 1;
                 self.inbound.insert(request_id, peer);
                 if n > self.cfg.flood_limit {
                     self.metrics.banned("flood");
                     self.block(peer, "request flood");
                     return;
                 }
-                let busy =
-                    n > self.cfg.per_peer_serving || self.serving_total > self.cfg.max_serving;
-                let resp = self.answer(peer, request, busy);
+                let resp = self.answer(peer, request, request_id);
                 // Busy and refused answers alike: an honest peer backs off
-                // after one, and never sends what we refuse.
-                if matches!(resp, Response::Busy | Response::Refused(_)) {
+                // after one, and never sends what we refuse. So does any
+                // request beyond its share of slots, whatever the answer (it
+                // may be a cheap do-not-have): honest peers ask one at a time.
+                if n > self.cfg.per_peer_serving
+                    || matches!(resp, Response::Busy | Response::Refused(_))
+                {
                     let now = Instant::now();
                     let e = self.busy_log.entry(peer).or_insert((now, 0));
                     if now.duration_since(e.0) >= Duration::from_secs(1) {
@@ -190,13 +200,15 @@ impl Node {
     }
 
     pub(super) fn inbound_done(&mut self, id: request_response::InboundRequestId) {
-        if let Some(peer) = self.inbound.remove(&id) {
-            self.serving_total = self.serving_total.saturating_sub(1);
-            if let Some(n) = self.serving.get_mut(&peer) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.serving.remove(&peer);
-                }
+        if let Some(token) = self.uploads.remove(&id) {
+            self.policy.on_done(token);
+        }
+        if let Some(peer) = self.inbound.remove(&id)
+            && let Some(n) = self.serving.get_mut(&peer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.serving.remove(&peer);
             }
         }
     }
@@ -219,17 +231,24 @@ impl Node {
         }
     }
 
-    pub(super) fn answer(&mut self, peer: PeerId, req: Request, busy: bool) -> Response {
+    /// The answer to request `id`; a chunk upload's slot is kept in
+    /// `uploads` until [`Node::inbound_done`].
+    pub(super) fn answer(
+        &mut self,
+        peer: PeerId,
+        req: Request,
+        id: request_response::InboundRequestId,
+    ) -> Response {
         let refused = |s: &str| Response::Refused(s.to_owned());
         match req {
             Request::HaveMap { root } => match self.held.get(&root) {
-                Some(h) if self.cfg.super_seed && h.sched.is_done() => Response::HaveMap {
-                    chunks: h.hashes.len() as u32,
-                    bits: pack_bits(&h.sent.offer_map()),
-                },
                 Some(h) => Response::HaveMap {
                     chunks: h.hashes.len() as u32,
-                    bits: pack_bits(h.sched.held()),
+                    bits: pack_bits(&self.policy.advertise(
+                        h.sched.held(),
+                        h.sched.is_done(),
+                        &h.sent,
+                    )),
                 },
                 None => Response::DoNotHave,
             },
@@ -248,9 +267,9 @@ impl Node {
                 .map_or(Response::DoNotHave, |h| {
                     Response::Manifest(h.manifest.envelope().to_vec())
                 }),
-            Request::Chunk { .. } if busy => Response::Busy,
             Request::Chunk { root, index } => {
-                let Some(h) = self.held.get(&root) else {
+                let now = self.now();
+                let Some(h) = self.held.get_mut(&root) else {
                     return Response::DoNotHave;
                 };
                 let i = index as usize;
@@ -258,18 +277,26 @@ impl Node {
                     tracing::debug!(%peer, index, "chunk index out of range");
                     return refused("chunk index out of range");
                 }
-                if self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(i) {
-                    // Sent more often than others: let peers serve this one.
-                    return Response::DoNotHave;
-                }
-                match self.read_chunk(h, i) {
+                let holding = Holding {
+                    held: h.sched.is_held(index),
+                    complete: h.sched.is_done(),
+                    sent: &mut h.sent,
+                };
+                let token = match self.policy.on_request(peer, index, holding, now) {
+                    Answer::Serve(t) => t,
+                    Answer::Busy => return Response::Busy,
+                    // Withheld: sent more often than others, let peers serve it.
+                    Answer::DoNotHave | Answer::Withheld => return Response::DoNotHave,
+                };
+                match self.held.get(&root).and_then(|h| self.read_chunk(h, i)) {
                     Some(data) => {
-                        if let Some(h) = self.held.get_mut(&root) {
-                            h.sent.record(i);
-                        }
+                        self.uploads.insert(id, token);
                         Response::Chunks(vec![Piece { index, data }])
                     }
-                    None => Response::DoNotHave,
+                    None => {
+                        self.policy.on_done(token);
+                        Response::DoNotHave
+                    }
                 }
             }
             // Nothing asks for ranges (the scheduler asks chunk by chunk),
