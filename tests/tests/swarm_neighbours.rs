@@ -95,7 +95,7 @@ fn forty_eight_nodes_hold_at_most_k_neighbours_and_complete_identical() {
         .iter()
         .map(|n| std::fs::read(src.join(n)).expect("read published"))
         .collect();
-    let (mut peak_max, mut conn_max, mut swarm_sources) = (0, 0, 0usize);
+    let (mut peak_max, mut conn_max, mut swarm_sources, mut http) = (0, 0, 0usize, 0u64);
     for ((out, sum), p) in outs.iter().zip(&sums).zip(&procs) {
         for (name, want) in ["kernel", "initramfs"].iter().zip(&published) {
             let got = std::fs::read(out.join(name)).expect("read fetched");
@@ -112,18 +112,20 @@ fn forty_eight_nodes_hold_at_most_k_neighbours_and_complete_identical() {
         );
         peak_max = peak_max.max(peak);
         conn_max = conn_max.max(sum["connections_peak"].as_u64().unwrap_or(0));
-        swarm_sources = swarm_sources.max(sources(sum).len());
+        let peers = sources(sum).into_iter().filter(|s| s != "http-seed");
+        swarm_sources = swarm_sources.max(peers.count());
+        http += sum["peers"]["http-seed"]["bytes"].as_u64().unwrap_or(0);
     }
     eprintln!(
         "{NODES} nodes, K {K}: all byte-identical in {:.2} s; most neighbours held by one \
          node {peak_max}, most libp2p connections at once {conn_max} (refused ones included), \
-         most sources of one node {swarm_sources}",
+         most swarm peers one node got chunks from {swarm_sources}, HTTP rescue {http} bytes",
         storm.as_secs_f64()
     );
     // Not a full mesh: peers fed each other, yet none had more than K.
     assert!(
         swarm_sources >= 2,
-        "no node got chunks from two or more sources: {sums:?}"
+        "no node got chunks from two or more peers: {sums:?}"
     );
     drop(seed);
     drop(topo);
