@@ -63,6 +63,10 @@ pub(crate) struct Args {
     /// Open HTTP connections at most (never more than RLIMIT_NOFILE allows).
     #[arg(long, hide = true, default_value_t = http_limits::MAX_CONNECTIONS)]
     http_max_connections: usize,
+    /// The most peers the seed's swarm node holds connected.
+    #[arg(long, hide = true, default_value_t = swarm_serve::SEED_NEIGHBOURS,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_neighbours: u16,
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -170,6 +174,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             state_dir: Some(state_dir.clone()),
             // The swarm listens where HTTP does: --bind 127.0.0.1 keeps both on loopback.
             bind: a.bind,
+            max_neighbours: a.max_neighbours.into(),
             ..Default::default()
         },
     )

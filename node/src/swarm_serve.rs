@@ -34,7 +34,17 @@ pub(crate) struct SwarmOptions {
     pub(crate) bind: IpAddr,
     /// Discover LAN peers with mDNS (also off when `PLASMD_MDNS=0`).
     pub(crate) mdns: bool,
+    /// The most peers the seed holds connected.
+    pub(crate) max_neighbours: usize,
 }
+
+/// A seed's K, above a fetcher's 40: every booting machine's first contact
+/// is the seed (its `/swarm` addresses are given peers), and super-seeding
+/// hands each newcomer chunks nobody else holds yet. 128 is the cap on
+/// established incoming connections `Limits` already sizes for a 48-machine
+/// storm with re-dials; beyond it a newcomer still gets the manifest over
+/// HTTP and its chunks from the neighbours it finds by mDNS or the DHT.
+pub(crate) const SEED_NEIGHBOURS: u16 = 128;
 
 impl Default for SwarmOptions {
     fn default() -> Self {
@@ -43,6 +53,7 @@ impl Default for SwarmOptions {
             state_dir: None,
             bind: IpAddr::from([0, 0, 0, 0]),
             mdns: std::env::var("PLASMD_MDNS").map_or(true, |v| v != "0"),
+            max_neighbours: SEED_NEIGHBOURS.into(),
         }
     }
 }
@@ -95,6 +106,7 @@ pub(crate) async fn start(
     let mut cfg = metrics.node_config(
         NodeConfig::default()
             .with_mdns(opts.mdns)
+            .with_max_neighbours(opts.max_neighbours)
             .with_listen(vec![addr::tcp(opts.bind, opts.port)]),
     );
     if let Some(dir) = &opts.state_dir {

@@ -29,6 +29,7 @@ mod codec;
 mod error;
 mod limits;
 pub mod metrics;
+pub mod neighbours;
 mod node;
 pub mod protocol;
 pub mod scheduler;

@@ -250,6 +250,11 @@ impl DialQueue {
         self.waiting.drain(..n).collect()
     }
 
+    /// Dials in flight or waiting.
+    pub(crate) fn pending(&self) -> usize {
+        self.in_flight.len() + self.waiting.len()
+    }
+
     /// Dials dropped because the queue was full, since the start.
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped

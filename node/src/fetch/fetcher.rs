@@ -52,6 +52,8 @@ pub(crate) struct Options {
     pub(crate) offer_window: Duration,
     /// Where the node counts for Prometheus; nowhere if `None`.
     pub(crate) metrics: Option<Exporter>,
+    /// K, the most peers held connected; the library's default if `None`.
+    pub(crate) max_neighbours: Option<usize>,
 }
 
 /// The lowest sequence still accepted, and what set it (for the refusal).
@@ -142,6 +144,9 @@ impl Fetcher {
             .with_dht(opts.mode == Mode::Internet);
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
+        }
+        if let Some(k) = opts.max_neighbours {
+            cfg = cfg.with_max_neighbours(k);
         }
         if let Some(e) = &opts.metrics {
             cfg = e.node_config(cfg);

@@ -86,6 +86,9 @@ pub(crate) struct Args {
     /// Milliseconds connected peers may take to offer a newer manifest than the seed's.
     #[arg(long, default_value_t = OFFER_WINDOW.as_millis() as u64, hide = true)]
     offer_window_ms: u64,
+    /// K: the most peers held connected (tests set it low; default the library's).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u16).range(1..))]
+    max_neighbours: Option<u16>,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -148,6 +151,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         min_sequence: floor,
         offer_window: Duration::from_millis(a.offer_window_ms),
         metrics: exporter,
+        max_neighbours: a.max_neighbours.map(usize::from),
     };
     let mut fetcher = Fetcher::start(opts, store, say).await?;
     let (manifest, _via) = fetcher.manifest().await?;
@@ -238,6 +242,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "peer_id": fetcher.node().peer_id().to_string(),
             "peers": peers,
             "banned": banned,
+            "neighbours_peak": report.neighbours_peak,
+            "connections_peak": report.connections_peak,
             "artifacts": artifacts,
             "ok": ok,
         });

@@ -105,6 +105,7 @@ async fn start(
         }),
         offer_window: OFFER_WINDOW,
         metrics: None,
+        max_neighbours: None,
     };
     let f = Fetcher::start(opts, store, say).await?;
     println!(

@@ -299,6 +299,8 @@ impl Node {
             bytes: f.bytes,
             sources: f.stats,
             banned: f.banned,
+            neighbours_peak: self.nbrs.peak(),
+            connections_peak: self.connections_peak,
         };
         self.metrics.fetched(report.wall);
         if let (Some(p), Some(h)) = (&f.progress, self.held.get(&f.root)) {

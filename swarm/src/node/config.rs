@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub registry: Option<SharedRegistry>,
     /// Caps on connections, memory and dials ([`Limits`]).
     pub limits: Limits,
+    /// K: peers held connected at most ([`crate::neighbours`]); candidates
+    /// beyond wait, and a fetching node rotates the least useful out.
+    pub max_neighbours: usize,
 }
 
 impl Default for NodeConfig {
@@ -89,6 +92,11 @@ impl Default for NodeConfig {
             metrics: Metrics::default(),
             registry: None,
             limits: Limits::default(),
+            // Far above log2 of a 10,000-node swarm (about 13), so a chunk
+            // still spreads in a few hops, and under the 64 outgoing
+            // connections of `Limits` with room for the DHT's own dials;
+            // in the range BitTorrent clients hold per torrent (50-80).
+            max_neighbours: 40,
         }
     }
 }
@@ -139,6 +147,11 @@ impl NodeConfig {
     /// Sets the scheduler's tunables.
     pub fn with_scheduler(mut self, s: SchedulerConfig) -> Self {
         self.scheduler = s;
+        self
+    }
+    /// Sets K, the most peers held connected (at least 1).
+    pub fn with_max_neighbours(mut self, k: usize) -> Self {
+        self.max_neighbours = k.max(1);
         self
     }
     /// Sets the caps on connections, memory and dials.

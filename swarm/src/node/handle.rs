@@ -69,6 +69,12 @@ pub struct FetchReport {
     pub sources: BTreeMap<Source, PeerStats>,
     /// Peers banned during this fetch for bad bytes, in ban order.
     pub banned: Vec<PeerId>,
+    /// The most neighbours the node held at once since it started
+    /// ([`crate::NodeConfig::max_neighbours`] bounds it).
+    pub neighbours_peak: usize,
+    /// The most libp2p connections established at once since it started,
+    /// those closed at once for want of room included.
+    pub connections_peak: usize,
 }
 
 /// Progress of a running fetch.

@@ -15,8 +15,8 @@
 //! - `server.rs`: the serving side and its abuse limits: inbound requests,
 //!   upload slots, busy and super-seeding answers, blocks and address bans,
 //!   DHT record filtering.
-//! - `dial.rs`: our dials (capped, queued), seeding and DHT announcements,
-//!   the DHT keys.
+//! - `dial.rs`: the neighbourhood (who is dialed, admitted, rotated out),
+//!   our dials (capped, queued), seeding and DHT announcements, the DHT keys.
 
 mod client;
 mod config;
@@ -41,6 +41,7 @@ use crate::Error;
 use crate::codec::ChunkCodec;
 use crate::limits::{DialQueue, IpBans, Target, ip_of};
 use crate::metrics::Metrics;
+use crate::neighbours::{NeighbourConfig, Neighbours, Origin};
 use crate::protocol::{MAX_NAME, PROTOCOL, Root};
 use crate::scheduler::Input;
 use client::{Fetch, Find, Held, Outbound};
@@ -102,6 +103,11 @@ pub struct Node {
     ip_bans: IpBans,
     /// The remote IP address of each connected peer (its first connection).
     peer_ips: HashMap<PeerId, std::net::IpAddr>,
+    /// Who we keep connected: at most K, rotated ([`crate::neighbours`]).
+    nbrs: Neighbours<PeerId, Target>,
+    /// The most libp2p connections established at once (neighbours, and
+    /// connections about to be refused).
+    connections_peak: usize,
 }
 
 /// The DHT's protocol; a peer that does not list it in identify (a node
@@ -209,6 +215,11 @@ impl Node {
         let metrics = cfg.metrics.clone();
         let dials = DialQueue::new(&cfg.limits);
         let ip_bans = IpBans::new(&cfg.limits);
+        let nbrs = Neighbours::new(
+            NeighbourConfig::default()
+                .with_max(cfg.max_neighbours)
+                .with_dial_timeout(cfg.limits.dial_timeout),
+        );
         let peers = cfg.peers.clone();
         let policy = crate::serving::ServingPolicy::new(server::serving_config(&cfg));
         let mut node = Node {
@@ -240,9 +251,11 @@ impl Node {
             kad_server,
             ip_bans,
             peer_ips: HashMap::new(),
+            nbrs,
+            connections_peak: 0,
         };
         for addr in peers {
-            node.dial(Target::Addr(addr))?;
+            node.dial_given(addr)?;
         }
         tokio::spawn(node.run());
         Ok(Handle { tx, peer_id })
@@ -284,7 +297,7 @@ impl Node {
                 }
             }
             Command::Dial(addr, r) => {
-                let _ = r.send(self.dial(Target::Addr(addr)));
+                let _ = r.send(self.dial_given(addr));
             }
             Command::Seed(m, r) => {
                 let _ = r.send(self.seed(*m));
@@ -342,6 +355,7 @@ impl Node {
         if self.fetch.is_some() {
             self.drive(Input::Tick);
         }
+        self.neighbour_tick();
         let lookup = self
             .fetch
             .as_ref()
@@ -392,9 +406,11 @@ impl Node {
                     let _ = w.send(self.listen.clone());
                 }
             }
-            SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
-                self.dial_ended(connection_id)
-            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                ..
+            } => self.neighbour_dial_failed(peer_id, connection_id),
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused or failed");
             }
@@ -429,6 +445,10 @@ impl Node {
                     }
                 }
                 if num_established.get() == 1 {
+                    let inbound = !endpoint.is_dialer();
+                    if !self.admit(peer_id, inbound, endpoint.get_remote_address()) {
+                        return;
+                    }
                     self.connected.insert(peer_id);
                     self.metrics.set_connected(self.connected.len());
                     tracing::debug!(peer = %peer_id, "connected");
@@ -444,8 +464,13 @@ impl Node {
                 num_established: 0,
                 ..
             } => {
-                self.connected.remove(&peer_id);
+                self.nbrs.closed(peer_id, self.now());
+                self.fill_neighbours();
                 self.peer_ips.remove(&peer_id);
+                if !self.connected.remove(&peer_id) {
+                    // Refused at K: never a neighbour, nothing to undo.
+                    return;
+                }
                 self.metrics.set_connected(self.connected.len());
                 self.drive(Input::PeerGone(Source::Peer(peer_id)));
             }
@@ -479,9 +504,8 @@ impl Node {
                     if let Some(kad) = self.kad() {
                         kad.add_address(&peer, addr.clone());
                     }
-                    if !self.connected.contains(&peer) {
-                        let _ = self.dial(Target::Addr(addr));
-                    }
+                    let t = Target::Addr(crate::addr::with_peer(addr, peer));
+                    self.candidate(t, Some(peer), Origin::Mdns);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -500,8 +524,8 @@ impl Node {
                     if self.connected.contains(&p) {
                         self.drive(Input::PeerFound(Source::Peer(p)));
                     } else {
-                        // The query still knows its addresses: dial now.
-                        let _ = self.dial(Target::Peer(p));
+                        // The query still knows its addresses.
+                        self.candidate(Target::Peer(p), Some(p), Origin::Dht);
                     }
                 }
             }
