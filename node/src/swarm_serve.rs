@@ -34,6 +34,8 @@ pub(crate) struct SwarmOptions {
     pub(crate) bind: IpAddr,
     /// Discover LAN peers with mDNS (also off when `PLASMD_MDNS=0`).
     pub(crate) mdns: bool,
+    /// The swarm's chunk protocol.
+    pub(crate) protocol: phase_swarm::Protocol,
 }
 
 impl Default for SwarmOptions {
@@ -43,6 +45,7 @@ impl Default for SwarmOptions {
             state_dir: None,
             bind: IpAddr::from([0, 0, 0, 0]),
             mdns: std::env::var("PLASMD_MDNS").map_or(true, |v| v != "0"),
+            protocol: phase_swarm::Protocol::V1,
         }
     }
 }
@@ -95,7 +98,8 @@ pub(crate) async fn start(
     let mut cfg = metrics.node_config(
         NodeConfig::default()
             .with_mdns(opts.mdns)
-            .with_listen(vec![addr::tcp(opts.bind, opts.port)]),
+            .with_listen(vec![addr::tcp(opts.bind, opts.port)])
+            .with_protocol(opts.protocol),
     );
     if let Some(dir) = &opts.state_dir {
         cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);

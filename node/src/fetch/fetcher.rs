@@ -52,6 +52,8 @@ pub(crate) struct Options {
     pub(crate) offer_window: Duration,
     /// Where the node counts for Prometheus; nowhere if `None`.
     pub(crate) metrics: Option<Exporter>,
+    /// The swarm's chunk protocol.
+    pub(crate) protocol: phase_swarm::Protocol,
 }
 
 /// The lowest sequence still accepted, and what set it (for the refusal).
@@ -139,7 +141,8 @@ impl Fetcher {
             .with_listen(vec![opts.listen.clone()])
             .with_peers(opts.peers.clone())
             .with_mdns(opts.mdns)
-            .with_dht(opts.mode == Mode::Internet);
+            .with_dht(opts.mode == Mode::Internet)
+            .with_protocol(opts.protocol);
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, verify_file, write_artifact};
-use phase_swarm::{FetchProgress, Multiaddr, load_or_create_key};
+use phase_swarm::{FetchProgress, Multiaddr, Protocol, load_or_create_key};
 
 use crate::files::write_atomic;
 use crate::metrics::Exporter;
@@ -86,6 +86,10 @@ pub(crate) struct Args {
     /// Milliseconds connected peers may take to offer a newer manifest than the seed's.
     #[arg(long, default_value_t = OFFER_WINDOW.as_millis() as u64, hide = true)]
     offer_window_ms: u64,
+    /// The swarm's chunk protocol: v1 (a request per chunk) or v2 (one
+    /// session per peer, pushed haves, pipelined requests).
+    #[arg(long, value_name = "v1|v2", default_value_t = Protocol::V1)]
+    swarm_protocol: Protocol,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -148,6 +152,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         min_sequence: floor,
         offer_window: Duration::from_millis(a.offer_window_ms),
         metrics: exporter,
+        protocol: a.swarm_protocol,
     };
     let mut fetcher = Fetcher::start(opts, store, say).await?;
     let (manifest, _via) = fetcher.manifest().await?;
