@@ -55,6 +55,11 @@ pub(crate) struct Args {
     /// libp2p TCP port for the swarm (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     p2p_port: u16,
+    /// The swarm's chunk protocol: v1 (a request per chunk) or v2 (one
+    /// session per peer, pushed haves, pipelined requests). The node answers
+    /// v1 requests either way.
+    #[arg(long, value_name = "v1|v2", default_value_t = phase_swarm::Protocol::V1)]
+    swarm_protocol: phase_swarm::Protocol,
     /// Seconds a client has to send a request head, and the longest a
     /// keep-alive connection may idle (tests shorten it).
     #[arg(long, hide = true, default_value_t = http_limits::HEADER_TIMEOUT.as_secs_f64(),
@@ -175,6 +180,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             // The swarm listens where HTTP does: --bind 127.0.0.1 keeps both on loopback.
             bind: a.bind,
             max_neighbours: a.max_neighbours.into(),
+            protocol: a.swarm_protocol,
             ..Default::default()
         },
     )

@@ -36,6 +36,8 @@ pub(crate) struct SwarmOptions {
     pub(crate) mdns: bool,
     /// The most peers the seed holds connected.
     pub(crate) max_neighbours: usize,
+    /// The swarm's chunk protocol.
+    pub(crate) protocol: phase_swarm::Protocol,
 }
 
 /// A seed's K, above a fetcher's 40: every booting machine's first contact
@@ -54,6 +56,7 @@ impl Default for SwarmOptions {
             bind: IpAddr::from([0, 0, 0, 0]),
             mdns: std::env::var("PLASMD_MDNS").map_or(true, |v| v != "0"),
             max_neighbours: SEED_NEIGHBOURS.into(),
+            protocol: phase_swarm::Protocol::V1,
         }
     }
 }
@@ -107,7 +110,8 @@ pub(crate) async fn start(
         NodeConfig::default()
             .with_mdns(opts.mdns)
             .with_max_neighbours(opts.max_neighbours)
-            .with_listen(vec![addr::tcp(opts.bind, opts.port)]),
+            .with_listen(vec![addr::tcp(opts.bind, opts.port)])
+            .with_protocol(opts.protocol),
     );
     if let Some(dir) = &opts.state_dir {
         cfg = cfg.with_keypair(load_or_create_key(&dir.join("p2p.key"))?);

@@ -41,6 +41,6 @@ pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use limits::{Limits, Memory};
 pub use node::{
-    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Source,
+    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Protocol, Source,
     load_or_create_key,
 };

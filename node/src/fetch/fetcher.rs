@@ -54,6 +54,8 @@ pub(crate) struct Options {
     pub(crate) metrics: Option<Exporter>,
     /// K, the most peers held connected; the library's default if `None`.
     pub(crate) max_neighbours: Option<usize>,
+    /// The swarm's chunk protocol.
+    pub(crate) protocol: phase_swarm::Protocol,
 }
 
 /// The lowest sequence still accepted, and what set it (for the refusal).
@@ -141,7 +143,8 @@ impl Fetcher {
             .with_listen(vec![opts.listen.clone()])
             .with_peers(opts.peers.clone())
             .with_mdns(opts.mdns)
-            .with_dht(opts.mode == Mode::Internet);
+            .with_dht(opts.mode == Mode::Internet)
+            .with_protocol(opts.protocol);
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use phase_content::{ChunkStore, FsStore, MemStore, PublicKey, verify_file, write_artifact};
-use phase_swarm::{FetchProgress, Multiaddr, load_or_create_key};
+use phase_swarm::{FetchProgress, Multiaddr, Protocol, load_or_create_key};
 
 use crate::files::write_atomic;
 use crate::metrics::Exporter;
@@ -89,6 +89,10 @@ pub(crate) struct Args {
     /// K: the most peers held connected (tests set it low; default the library's).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     max_neighbours: Option<u16>,
+    /// The swarm's chunk protocol: v1 (a request per chunk) or v2 (one
+    /// session per peer, pushed haves, pipelined requests).
+    #[arg(long, value_name = "v1|v2", default_value_t = Protocol::V1)]
+    swarm_protocol: Protocol,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -152,6 +156,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         offer_window: Duration::from_millis(a.offer_window_ms),
         metrics: exporter,
         max_neighbours: a.max_neighbours.map(usize::from),
+        protocol: a.swarm_protocol,
     };
     let mut fetcher = Fetcher::start(opts, store, say).await?;
     let (manifest, _via) = fetcher.manifest().await?;

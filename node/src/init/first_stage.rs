@@ -106,6 +106,7 @@ async fn start(
         offer_window: OFFER_WINDOW,
         metrics: None,
         max_neighbours: None,
+        protocol: phase_swarm::Protocol::V1,
     };
     let f = Fetcher::start(opts, store, say).await?;
     println!(

@@ -12,6 +12,7 @@ use phase_content::{Hash, PublicKey, SignedManifest};
 use tokio::sync::{oneshot, watch};
 
 use super::dial::root_key;
+use super::v2::Verdict;
 use super::{Fallback, FetchProgress, FetchReport, Node, PeerStats, Source};
 use crate::Error;
 use crate::codec::Inbound;
@@ -183,6 +184,12 @@ impl Node {
         if need_announce {
             self.announce(root);
         }
+        if self.wire.is_some() {
+            // Its peers are the sessions about it (opened now if missing).
+            self.drive(Input::ProvidersFound(Vec::new()));
+            self.v2_fetch_started(root);
+            return;
+        }
         let peers: Vec<Source> = self.connected.iter().map(|p| Source::Peer(*p)).collect();
         self.drive(Input::ProvidersFound(peers));
     }
@@ -232,6 +239,10 @@ impl Node {
                 Action::Request {
                     peer: Source::Peer(p),
                     chunk,
+                } if self.wire.is_some() => self.v2_request(p, root, chunk),
+                Action::Request {
+                    peer: Source::Peer(p),
+                    chunk,
                 } => {
                     let id = self
                         .swarm
@@ -262,6 +273,8 @@ impl Node {
                         let _ = tx.send((root, chunk, res)).await;
                     });
                 }
+                // A v2 peer pushes its haves.
+                Action::AskHaveMap(Source::Peer(_)) if self.wire.is_some() => {}
                 Action::AskHaveMap(Source::Peer(p)) => {
                     let id = self
                         .swarm
@@ -334,87 +347,29 @@ impl Node {
             return;
         };
         let i = index as usize;
-        let fetching = self.fetch.as_ref().is_some_and(|f| f.root == root);
         let data = match data {
-            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => Bytes::from(d),
-            _ => {
-                self.metrics.rejected(&src);
-                if fetching {
-                    self.drive(Input::ChunkBad {
-                        peer: src,
-                        chunk: index,
-                    });
-                }
-                return;
-            }
+            Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
+            _ => return self.chunk_checked(src, root, index, 0, Verdict::Bad),
         };
         // Verify exactly once: the store checks the hash before it keeps the
         // bytes; a duplicate (end-game) is still checked, so a liar is caught.
         let verdict = if held.sched.is_held(index) {
             if Hash::of(&data) == held.hashes[i] {
-                Ok(())
+                Verdict::Ok
             } else {
-                Err(None)
+                Verdict::Bad
             }
         } else {
-            match self.store.put_bytes(&held.hashes[i], data.clone()) {
-                Ok(_) => {
-                    held.mark(i);
-                    Ok(())
-                }
-                Err(phase_content::Error::ChunkMismatch { .. }) => Err(None),
-                Err(e) => Err(Some(e)),
-            }
+            // The store keeps these bytes as they are (no copy).
+            let len = data.len();
+            let verdict = match self.store.put_bytes(&held.hashes[i], Bytes::from(data)) {
+                Ok(_) => Verdict::Ok,
+                Err(phase_content::Error::ChunkMismatch { .. }) => Verdict::Bad,
+                Err(e) => Verdict::Store(e.to_string()),
+            };
+            return self.chunk_checked(src, root, index, len, verdict);
         };
-        match verdict {
-            Ok(()) => {}
-            Err(None) => {
-                self.metrics.rejected(&src);
-                if fetching {
-                    self.drive(Input::ChunkBad {
-                        peer: src,
-                        chunk: index,
-                    });
-                }
-                return;
-            }
-            Err(Some(e)) => {
-                tracing::warn!(error = %e, "cannot store chunk");
-                if fetching {
-                    self.drive(Input::ChunkFailed {
-                        peer: src,
-                        chunk: index,
-                    });
-                }
-                return;
-            }
-        }
-        let first = !held.announced;
-        let progress = held.progress(self.connected.len());
-        if fetching {
-            self.metrics.verified(&src, data.len());
-        } else {
-            self.metrics.late(&src, data.len());
-        }
-        if let Some(f) = self.fetch.as_mut().filter(|f| f.root == root) {
-            let st = f.stats.entry(src).or_default();
-            st.bytes += data.len() as u64;
-            st.chunks += 1;
-            f.bytes += data.len() as u64;
-            if let Some(p) = &f.progress {
-                let _ = p.send(progress);
-            }
-        }
-        if first {
-            // Announce as soon as the first verified chunk is held.
-            self.announce(root);
-        }
-        if fetching {
-            self.drive(Input::ChunkOk {
-                peer: src,
-                chunk: index,
-            });
-        }
+        self.chunk_checked(src, root, index, data.len(), verdict);
     }
 
     pub(super) fn ask_latest(&mut self, find: &mut Find, p: PeerId) {

@@ -12,6 +12,8 @@ use crate::limits::Limits;
 use crate::metrics::{Metrics, SharedRegistry};
 use crate::scheduler::SchedulerConfig;
 
+use super::v2::Protocol;
+
 /// Configuration of a [`Node`](super::Node). `Default` listens on all IPv4 addresses on
 /// an ephemeral TCP port with mDNS on.
 #[derive(Debug, Clone)]
@@ -64,6 +66,11 @@ pub struct NodeConfig {
     /// K: peers held connected at most ([`crate::neighbours`]); candidates
     /// beyond wait, and a fetching node rotates the least useful out.
     pub max_neighbours: usize,
+    /// The chunk protocol this node fetches with ([`Protocol::V1`]).
+    pub protocol: Protocol,
+    /// Sessions of [`Protocol::V2`]: depth (requests pipelined per peer),
+    /// timeouts, limits.
+    pub session: crate::v2::SessionConfig,
 }
 
 impl Default for NodeConfig {
@@ -97,6 +104,8 @@ impl Default for NodeConfig {
             // connections of `Limits` with room for the DHT's own dials;
             // in the range BitTorrent clients hold per torrent (50-80).
             max_neighbours: 40,
+            protocol: Protocol::V1,
+            session: crate::v2::SessionConfig::default(),
         }
     }
 }
@@ -157,6 +166,17 @@ impl NodeConfig {
     /// Sets the caps on connections, memory and dials.
     pub fn with_limits(mut self, l: Limits) -> Self {
         self.limits = l;
+        self
+    }
+    /// Sets the chunk protocol the node fetches with.
+    pub fn with_protocol(mut self, p: Protocol) -> Self {
+        self.protocol = p;
+        self
+    }
+    /// Sets the v2 sessions' configuration (its depth is also the
+    /// scheduler's requests in flight per v2 peer).
+    pub fn with_session(mut self, s: crate::v2::SessionConfig) -> Self {
+        self.session = s;
         self
     }
 }

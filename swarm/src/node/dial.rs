@@ -49,6 +49,7 @@ impl Node {
         self.metrics.serving(&m.channel, &m.arch, m.sequence);
         self.held.insert(root, held);
         self.announce(root);
+        self.v2_open_all(root);
         Ok(())
     }
 

@@ -23,6 +23,7 @@ mod config;
 mod dial;
 mod handle;
 mod server;
+mod v2;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -50,6 +51,7 @@ use handle::Command;
 
 pub use config::{NodeConfig, load_or_create_key};
 pub use handle::{Fallback, FetchProgress, FetchReport, Handle, PeerStats, Source};
+pub use v2::Protocol;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -61,6 +63,7 @@ struct Behaviour {
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: Toggle<libp2p_stream::Behaviour>,
 }
 
 /// The node. Start one with [`Node::spawn`].
@@ -108,6 +111,10 @@ pub struct Node {
     /// The most libp2p connections established at once (neighbours, and
     /// connections about to be refused).
     connections_peak: usize,
+    /// Protocol v2 sessions, with [`Protocol::V2`].
+    wire: Option<v2::Wire>,
+    wire_rx: Option<mpsc::Receiver<v2::Msg>>,
+    wire_freed: Arc<tokio::sync::Notify>,
 }
 
 /// The DHT's protocol; a peer that does not list it in identify (a node
@@ -117,7 +124,12 @@ const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/phase/kad/1");
 impl Node {
     /// Builds the swarm, starts listening and dialing, and spawns the event
     /// loop on the current tokio runtime.
-    pub fn spawn(cfg: NodeConfig, store: Arc<dyn ChunkStore>) -> Result<Handle, Error> {
+    pub fn spawn(mut cfg: NodeConfig, store: Arc<dyn ChunkStore>) -> Result<Handle, Error> {
+        let v2_on = cfg.protocol == Protocol::V2;
+        if v2_on {
+            // A v2 peer is asked for as many chunks as its session pipelines.
+            cfg.scheduler.per_peer_in_flight = cfg.session.depth.max(1);
+        }
         let key = cfg
             .keypair
             .clone()
@@ -197,6 +209,7 @@ impl Node {
                         key.public(),
                     )),
                     mdns: Toggle::from(mdns),
+                    stream: Toggle::from(v2_on.then(libp2p_stream::Behaviour::new)),
                 })
             })
             .map_err(|e| Error::Transport(e.to_string()))?
@@ -222,6 +235,16 @@ impl Node {
         );
         let peers = cfg.peers.clone();
         let policy = crate::serving::ServingPolicy::new(server::serving_config(&cfg));
+        let (wire, wire_rx) = match swarm.behaviour().stream.as_ref() {
+            Some(b) => {
+                let (w, rx) = v2::Wire::new(b, cfg.session.clone())?;
+                (Some(w), Some(rx))
+            }
+            None => (None, None),
+        };
+        let wire_freed = wire
+            .as_ref()
+            .map_or_else(|| Arc::new(tokio::sync::Notify::new()), |w| w.freed.clone());
         let mut node = Node {
             swarm,
             store,
@@ -253,6 +276,9 @@ impl Node {
             peer_ips: HashMap::new(),
             nbrs,
             connections_peak: 0,
+            wire,
+            wire_rx,
+            wire_freed,
         };
         for addr in peers {
             node.dial_given(addr)?;
@@ -273,8 +299,11 @@ impl Node {
                     None => return,
                 },
                 Some((root, index, res)) = self.fb_rx.recv() => self.on_fallback(root, index, res),
+                Some(m) = v2::recv(&mut self.wire_rx) => self.on_v2(m),
+                _ = self.wire_freed.notified() => {}
                 _ = tick.tick() => self.on_tick(),
             }
+            self.v2_after();
         }
     }
 
@@ -356,6 +385,7 @@ impl Node {
             self.drive(Input::Tick);
         }
         self.neighbour_tick();
+        self.v2_tick();
         let lookup = self
             .fetch
             .as_ref()
@@ -456,7 +486,12 @@ impl Node {
                         self.ask_latest(&mut f, peer_id);
                         self.find = Some(f);
                     }
-                    self.drive(Input::PeerFound(Source::Peer(peer_id)));
+                    if self.wire.is_some() {
+                        // Found by the scheduler once its session's hello arrives.
+                        self.v2_connected(peer_id);
+                    } else {
+                        self.drive(Input::PeerFound(Source::Peer(peer_id)));
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -521,7 +556,12 @@ impl Node {
                     if p == me || self.banned.contains(&p) || self.blocked.contains_key(&p) {
                         continue;
                     }
-                    if self.connected.contains(&p) {
+                    let fetching = self.fetch.as_ref().map(|f| f.root);
+                    if self.connected.contains(&p) && self.wire.is_some() {
+                        if let Some(root) = fetching {
+                            self.v2_open(p, root);
+                        }
+                    } else if self.connected.contains(&p) {
                         self.drive(Input::PeerFound(Source::Peer(p)));
                     } else {
                         // The query still knows its addresses.
