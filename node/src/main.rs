@@ -86,7 +86,7 @@ enum Command {
     /// Check a signed manifest, and optionally artifact files against it.
     Verify(verify::Args),
     /// Fetch a channel/arch from the swarm, verify it and write the artifacts.
-    Fetch(fetch::Args),
+    Fetch(Box<fetch::Args>),
     /// Build the boot initramfs with plasmd as /init.
     Mkinitramfs(mkinitramfs::Args),
     /// Run the boot sequence as if PID 1 (for tests; PID 1 does this by itself).
@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         Command::Mkinitramfs(a) => mkinitramfs::run(a),
         Command::Init => init::run(),
         Command::Serve(a) => runtime().and_then(|rt| rt.block_on(serve::run(a))),
-        Command::Fetch(a) => runtime().and_then(|rt| rt.block_on(fetch::run(a))),
+        Command::Fetch(a) => runtime().and_then(|rt| rt.block_on(fetch::run(*a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
