@@ -18,6 +18,8 @@ use crate::proc::{Bell, Options, Proc};
 pub enum Mode {
     /// `plasmd fetch` on every node, `plasmd serve` as the seed.
     Swarm,
+    /// The same with `--swarm-protocol v2` on the seed and every node.
+    Swarm2,
     /// curl from the seed's HTTP server (`plasmd serve`), nothing else.
     Http,
     /// aria2c with a torrent from mktorrent and opentracker as the tracker.
@@ -29,6 +31,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Swarm => "swarm",
+            Mode::Swarm2 => "swarm2",
             Mode::Http => "http",
             Mode::Bittorrent => "bittorrent",
         }
@@ -40,9 +43,12 @@ impl std::str::FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "swarm" => Ok(Mode::Swarm),
+            "swarm2" => Ok(Mode::Swarm2),
             "http" => Ok(Mode::Http),
             "bittorrent" | "bt" => Ok(Mode::Bittorrent),
-            _ => Err(format!("unknown mode {s:?} (swarm, http, bittorrent)")),
+            _ => Err(format!(
+                "unknown mode {s:?} (swarm, swarm2, http, bittorrent)"
+            )),
         }
     }
 }
@@ -194,9 +200,9 @@ pub fn run_mode(
 
     // The seed side, and the command each node runs.
     let node_cmd: NodeCmd = match mode {
-        Mode::Swarm | Mode::Http => {
+        Mode::Swarm | Mode::Swarm2 | Mode::Http => {
             let state = mode_dir.join("seed-state");
-            let argv = vec![
+            let mut argv = vec![
                 plasmd.clone(),
                 "serve".into(),
                 "-a".into(),
@@ -210,6 +216,12 @@ pub fn run_mode(
                 "--chunk-size".into(),
                 cfg.chunk_size.to_string(),
             ];
+            let v2: Vec<String> = if mode == Mode::Swarm2 {
+                vec!["--swarm-protocol".into(), "v2".into()]
+            } else {
+                Vec::new()
+            };
+            argv.extend(v2.iter().cloned());
             let seed = spawn_in(&topo.seed.ns, &argv, "seed", &Options::default())?;
             let key_line = seed.expect(setup, "public key", |l| l.contains("public key "))?;
             let pubkey = key_line
@@ -221,10 +233,10 @@ pub fn run_mode(
             seed.expect(setup, "serving http://", |l| l.contains("serving http://"))?;
             seed_procs.push(seed);
             let url = format!("http://{seed_ip}:8080");
-            if mode == Mode::Swarm {
+            if mode != Mode::Http {
                 let plasmd = plasmd.clone();
                 Box::new(move |_, out: &Path| {
-                    vec![
+                    let mut argv = vec![
                         plasmd.clone(),
                         "fetch".into(),
                         "--provider".into(),
@@ -235,7 +247,9 @@ pub fn run_mode(
                         out.display().to_string(),
                         "--serve-after".into(),
                         "--json".into(),
-                    ]
+                    ];
+                    argv.extend(v2.iter().cloned());
+                    argv
                 })
             } else {
                 Box::new(move |_, out: &Path| {
@@ -387,7 +401,7 @@ pub fn run_mode(
             for l in p.lines_after(&mut cursors[i]) {
                 any = true;
                 let finished = match mode {
-                    Mode::Swarm => l.starts_with('{') && l.contains("\"ok\""),
+                    Mode::Swarm | Mode::Swarm2 => l.starts_with('{') && l.contains("\"ok\""),
                     Mode::Http | Mode::Bittorrent => l.starts_with("STORM-DONE"),
                 };
                 if finished {

@@ -30,10 +30,10 @@ pub struct NodeConfig {
     /// providers, bootstrap. Off (`phase.mode=lan`), the DHT protocol is not
     /// even offered, and peers come only from `peers`, mDNS and dials.
     pub dht: bool,
-    /// Inbound requests being answered at once, over all peers, before the
-    /// node answers "busy".
+    /// Chunk uploads at once, over all peers, before the node answers
+    /// "busy" (v1) or chokes (v2); see [`crate::serving::ServingPolicy`].
     pub max_serving: usize,
-    /// Inbound requests being answered at once for one peer before "busy".
+    /// Chunk uploads at once to one peer before "busy" (v1) or choke (v2).
     pub per_peer_serving: usize,
     /// Inbound requests outstanding from one peer beyond which it is
     /// flooding: disconnected and blocked.

@@ -4,8 +4,9 @@
 //!
 //! [`frame`] is the wire encoding (pure, no I/O); [`session`] runs one stream
 //! per peer over `libp2p-stream` with a task that reads and writes it, so the
-//! node's event loop only ever touches bounded channels. See the crate's
-//! `DESIGN.md`, "Protocol v2", for what is not wired into the node yet.
+//! node's event loop only ever touches bounded channels. The node runs it
+//! with `NodeConfig::protocol = Protocol::V2` (`node/v2.rs`); see the crate's
+//! `DESIGN.md`, "Protocol v2".
 
 pub mod frame;
 pub mod session;
