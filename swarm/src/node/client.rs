@@ -12,7 +12,7 @@ use phase_content::{Hash, PublicKey, SignedManifest};
 use tokio::sync::{oneshot, watch};
 
 use super::dial::root_key;
-use super::v2::Verdict;
+use super::v2::{Verdict, check};
 use super::{Fallback, FetchProgress, FetchReport, Node, PeerStats, Source};
 use crate::Error;
 use crate::codec::Inbound;
@@ -257,19 +257,29 @@ impl Node {
                     chunk,
                 } => {
                     let Some(f) = self.fetch.as_ref() else { return };
-                    let (Some(fb), Some(h)) = (
+                    let i = chunk as usize;
+                    let (Some(fb), Some((hash, want, held))) = (
                         f.fallback.clone(),
-                        self.held
-                            .get(&root)
-                            .and_then(|h| h.hashes.get(chunk as usize)),
+                        self.held.get(&root).and_then(|h| {
+                            Some((*h.hashes.get(i)?, *h.lens.get(i)?, h.sched.is_held(chunk)))
+                        }),
                     ) else {
                         continue;
                     };
-                    let (hash, tx) = (*h, self.fb_tx.clone());
+                    let (store, tx) = (self.store.clone(), self.fb_tx.clone());
+                    // The GET, the length check, the hash and the store all
+                    // run on a blocking thread; the loop only books the verdict.
                     tokio::spawn(async move {
-                        let res = tokio::task::spawn_blocking(move || fb.get(&hash))
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string()));
+                        let res = tokio::task::spawn_blocking(move || {
+                            let data = fb.get(&hash)?;
+                            let len = data.len();
+                            if len as u64 != want {
+                                return Ok((len, Verdict::Bad));
+                            }
+                            Ok((len, check(store.as_ref(), &hash, Bytes::from(data), held)))
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
                         let _ = tx.send((root, chunk, res)).await;
                     });
                 }
@@ -322,9 +332,14 @@ impl Node {
         let _ = f.reply.send(Ok(report));
     }
 
-    pub(super) fn on_fallback(&mut self, root: Root, index: u32, res: Result<Vec<u8>, String>) {
+    pub(super) fn on_fallback(
+        &mut self,
+        root: Root,
+        index: u32,
+        res: Result<(usize, Verdict), String>,
+    ) {
         match res {
-            Ok(data) => self.on_chunk(Source::HttpSeed, root, index, Some(data)),
+            Ok((len, verdict)) => self.chunk_checked(Source::HttpSeed, root, index, len, verdict),
             Err(e) => {
                 tracing::debug!(index, error = %e, "fallback chunk failed");
                 if self.fetch.as_ref().is_some_and(|f| f.root == root) {

@@ -66,6 +66,10 @@ struct Behaviour {
     stream: Toggle<libp2p_stream::Behaviour>,
 }
 
+/// An HTTP rescue answer for (root, chunk): its length and verdict, or why
+/// the GET failed.
+type Rescued = (Root, u32, Result<(usize, v2::Verdict), String>);
+
 /// The node. Start one with [`Node::spawn`].
 pub struct Node {
     swarm: Swarm<Behaviour>,
@@ -90,8 +94,9 @@ pub struct Node {
     blocked: HashMap<PeerId, Instant>,
     listen: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
-    fb_tx: mpsc::Sender<(Root, u32, Result<Vec<u8>, String>)>,
-    fb_rx: mpsc::Receiver<(Root, u32, Result<Vec<u8>, String>)>,
+    /// HTTP rescue answers, checked and stored off the loop.
+    fb_tx: mpsc::Sender<Rescued>,
+    fb_rx: mpsc::Receiver<Rescued>,
     last_provide: Instant,
     epoch: Instant,
     metrics: Metrics,

@@ -409,16 +409,17 @@ impl Drop for Slot {
     }
 }
 
-/// Checks (and, when not held yet, stores) a piece on a blocking thread.
-fn check(store: &dyn ChunkStore, hash: &Hash, data: &[u8], held: bool) -> Verdict {
+/// Checks (and, when not held yet, stores) a chunk on a blocking thread: a
+/// v2 piece or an HTTP rescue answer. The store keeps `data` without a copy.
+pub(super) fn check(store: &dyn ChunkStore, hash: &Hash, data: Bytes, held: bool) -> Verdict {
     if held {
-        if Hash::of(data) == *hash {
+        if Hash::of(&data) == *hash {
             Verdict::Ok
         } else {
             Verdict::Bad
         }
     } else {
-        match store.put(hash, data) {
+        match store.put_bytes(hash, data) {
             Ok(_) => Verdict::Ok,
             Err(phase_content::Error::ChunkMismatch { .. }) => Verdict::Bad,
             Err(e) => Verdict::Store(e.to_string()),
@@ -978,7 +979,7 @@ impl Node {
         tokio::spawn(async move {
             let n = data.len();
             let verdict =
-                tokio::task::spawn_blocking(move || check(store.as_ref(), &hash, &data, held))
+                tokio::task::spawn_blocking(move || check(store.as_ref(), &hash, data, held))
                     .await
                     .unwrap_or_else(|e| Verdict::Store(e.to_string()));
             let _ = tx
