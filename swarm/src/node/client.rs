@@ -366,25 +366,17 @@ impl Node {
             Some(d) if i < held.hashes.len() && d.len() as u64 == held.lens[i] => d,
             _ => return self.chunk_checked(src, root, index, 0, Verdict::Bad),
         };
-        // Verify exactly once: the store checks the hash before it keeps the
-        // bytes; a duplicate (end-game) is still checked, so a liar is caught.
-        let verdict = if held.sched.is_held(index) {
-            if Hash::of(&data) == held.hashes[i] {
-                Verdict::Ok
-            } else {
-                Verdict::Bad
-            }
-        } else {
-            // The store keeps these bytes as they are (no copy).
-            let len = data.len();
-            let verdict = match self.store.put_bytes(&held.hashes[i], Bytes::from(data)) {
-                Ok(_) => Verdict::Ok,
-                Err(phase_content::Error::ChunkMismatch { .. }) => Verdict::Bad,
-                Err(e) => Verdict::Store(e.to_string()),
-            };
-            return self.chunk_checked(src, root, index, len, verdict);
-        };
-        self.chunk_checked(src, root, index, data.len(), verdict);
+        // Verify exactly once (`check`, as for v2 pieces and rescue answers):
+        // the store checks the hash before it keeps the bytes (as they are);
+        // a duplicate (end-game) is still checked, so a liar is caught.
+        let len = data.len();
+        let verdict = check(
+            self.store.as_ref(),
+            &held.hashes[i],
+            Bytes::from(data),
+            held.sched.is_held(index),
+        );
+        self.chunk_checked(src, root, index, len, verdict);
     }
 
     pub(super) fn ask_latest(&mut self, find: &mut Find, p: PeerId) {
