@@ -271,6 +271,9 @@ struct PeerState {
     /// Busy, do-not-have and slow answers since the last prompt chunk.
     strikes: u32,
     last_map_ask: Option<Time>,
+    /// When its last chunk arrived: with requests pipelined, an answer is
+    /// timed from the later of its request and the answer before it.
+    last_answer: Option<Time>,
     gone: bool,
 }
 
@@ -285,6 +288,7 @@ impl PeerState {
             failures: 0,
             strikes: 0,
             last_map_ask: None,
+            last_answer: None,
             gone: false,
         }
     }
@@ -536,8 +540,17 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 let sent = self.sent_at(&peer, chunk);
                 self.finish(&peer, chunk);
                 // Only a prompt answer is progress: a peer that trickles
-                // chunks must not keep the rescue away.
-                let prompt = sent.is_some_and(|t| now.saturating_sub(t) <= self.cfg.slow_answer);
+                // chunks must not keep the rescue away. A pipelined request
+                // waits behind the ones before it, so its clock starts at the
+                // peer's previous answer when that came later.
+                let last = self
+                    .peers
+                    .get_mut(&peer)
+                    .and_then(|st| st.last_answer.replace(now));
+                let prompt = sent.is_some_and(|t| {
+                    let from = last.map_or(t, |l| l.max(t));
+                    now.saturating_sub(from) <= self.cfg.slow_answer
+                });
                 if !is_fallback {
                     if prompt {
                         self.last_peer_chunk = Some(now);
@@ -1604,6 +1617,35 @@ mod tests {
         assert!(http.len() >= 5, "the rescue took most chunks: {http:?}");
         // The trickle alone would need 8 x 1.9 s.
         assert!(t < ms(4000), "finished soon after the grace: {t:?}");
+    }
+
+    /// A peer with 8 requests pipelined that answers them one after another,
+    /// a chunk every 0.5 s, is delivering: requests late in its queue wait
+    /// longer than `slow_answer` from when they were sent, yet the rescue
+    /// stays away and the peer serves every chunk.
+    #[test]
+    fn a_pipelined_peer_answering_steadily_is_progress() {
+        let cfg = test_cfg()
+            .with_per_peer_in_flight(8)
+            .with_fallback_grace(ms(2000))
+            .with_slow_answer(ms(1500));
+        let mut s = Scheduler::new(16, cfg, 1).with_fallback("http");
+        let first = add(&mut s, "t", vec![true; 16]);
+        let mut next: Option<Time> = None;
+        let (http, t) = drive(&mut s, first, ms(20_000), |peer, chunk, _, now| {
+            // One answer per 0.5 s, in request order.
+            if next.is_none_or(|n| now >= n) {
+                next = Some(now + ms(500));
+                Some(Input::ChunkOk { peer, chunk })
+            } else {
+                None
+            }
+        });
+        assert!(s.is_done(), "done by {t:?}");
+        assert!(
+            http.is_empty(),
+            "the rescue took chunks from a steady peer: {http:?}"
+        );
     }
 
     /// A peer that hands out one chunk promptly every 1.9 s and answers busy

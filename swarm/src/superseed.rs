@@ -56,10 +56,11 @@ impl SendCounts {
         self.min
     }
 
-    /// Chunk `i` was sent once more.
-    pub fn record(&mut self, i: usize) {
+    /// Chunk `i` was sent once more. True when that raised the round (every
+    /// chunk is on offer again, so a node that withdrew chunks re-announces them).
+    pub fn record(&mut self, i: usize) -> bool {
         let Some(c) = self.counts.get_mut(i) else {
-            return;
+            return false;
         };
         *c = c.saturating_add(1);
         if *c == self.min + 1 {
@@ -68,7 +69,34 @@ impl SendCounts {
                 self.min += 1;
                 let min = self.min;
                 self.at_min = self.counts.iter().filter(|&&c| c == min).count();
+                return true;
             }
+        }
+        false
+    }
+
+    /// A send recorded for chunk `i` did not go out (the session ended
+    /// first): it is taken back, so a copy the swarm never got does not keep
+    /// the chunk off offer. True when that put chunk `i` back on offer.
+    pub fn unrecord(&mut self, i: usize) -> bool {
+        let Some(c) = self.counts.get_mut(i) else {
+            return false;
+        };
+        if *c == 0 {
+            return false;
+        }
+        *c -= 1;
+        if *c == self.min {
+            self.at_min += 1;
+            true
+        } else if *c < self.min {
+            // It was on offer already, and is now the least-sent alone: the
+            // round falls back to it and every other chunk leaves the offer.
+            self.min = *c;
+            self.at_min = 1;
+            false
+        } else {
+            false
         }
     }
 }
@@ -87,6 +115,36 @@ mod tests {
                 s.record(i);
                 counts[i] += 1;
                 let min = *counts.iter().min().unwrap();
+                for (j, c) in counts.iter().enumerate() {
+                    prop_assert_eq!(s.offer(j), *c == min);
+                }
+            }
+        }
+
+        /// Sends and sends taken back in any order: the offer is always
+        /// exactly the least-sent chunks, and the round their count.
+        #[test]
+        fn taking_sends_back_keeps_the_offer_exact(
+            ops in proptest::collection::vec((any::<bool>(), 0usize..6), 0..300),
+        ) {
+            let mut s = SendCounts::new(6);
+            let mut counts = [0u32; 6];
+            for (send, i) in ops {
+                let before = s.round();
+                if send {
+                    let rose = s.record(i);
+                    counts[i] += 1;
+                    prop_assert_eq!(rose, s.round() > before);
+                } else if counts[i] > 0 {
+                    let was = s.offer(i);
+                    let back = s.unrecord(i);
+                    counts[i] -= 1;
+                    prop_assert_eq!(back, !was && s.offer(i));
+                } else {
+                    prop_assert!(!s.unrecord(i));
+                }
+                let min = *counts.iter().min().unwrap();
+                prop_assert_eq!(s.round(), min);
                 for (j, c) in counts.iter().enumerate() {
                     prop_assert_eq!(s.offer(j), *c == min);
                 }

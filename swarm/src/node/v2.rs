@@ -66,6 +66,16 @@ const HELLO_MIN: u32 = 1 + 32 + 4 + 2;
 
 type Key = (PeerId, Root);
 
+/// How long after its upload started a super-seeder waits for some peer to
+/// announce a chunk before it counts that copy as lost ([`Wire::lost`]).
+/// A 256 KiB chunk takes well under a second at 20 Mbit/s shared by the
+/// upload slots; the `Have` follows within the batching delay.
+const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long a fetcher waits after a peer withdrew a chunk, for some other
+/// peer to announce it, before it asks the withdrawing peer again.
+const REASK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What reaches the node's loop.
 pub(super) enum Msg {
     /// A session is running (we opened it, or accepted it below).
@@ -91,6 +101,8 @@ pub(super) enum Msg {
         id: u64,
         ev: Event,
     },
+    /// An upload recorded as sent did not go out (its session was gone).
+    Unsent { root: Root, chunk: u32 },
     /// A piece was checked off the loop.
     Checked {
         peer: PeerId,
@@ -131,13 +143,13 @@ struct Peer {
     opened: bool,
     /// What the peer announced (its `Hello`, then its `Have`s).
     have: Vec<bool>,
-    /// It answered do-not-have since the last refresh.
-    refused: bool,
+    /// Chunks it announced and then refused (withdrew), and when.
+    withdrawn: HashMap<u32, std::time::Instant>,
+    /// Chunks we refused it while super-seeding: asked again (no peer of
+    /// its announces them, [`REASK_AFTER`]), they are served.
+    refused_it: std::collections::HashSet<u32>,
     /// Our requests the peer has not answered, and when they were made.
     requested: HashMap<u32, std::time::Instant>,
-    /// Chunks we refused it while super-seeding: asked again (it found
-    /// no one else), they are served.
-    refused_it: std::collections::HashSet<u32>,
     /// Its requests waiting for an upload slot.
     queue: VecDeque<u32>,
     /// Its upload slots in use.
@@ -176,6 +188,8 @@ pub(super) struct Wire {
     /// opened): when to try again, and how many times it failed.
     retry: HashMap<Key, (std::time::Instant, u32)>,
     last_refresh: std::time::Instant,
+    /// Per root we super-seed: when each chunk's last upload started.
+    sent_at: HashMap<Root, Vec<Option<std::time::Instant>>>,
 }
 
 impl Wire {
@@ -234,6 +248,7 @@ impl Wire {
             redo: std::collections::HashSet::new(),
             retry: HashMap::new(),
             last_refresh: std::time::Instant::now(),
+            sent_at: HashMap::new(),
         };
         Ok((wire, rx))
     }
@@ -267,6 +282,24 @@ impl Wire {
             return;
         }
         p.out.push_back(c);
+    }
+
+    /// Whether a super-seeder's copy of `chunk` looks lost: no peer in
+    /// session announces it, and its last upload started more than
+    /// [`LOST_AFTER`] ago (the peer that got it left, or dropped it). Such a
+    /// chunk is served even when off offer, so the swarm cannot lose it.
+    fn lost(&self, root: Root, chunk: u32) -> bool {
+        let i = chunk as usize;
+        let recent = self
+            .sent_at
+            .get(&root)
+            .and_then(|v| v.get(i).copied().flatten())
+            .is_some_and(|t| t.elapsed() < LOST_AFTER);
+        !recent
+            && !self
+                .sessions
+                .iter()
+                .any(|((_, r), p)| *r == root && p.have.get(i).copied().unwrap_or(false))
     }
 
     /// Sends what waited for room; a session that cannot take even its
@@ -440,13 +473,16 @@ impl Node {
         let Some(local) = self.v2_local(&root) else {
             return;
         };
+        let Some(cfg) = self.v2_session_cfg(&root) else {
+            return;
+        };
         let Some(w) = self.wire.as_mut() else { return };
         let key = (peer, root);
         if w.has(&key) {
             return;
         }
         w.opening.insert(key, local.have.clone());
-        let (mut control, cfg, tx) = (w.control.clone(), w.cfg.clone(), w.tx.clone());
+        let (mut control, tx) = (w.control.clone(), w.tx.clone());
         tokio::spawn(async move {
             let opened =
                 tokio::time::timeout(cfg.hello_timeout, control.open_stream(peer, PROTOCOL))
@@ -493,14 +529,55 @@ impl Node {
         }
     }
 
-    /// What our `Hello` about `root` says: the chunks held.
+    /// What our `Hello` about `root` says: the chunks held, or while
+    /// super-seeding only those on offer ([`crate::superseed`]).
     fn v2_local(&self, root: &Root) -> Option<Local> {
         let h = self.held.get(root)?;
+        let mut have = h.sched.held().to_vec();
+        if self.super_seeding(h) {
+            for (i, o) in have.iter_mut().enumerate() {
+                *o = *o && h.sent.offer(i);
+            }
+        }
         Some(Local {
             root: *root,
             chunks: h.hashes.len() as u32,
-            have: h.sched.held().to_vec(),
+            have,
         })
+    }
+
+    /// The session settings for `root`. A super-seeder accepts only as many
+    /// pipelined requests per peer as it has upload slots per peer: a deeper
+    /// queue would hold the chunks each fetcher asked it for (and refuses
+    /// later, once others took them) while other peers could serve them.
+    fn v2_session_cfg(&self, root: &Root) -> Option<SessionConfig> {
+        let w = self.wire.as_ref()?;
+        let mut cfg = w.cfg.clone();
+        if self.held.get(root).is_some_and(|h| self.super_seeding(h)) {
+            let per_peer = u16::try_from(self.cfg.per_peer_serving).unwrap_or(u16::MAX);
+            let depth = cfg.accept_depth.min(per_peer.max(1));
+            cfg = cfg.with_accept_depth(depth);
+        }
+        Some(cfg)
+    }
+
+    /// Whether we offer only our least-sent chunks of `h`: a complete node
+    /// with super-seeding on.
+    fn super_seeding(&self, h: &super::client::Held) -> bool {
+        self.cfg.super_seed && h.sched.is_done()
+    }
+
+    /// Chunks of `root` back on offer: every session about it hears `Have`
+    /// again (a session sends it only to a peer we withdrew it from).
+    fn v2_announce(&mut self, root: Root, chunks: impl IntoIterator<Item = u32> + Clone) {
+        let Some(w) = self.wire.as_mut() else { return };
+        for ((_, r), p) in w.sessions.iter_mut() {
+            if *r == root {
+                for i in chunks.clone() {
+                    Wire::command(p, Cmd::Have(i));
+                }
+            }
+        }
     }
 
     /// Chunk `i` of `root` verified: every session about it hears so.
@@ -587,25 +664,45 @@ impl Node {
         self.v2_open_all(root);
     }
 
-    /// Every `have_refresh`: a peer that answered do-not-have for chunks it
-    /// had announced (a super-seeder offering others first) is offered to
-    /// the scheduler again with what it announced, as a v1 have-map pull
-    /// would, without asking the peer anything.
+    /// Every `have_refresh`: a chunk a peer withdrew (a super-seeder offering
+    /// others first) at least [`REASK_AFTER`] ago, that we still lack and no
+    /// peer in session announces, is offered to the scheduler again from that
+    /// peer, which serves it on a second ask: the swarm cannot lose a chunk
+    /// to super-seeding, and a chunk our neighbours hold is not asked twice.
     pub(super) fn v2_refresh(&mut self, root: Root) {
+        let Some(h) = self.held.get(&root) else {
+            return;
+        };
         let Some(w) = self.wire.as_mut() else { return };
-        let maps: Vec<(PeerId, Vec<bool>)> = w
-            .sessions
-            .iter_mut()
-            .filter(|((_, r), p)| *r == root && p.opened && p.refused)
-            .map(|((peer, _), p)| {
-                p.refused = false;
-                (*peer, p.have.clone())
-            })
-            .collect();
-        for (peer, have) in maps {
-            self.drive(Input::HaveMap {
+        let announced = |i: u32| {
+            w.sessions
+                .iter()
+                .any(|((_, r), p)| *r == root && p.have.get(i as usize).copied().unwrap_or(false))
+        };
+        let mut again = Vec::new();
+        for ((peer, r), p) in &w.sessions {
+            if *r != root {
+                continue;
+            }
+            for (&c, t) in &p.withdrawn {
+                if t.elapsed() >= REASK_AFTER && !h.sched.is_held(c) && !announced(c) {
+                    again.push((*peer, c));
+                }
+            }
+        }
+        for &(peer, c) in &again {
+            if let Some(p) = w.sessions.get_mut(&(peer, root)) {
+                p.withdrawn.remove(&c);
+                if let Some(x) = p.have.get_mut(c as usize) {
+                    *x = true;
+                }
+            }
+        }
+        let maps: Vec<(PeerId, u32)> = again;
+        for (peer, chunk) in maps {
+            self.drive(Input::Have {
                 peer: Source::Peer(peer),
-                have,
+                chunk,
             });
         }
     }
@@ -712,7 +809,7 @@ impl Node {
                     tracing::debug!(%peer, "v2 stream about a root we do not hold: dropped");
                     return;
                 };
-                let Some(cfg) = self.wire.as_ref().map(|w| w.cfg.clone()) else {
+                let Some(cfg) = self.v2_session_cfg(&root) else {
                     return;
                 };
                 match Session::spawn(Replayed { head, stream }, cfg, local) {
@@ -728,6 +825,15 @@ impl Node {
                     .is_some_and(|p| p.id == id);
                 if current {
                     self.v2_event(peer, root, ev);
+                }
+            }
+            Msg::Unsent { root, chunk } => {
+                let back = self
+                    .held
+                    .get_mut(&root)
+                    .is_some_and(|h| h.sent.unrecord(chunk as usize));
+                if back {
+                    self.v2_announce(root, [chunk]);
                 }
             }
             Msg::Checked {
@@ -785,7 +891,7 @@ impl Node {
                 ours,
                 opened: false,
                 have: vec![false; chunks],
-                refused: false,
+                withdrawn: HashMap::new(),
                 refused_it: std::collections::HashSet::new(),
                 requested: HashMap::new(),
                 queue: VecDeque::new(),
@@ -827,6 +933,7 @@ impl Node {
                 for chunk in chunks {
                     if let Some(h) = p.have.get_mut(chunk as usize) {
                         *h = true;
+                        p.withdrawn.remove(&chunk);
                         inputs.push(Input::Have { peer: src, chunk });
                     }
                 }
@@ -839,7 +946,14 @@ impl Node {
             }
             Event::DoNotHave(chunk) => {
                 p.requested.remove(&chunk);
-                p.refused = true;
+                // Withdrawn (a super-seeder offering others first) until the
+                // peer announces it again.
+                if let Some(h) = p.have.get_mut(chunk as usize)
+                    && *h
+                {
+                    *h = false;
+                    p.withdrawn.insert(chunk, std::time::Instant::now());
+                }
                 inputs.push(Input::DoNotHave { peer: src, chunk });
             }
             Event::Choked { dropped } => {
@@ -853,7 +967,20 @@ impl Node {
             }
             Event::Unchoked => inputs.push(Input::Unchoke(src)),
             Event::Requested(chunk) => self.v2_requested(peer, root, chunk),
-            Event::Cancelled(chunk) => p.queue.retain(|c| *c != chunk),
+            Event::Cancelled(chunk) => {
+                let queued = p.queue.contains(&chunk);
+                p.queue.retain(|c| *c != chunk);
+                if !queued {
+                    // Its upload had started: the piece will not go out.
+                    let back = self
+                        .held
+                        .get_mut(&root)
+                        .is_some_and(|h| h.sent.unrecord(chunk as usize));
+                    if back {
+                        self.v2_announce(root, [chunk]);
+                    }
+                }
+            }
             Event::Ended(why) => {
                 let opened = p.opened;
                 w.sessions.remove(&key);
@@ -998,28 +1125,26 @@ impl Node {
     fn v2_requested(&mut self, peer: PeerId, root: Root, chunk: u32) {
         let key = (peer, root);
         let max = self.cfg.max_serving;
-        let Some(w) = self.wire.as_mut() else { return };
-        // Super-seeding offers the least-sent chunks, and also any chunk no
-        // peer in session has announced (a send the peer never got must not
-        // keep a chunk out of the swarm), and a chunk refused to this peer
-        // before (it asked again: no one else gave it).
-        let i = chunk as usize;
-        let announced = || {
-            w.sessions
-                .iter()
-                .any(|((_, r), p)| *r == root && p.have.get(i).copied().unwrap_or(false))
+        // Super-seeding offers only the least-sent chunks; the offer is
+        // checked again when the upload starts (`v2_serve`), as many peers
+        // ask for the same chunks at once. A send that did not go out is
+        // taken back (`Msg::Unsent`), so it keeps no chunk off offer.
+        let Some(h) = self.held.get(&root) else {
+            return;
         };
-        let (held, restricted) = self.held.get(&root).map_or((false, false), |h| {
-            (
-                h.sched.is_held(chunk),
-                self.cfg.super_seed && h.sched.is_done() && !h.sent.offer(i) && announced(),
-            )
-        });
+        let Some(w) = self.wire.as_ref() else { return };
+        let held = h.sched.is_held(chunk);
+        let off = self.super_seeding(h) && !h.sent.offer(chunk as usize) && !w.lost(root, chunk);
+        let Some(w) = self.wire.as_mut() else { return };
         let busy = w.serving.load(Ordering::Acquire) >= max;
         let Some(p) = w.sessions.get_mut(&key) else {
             return;
         };
-        if !held || (restricted && p.refused_it.insert(chunk)) {
+        // A second ask for a chunk we withheld: the peer found no one else.
+        if !held || (off && !p.refused_it.contains(&chunk)) {
+            if held {
+                p.refused_it.insert(chunk);
+            }
             Wire::command(p, Cmd::DoNotHave(chunk));
             return;
         }
@@ -1042,7 +1167,9 @@ impl Node {
     /// sessions; then unchokes the longest-choked peer for each free slot.
     pub(super) fn v2_serve(&mut self) {
         let (max, per_peer) = (self.cfg.max_serving, self.cfg.per_peer_serving);
+        let super_seed = self.cfg.super_seed;
         let mut starts = Vec::new();
+        let mut rose = Vec::new();
         {
             let Some(w) = self.wire.as_mut() else { return };
             let mut skipped = Vec::new();
@@ -1061,6 +1188,38 @@ impl Node {
                 let Some(chunk) = p.queue.pop_front() else {
                     continue;
                 };
+                let asked_again = p.refused_it.contains(&chunk);
+                let Some(h) = self.held.get_mut(&key.1) else {
+                    continue;
+                };
+                let seeding = super_seed && h.sched.is_done();
+                let withheld = seeding
+                    && !asked_again
+                    && !h.sent.offer(chunk as usize)
+                    && !w.lost(key.1, chunk);
+                if !withheld && seeding {
+                    let n = h.hashes.len();
+                    let at = w.sent_at.entry(key.1).or_insert_with(|| vec![None; n]);
+                    if let Some(t) = at.get_mut(chunk as usize) {
+                        *t = Some(std::time::Instant::now());
+                    }
+                }
+                let Some(p) = w.sessions.get_mut(&key) else {
+                    continue;
+                };
+                if withheld {
+                    // Another peer took this chunk since it asked: it gets
+                    // it from that peer (or from us in the next round).
+                    p.refused_it.insert(chunk);
+                    Wire::command(p, Cmd::DoNotHave(chunk));
+                    if !p.queue.is_empty() {
+                        w.waiting.push_back(key);
+                    }
+                    continue;
+                }
+                if h.sent.record(chunk as usize) && seeding {
+                    rose.push(key.1);
+                }
                 w.serving.fetch_add(1, Ordering::AcqRel);
                 p.serving.fetch_add(1, Ordering::AcqRel);
                 used += 1;
@@ -1085,17 +1244,17 @@ impl Node {
             }
         }
         for ((_, root), chunk, handle, peer_slot) in starts {
-            let Some(h) = self.held.get_mut(&root) else {
+            let Some(h) = self.held.get(&root) else {
                 continue;
             };
             let Some(hash) = h.hashes.get(chunk as usize).copied() else {
                 continue;
             };
-            h.sent.record(chunk as usize);
             tracing::trace!(chunk, "v2 upload");
             let Some(w) = self.wire.as_ref() else { return };
             let slot = (w.serving.clone(), peer_slot, w.freed.clone());
             let store = self.store.clone();
+            let tx = w.tx.clone();
             tokio::spawn(async move {
                 let read = tokio::task::spawn_blocking(move || store.get(&hash)).await;
                 let (global, peer, freed) = slot;
@@ -1107,7 +1266,9 @@ impl Node {
                             peer,
                             freed,
                         });
-                        let _ = handle.serve(chunk, data).await;
+                        if handle.serve(chunk, data).await.is_err() {
+                            let _ = tx.send(Msg::Unsent { root, chunk }).await;
+                        }
                     }
                     other => {
                         if let Ok(Err(e)) = other {
@@ -1119,10 +1280,21 @@ impl Node {
                             peer,
                             freed,
                         });
+                        let _ = tx.send(Msg::Unsent { root, chunk }).await;
                         let _ = handle.do_not_have(chunk).await;
                     }
                 }
             });
+        }
+        rose.dedup();
+        for root in rose {
+            // The round rose: every chunk is on offer again.
+            let offer: Vec<u32> = self.held.get(&root).map_or_else(Vec::new, |h| {
+                (0..h.hashes.len() as u32)
+                    .filter(|&i| h.sent.offer(i as usize))
+                    .collect()
+            });
+            self.v2_announce(root, offer);
         }
     }
 }

@@ -654,6 +654,12 @@ impl State {
                 if self.serving.remove(&c) {
                     self.answers_queued += 1;
                     self.outbox.push_back(Frame::DoNotHave(c));
+                    // The peer now counts it as not ours: a later `Have`
+                    // announces it again (a super-seeder's offer moves).
+                    if let Some(o) = self.ours.get_mut(c as usize) {
+                        *o = false;
+                    }
+                    self.have_batch.retain(|&x| x != c);
                 }
             }
             Command::Choke => {
