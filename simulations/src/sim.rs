@@ -96,6 +96,9 @@ pub struct V2 {
     pub choke_wait: Duration,
     /// Extra delay before a HAVE goes out (batching).
     pub have_delay: Duration,
+    /// Requests a client keeps in flight over all its neighbours together
+    /// (the scheduler's `max_in_flight`).
+    pub in_flight: usize,
 }
 
 impl Default for V2 {
@@ -108,6 +111,9 @@ impl Default for V2 {
             depth: 2,
             choke_wait: Duration::from_secs(1),
             have_delay: Duration::from_millis(2),
+            // Best of 2 / 4 / 8 at N = 1,000 (simulations/README.md); the
+            // node's v2 has no such cap yet.
+            in_flight: 4,
         }
     }
 }
@@ -153,6 +159,30 @@ pub struct SimResult {
     pub total_bytes: f64,
     /// Events processed.
     pub events: u64,
+    /// The storm's state every [`SAMPLE_EVERY_S`] of simulated time.
+    pub trace: Vec<Sample>,
+}
+
+/// Simulated seconds between two [`Sample`]s.
+pub const SAMPLE_EVERY_S: f64 = 1.0;
+
+/// The storm at one instant: where the time goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Simulated seconds since the start.
+    pub t: f64,
+    /// Nodes complete, as a fraction of all nodes.
+    pub done: f64,
+    /// Bytes the seed has sent so far over the artifact size.
+    pub seed_copies: f64,
+    /// The sum of all upload rates now over all hosts' upload capacity.
+    pub upload_use: f64,
+    /// Downloads in progress per node still fetching (chunks shared over its link).
+    pub downloads: f64,
+    /// Nodes still fetching whose download link is idle (nothing arriving).
+    pub starved: f64,
+    /// Hosts holding at least one chunk whose upload link is idle.
+    pub idle_holders: f64,
 }
 
 impl SimResult {
@@ -176,6 +206,8 @@ enum Ev {
     Start(Peer),
     Tick(Peer),
     Dht(Peer),
+    /// Record a [`Sample`].
+    Sample,
     /// A scheduler input reaches a node.
     Deliver(Peer, Input<Peer>),
     /// A have-map request reaches `server`.
@@ -257,6 +289,7 @@ struct World {
     processed: u64,
     flow_versions: u64,
     done_count: usize,
+    trace: Vec<Sample>,
 }
 
 fn ns(t: f64) -> u64 {
@@ -583,9 +616,46 @@ impl World {
         }
     }
 
+    /// Records where the storm stands now.
+    fn sample(&mut self) {
+        let n = self.cfg.nodes.max(1) as f64;
+        let (mut rate, mut cap) = (0.0, 0.0);
+        let (mut fetching, mut downloads, mut starved, mut idle) = (0usize, 0usize, 0usize, 0usize);
+        for (i, h) in self.hosts.iter().enumerate() {
+            cap += h.up;
+            rate += h
+                .uploads
+                .iter()
+                .filter_map(|&f| self.flows[f].as_ref())
+                .map(|f| f.rate)
+                .sum::<f64>();
+            if i != SEED && h.done_at.is_none() {
+                fetching += 1;
+                downloads += h.downloads.len();
+                starved += usize::from(h.downloads.is_empty());
+            }
+            if h.is_provider && h.uploads.is_empty() {
+                idle += 1;
+            }
+        }
+        self.trace.push(Sample {
+            t: self.now,
+            done: self.done_count as f64 / n,
+            seed_copies: self.sent[SEED] / self.cfg.file_bytes.max(1) as f64,
+            upload_use: rate / cap.max(1.0),
+            downloads: downloads as f64 / fetching.max(1) as f64,
+            starved: starved as f64 / n,
+            idle_holders: idle as f64 / self.hosts.len() as f64,
+        });
+    }
+
     fn step(&mut self, ev: Ev) {
         let lat = self.lat();
         match ev {
+            Ev::Sample => {
+                self.sample();
+                self.at(self.now + SAMPLE_EVERY_S, Ev::Sample);
+            }
             Ev::Start(n) => {
                 // mDNS on the LAN (or the DHT's routing table) hands a new
                 // node random peers at once, whether they hold chunks yet or not.
@@ -726,6 +796,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         cfg.sched.have_refresh = Duration::from_secs(3600);
         cfg.sched.busy_backoff = v2.choke_wait;
         cfg.sched.per_peer_in_flight = v2.depth.max(1);
+        cfg.sched.max_in_flight = v2.in_flight.max(1);
     }
     let cfg = &cfg;
     let serving = serving_config(cfg);
@@ -784,7 +855,9 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         processed: 0,
         flow_versions: 0,
         done_count: 0,
+        trace: Vec::new(),
     };
+    w.at(0.0, Ev::Sample);
     for i in 1..=cfg.nodes {
         let t = cfg.stagger.as_secs_f64() * (i - 1) as f64;
         w.at(t, Ev::Start(i));
@@ -806,6 +879,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
             break;
         }
     }
+    w.sample();
     let most = w.hosts.iter().map(|h| h.nbrs.len()).max().unwrap_or(0);
     let r = SimResult {
         completion_s: w.hosts[1..]
@@ -815,6 +889,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         seed_bytes: w.sent[0],
         total_bytes: w.sent.iter().sum(),
         events: w.processed,
+        trace: w.trace,
     };
     (r, most)
 }
@@ -864,6 +939,33 @@ mod tests {
         assert!(most <= 8, "a node held {most} connections");
         assert!(most >= 2, "nodes barely connected: {most}");
         assert_eq!(simulate(&cfg).completion_s, r.completion_s, "deterministic");
+    }
+
+    #[test]
+    fn trace_follows_the_storm_and_the_in_flight_cap_holds() {
+        let v2 = V2 {
+            in_flight: 3,
+            ..V2::default()
+        };
+        let cfg = SimConfig {
+            nodes: 50,
+            v2: Some(v2),
+            ..SimConfig::default()
+        };
+        let r = simulate(&cfg);
+        assert!(r.completion_s.iter().all(|t| t.is_finite()), "{r:?}");
+        let last = r.trace.last().expect("a sample at the end");
+        assert_eq!(last.done, 1.0, "every node complete at the last sample");
+        assert!((last.seed_copies - r.seed_bytes / cfg.file_bytes as f64).abs() < 1e-9);
+        assert!(r.trace.len() as f64 >= r.max_s() / SAMPLE_EVERY_S);
+        for w in r.trace.windows(2) {
+            assert!(w[1].t >= w[0].t && w[1].seed_copies >= w[0].seed_copies);
+            assert!(w[1].done >= w[0].done, "{w:?}");
+        }
+        for s in &r.trace {
+            assert!(s.downloads <= 3.0, "over the in-flight cap: {s:?}");
+            assert!((0.0..=1.0 + 1e-9).contains(&s.upload_use), "{s:?}");
+        }
     }
 
     #[test]

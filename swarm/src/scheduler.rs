@@ -77,6 +77,10 @@ pub type ChunkIndex = u32;
 pub struct SchedulerConfig {
     /// Requests in flight to one peer at most (Kraken uses 3).
     pub per_peer_in_flight: usize,
+    /// Requests in flight to all peers together at most (the fallback not
+    /// counted). Chunks asked for wait at their server; past what keeps the
+    /// download link busy they only sit in queues while other holders idle.
+    pub max_in_flight: usize,
     /// Requests in flight to the fallback source at most.
     pub fallback_in_flight: usize,
     /// A request not answered within this is counted as failed.
@@ -115,6 +119,7 @@ impl Default for SchedulerConfig {
             // duplicated transfers (measured with the simulator, see
             // simulations/README.md); pipelining comes from asking many peers.
             per_peer_in_flight: 1,
+            max_in_flight: usize::MAX,
             fallback_in_flight: 4,
             request_timeout: Duration::from_secs(10),
             busy_backoff: Duration::from_millis(250),
@@ -913,6 +918,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             let j = self.rng.gen_range(0..=k);
             order.swap(k, j);
         }
+        let mut total: usize = self.peers.values().map(|st| st.in_flight).sum();
         // Round-robin one request per peer at a time, so the rarest chunks
         // spread over peers instead of the first peer taking its whole cap.
         for max_req in [1, self.cfg.endgame_duplicates.max(1)] {
@@ -923,12 +929,14 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             while !active.is_empty() {
                 let mut next = Vec::with_capacity(active.len());
                 for p in active {
-                    let ok = self.peers.get(&p).is_some_and(|st| self.can_ask(st, now));
+                    let ok = total < self.cfg.max_in_flight
+                        && self.peers.get(&p).is_some_and(|st| self.can_ask(st, now));
                     if !ok {
                         continue;
                     }
                     if let Some(i) = self.pick(&p, max_req) {
                         self.request(p.clone(), i, now, out);
+                        total += 1;
                         next.push(p);
                     }
                 }
@@ -1048,6 +1056,26 @@ mod tests {
         );
         assert_eq!(reqs(&a).len(), 1, "one slot freed, one new request");
         assert_eq!(s.in_flight(&"a"), 3);
+    }
+
+    #[test]
+    fn total_in_flight_cap_is_respected() {
+        let cfg = SchedulerConfig {
+            max_in_flight: 3,
+            ..test_cfg()
+        };
+        let mut s: Scheduler<&'static str> = Scheduler::new(10, cfg, 1);
+        let t = ms(0);
+        let mut asked = Vec::new();
+        for p in ["a", "b", "c", "d", "e"] {
+            s.handle(Input::PeerFound(p), t);
+            let have = vec![true; 10];
+            asked.extend(reqs(&s.handle(Input::HaveMap { peer: p, have }, t)));
+        }
+        assert_eq!(asked.len(), 3, "{asked:?}");
+        let (p, c) = asked[0];
+        let more = reqs(&s.handle(Input::ChunkOk { peer: p, chunk: c }, t));
+        assert_eq!(more.len(), 1, "one freed, one asked: {more:?}");
     }
 
     #[test]

@@ -67,12 +67,45 @@ struct Args {
     /// v2: requests a client keeps queued at one server.
     #[arg(long)]
     depth: Option<usize>,
+    /// v2: requests a client keeps in flight over all its neighbours.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
     /// v2: how long a choked client waits before asking again, ms.
     #[arg(long)]
     choke_wait_ms: Option<u64>,
     /// Runs per size (different RNG seeds); the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: u64,
+    /// Print where the time goes in the first run of each size: completion
+    /// percentiles and the storm's state once per simulated second.
+    #[arg(long)]
+    trace: bool,
+}
+
+/// Completion percentiles and the per-second state of one run.
+fn print_trace(n: usize, tmin: f64, r: &simulations::sim::SimResult) {
+    let mut c = r.completion_s.clone();
+    c.sort_by(f64::total_cmp);
+    let q = |p: f64| simulations::storm::percentile(&c, p) / tmin;
+    println!(
+        "  N = {n}, seed 1: completion / T_min p1 {:.2}, p10 {:.2}, p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
+        q(0.01),
+        q(0.1),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        r.max_s() / tmin
+    );
+    println!(
+        "  {:>6} {:>6} {:>11} {:>10} {:>16} {:>8} {:>12}",
+        "t s", "done", "seed copies", "upload use", "downloads/node", "starved", "idle holders"
+    );
+    for s in &r.trace {
+        println!(
+            "  {:>6.1} {:>6.3} {:>11.2} {:>10.2} {:>16.1} {:>8.3} {:>12.3}",
+            s.t, s.done, s.seed_copies, s.upload_use, s.downloads, s.starved, s.idle_holders
+        );
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -138,6 +171,9 @@ fn main() {
             if let Some(x) = a.depth {
                 v.depth = x.max(1);
             }
+            if let Some(x) = a.max_in_flight {
+                v.in_flight = x.max(1);
+            }
             if let Some(x) = a.choke_wait_ms {
                 v.choke_wait = Duration::from_millis(x);
             }
@@ -159,6 +195,9 @@ fn main() {
                 ..cfg.clone()
             });
             wall += t.elapsed().as_secs_f64();
+            if a.trace && run == 0 {
+                print_trace(n, tmin, &r);
+            }
             events += r.events;
             p50.push(r.p50_s());
             max.push(r.max_s());
