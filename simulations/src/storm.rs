@@ -9,8 +9,12 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cpu::{CpuUse, Sampler};
+use crate::links::{Interval, LinkSampler, SAMPLE_EVERY, intervals};
 use crate::netns::{Shape, Topology, sh};
 use crate::proc::{Bell, Options, Proc};
+
+/// The interval of a storm's trace.
+pub const TRACE_EVERY: Duration = Duration::from_millis(500);
 
 /// How nodes get the artifacts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -104,6 +108,8 @@ pub struct ModeResult {
     pub ok: bool,
     /// CPU use while the mode ran.
     pub cpu: CpuUse,
+    /// Where the time went, every [`TRACE_EVERY`] (see [`crate::links`]).
+    pub trace: Vec<Interval>,
     /// Why the mode failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -360,6 +366,15 @@ pub fn run_mode(
         .collect::<anyhow::Result<_>>()?;
     let sampler = Sampler::start();
     let t0 = Instant::now();
+    let links = LinkSampler::start(
+        topo.hub.clone(),
+        std::iter::once(&topo.seed)
+            .chain(&topo.nodes)
+            .map(|h| h.hub_if.clone())
+            .collect(),
+        t0,
+        (cfg.timeout.as_secs_f64() / SAMPLE_EVERY.as_secs_f64()) as usize + 16,
+    );
     let deadline = t0 + cfg.timeout;
     let bell = Bell::default();
     let node_opts = Options::default().with_bell(bell.clone());
@@ -446,6 +461,7 @@ pub fn run_mode(
         bell.wait(rung, left.min(Duration::from_millis(500)));
     }
     let cpu = sampler.finish();
+    let readings = links.finish();
     let tx1: Vec<u64> = std::iter::once(&topo.seed)
         .chain(&topo.nodes)
         .map(Topology::tx_bytes)
@@ -475,7 +491,19 @@ pub fn run_mode(
     }
     let mut sorted: Vec<f64> = completion.iter().flatten().copied().collect();
     sorted.sort_by(f64::total_cmp);
+    let up: Vec<f64> = std::iter::once(cfg.seed_rate_bps as f64)
+        .chain(std::iter::repeat_n(cfg.rate_bps as f64, cfg.nodes))
+        .collect();
+    let trace = intervals(
+        &readings,
+        TRACE_EVERY,
+        &up,
+        cfg.rate_bps as f64,
+        &completion,
+        cfg.artifact_bytes(),
+    );
     Ok(ModeResult {
+        trace,
         p50_s: percentile(&sorted, 0.5),
         p99_s: percentile(&sorted, 0.99),
         max_s: sorted.last().copied().unwrap_or(f64::NAN),

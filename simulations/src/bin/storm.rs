@@ -53,9 +53,33 @@ struct Args {
     /// The plasmd binary (default: next to this one, built if missing).
     #[arg(long)]
     plasmd: Option<PathBuf>,
+    /// Print where each mode's time went (its median run): every 0.5 s, the
+    /// nodes done, the seed's copies so far, upload and download use from
+    /// the veth counters, starved nodes (as `sim --trace`).
+    #[arg(long)]
+    trace: bool,
     /// Scratch directory (default: a fresh one under /tmp, removed afterwards).
     #[arg(long)]
     work: Option<PathBuf>,
+}
+
+/// Where one run's time went, from its link counters.
+fn print_trace(mode: &str, tmin: f64, r: &ModeResult) {
+    println!(
+        "\n{mode} (median run): max {:.2} s = {:.2} x T_min",
+        r.max_s,
+        r.max_s / tmin
+    );
+    println!(
+        "  {:>6} {:>6} {:>11} {:>10} {:>12} {:>8} {:>13}",
+        "t s", "done", "seed copies", "upload use", "download use", "starved", "idle uploaders"
+    );
+    for s in &r.trace {
+        println!(
+            "  {:>6.1} {:>6.3} {:>11.2} {:>10.2} {:>12.2} {:>8.3} {:>13.3}",
+            s.t, s.done, s.seed_copies, s.upload_use, s.download_use, s.starved, s.idle_uploaders
+        );
+    }
 }
 
 fn locate_plasmd(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -236,6 +260,13 @@ fn run(a: Args) -> anyhow::Result<bool> {
             mode.name().to_owned(),
             r.completion_s.iter().flatten().copied().collect(),
         ));
+    }
+    if a.trace {
+        for (mode, rs) in &results {
+            let mut idx: Vec<usize> = (0..rs.len()).collect();
+            idx.sort_by(|&i, &j| rs[i].max_s.total_cmp(&rs[j].max_s));
+            print_trace(mode.name(), tmin, &rs[idx[idx.len() / 2]]);
+        }
     }
     println!(
         "\nT_min {tmin:.2} s (fluid bound, nominal rates; tbf counts Ethernet bytes so goodput is about 5 % lower). {}",
