@@ -53,7 +53,10 @@ pub mod publish;
 pub mod range;
 mod store;
 
-pub use chunk::{ChunkReadError, DEFAULT_CHUNK_SIZE, chunk_hashes, chunk_reader};
+pub use chunk::{
+    ChunkReadError, DEFAULT_CHUNK_SIZE, MAX_DEFAULT_CHUNKS, chunk_hashes, chunk_reader,
+    default_chunk_size,
+};
 pub use error::Error;
 pub use hash::{Hash, ParseHashError};
 pub use keys::{ParseKeyError, PublicKey, SecretKey, Signature};

@@ -25,8 +25,9 @@ use crate::{Error, Hash};
 /// The manifest format this code writes and understands.
 pub const FORMAT: u32 = 1;
 
-/// Largest manifest envelope accepted, in bytes. A 1 GiB artifact in 256 KiB
-/// chunks needs about 280 KiB of manifest; this leaves ample room.
+/// Largest manifest envelope accepted, in bytes. A 1 GiB artifact in 64 KiB
+/// chunks needs about 1.1 MiB of manifest, and the default chunk size keeps
+/// any set at 32,768 chunks (2.2 MiB) at most; this leaves ample room.
 pub const MAX_MANIFEST_BYTES: usize = 8 << 20;
 
 /// Smallest and largest chunk sizes accepted in a manifest.

@@ -4,17 +4,18 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::Error;
+use crate::chunk::default_chunk_size;
 use crate::chunk::{ChunkReadError, chunk_reader};
 use crate::keys::SecretKey;
 use crate::manifest::{Artifact, FORMAT, Manifest, SignedManifest, valid_component};
 use crate::store::{ChunkStore, FsStore};
-use crate::{DEFAULT_CHUNK_SIZE, Error};
 
 /// How to publish.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Chunk size for new manifests.
-    pub chunk_size: u32,
+    /// Chunk size for new manifests; `None`: [`default_chunk_size`] of the set's size.
+    pub chunk_size: Option<u32>,
     /// HTTP seed URLs to list in the manifest.
     pub seeds: Vec<String>,
     /// libp2p multiaddrs to list in the manifest.
@@ -29,7 +30,7 @@ pub struct PublishOptions {
 impl Default for PublishOptions {
     fn default() -> Self {
         PublishOptions {
-            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_size: None,
             seeds: Vec::new(),
             peers: Vec::new(),
             bump_if_unchanged: true,
@@ -42,9 +43,9 @@ impl Default for PublishOptions {
 }
 
 impl PublishOptions {
-    /// Sets the chunk size.
-    pub fn with_chunk_size(mut self, cs: u32) -> Self {
-        self.chunk_size = cs;
+    /// Sets the chunk size (`None`: the default for the set's size).
+    pub fn with_chunk_size(mut self, cs: impl Into<Option<u32>>) -> Self {
+        self.chunk_size = cs.into();
         self
     }
     /// Sets the seed URLs.
@@ -131,7 +132,7 @@ pub fn publish_one(
     store: &FsStore,
     opts: &PublishOptions,
 ) -> Result<Published, Error> {
-    let mut artifacts = Vec::new();
+    let mut present = Vec::new();
     for (name, required) in [("kernel", true), ("initramfs", true), ("dtb", false)] {
         let path = adir.join(name);
         if !path.exists() {
@@ -143,7 +144,22 @@ pub fn publish_one(
             }
             continue;
         }
-        artifacts.push(chunk_file(name, &path, store, opts.chunk_size)?);
+        present.push((name, path));
+    }
+    let chunk_size = match opts.chunk_size {
+        Some(cs) => cs,
+        None => {
+            let mut total = 0u64;
+            for (_, path) in &present {
+                let m = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+                total = total.saturating_add(m.len());
+            }
+            default_chunk_size(total)
+        }
+    };
+    let mut artifacts = Vec::new();
+    for (name, path) in &present {
+        artifacts.push(chunk_file(name, path, store, chunk_size)?);
     }
     let cmdline_path = adir.join("cmdline");
     let cmdline = match fs::read_to_string(&cmdline_path) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use phase_content::publish::{PublishOptions, publish_dir};
-use phase_content::{DEFAULT_CHUNK_SIZE, FsStore, SecretKey};
+use phase_content::{FsStore, SecretKey};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct KeygenArgs {
@@ -31,9 +31,10 @@ pub(crate) struct PublishArgs {
     /// Chunk store directory (created if needed).
     #[arg(long)]
     store: PathBuf,
-    /// Chunk size in bytes.
-    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
-    chunk_size: u32,
+    /// Chunk size in bytes for newly published manifests (default: 64 KiB;
+    /// doubled for a set over 2 GiB until it needs at most 32,768 chunks).
+    #[arg(long)]
+    chunk_size: Option<u32>,
     /// HTTP seed URL to record in the manifests (repeatable).
     #[arg(long = "seed")]
     seeds: Vec<String>,

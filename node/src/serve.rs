@@ -22,9 +22,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use phase_content::publish::{PublishOptions, publish_dir};
-use phase_content::{
-    Artifact, ChunkStore, DEFAULT_CHUNK_SIZE, FsStore, Hash, SecretKey, SignedManifest,
-};
+use phase_content::{Artifact, ChunkStore, FsStore, Hash, SecretKey, SignedManifest};
 
 pub(crate) use crate::http_limits::Conn;
 use crate::http_limits::{self, BODY_WAIT, HttpLimits, MAX_BODIES, MAX_BODIES_PER_IP, Slots};
@@ -49,9 +47,10 @@ pub(crate) struct Args {
     /// $XDG_STATE_HOME/plasmd or ~/.local/state/plasmd.
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Chunk size in bytes for newly published manifests.
-    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
-    chunk_size: u32,
+    /// Chunk size in bytes for newly published manifests (default: 64 KiB;
+    /// doubled for a set over 2 GiB until it needs at most 32,768 chunks).
+    #[arg(long)]
+    chunk_size: Option<u32>,
     /// libp2p TCP port for the swarm (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     p2p_port: u16,

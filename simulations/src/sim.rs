@@ -125,7 +125,7 @@ impl Default for SimConfig {
         SimConfig {
             nodes: 32,
             file_bytes: 13_200_000,
-            chunk_size: 256 << 10,
+            chunk_size: u64::from(phase_content::DEFAULT_CHUNK_SIZE),
             up_bps: 20e6,
             down_bps: 20e6,
             seed_up_bps: 20e6,

@@ -42,5 +42,5 @@ pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use limits::{Limits, Memory};
 pub use node::{
     Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Protocol, Source,
-    load_or_create_key,
+    Span, load_or_create_key, span_by_chunks,
 };

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 0.2)]
     latency_ms: f64,
     /// Chunk size in bytes.
-    #[arg(long, default_value_t = 256 << 10)]
+    #[arg(long, default_value_t = u64::from(phase_content::DEFAULT_CHUNK_SIZE))]
     chunk_size: u64,
     /// Milliseconds between node starts.
     #[arg(long, default_value_t = 0)]

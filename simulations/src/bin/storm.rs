@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     runs: usize,
     /// Swarm chunk size in bytes.
-    #[arg(long, default_value_t = 256 << 10)]
+    #[arg(long, default_value_t = phase_content::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
     /// Give up on a mode after this many seconds (default: 3 x the HTTP time + 60).
     #[arg(long)]

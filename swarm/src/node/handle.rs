@@ -19,6 +19,41 @@ use crate::Error;
 pub trait Fallback: Send + Sync + 'static {
     /// The bytes of the chunk with `hash` (verified by the caller).
     fn get(&self, hash: &Hash) -> Result<Vec<u8>, String>;
+
+    /// The bytes of several consecutive chunks of one artifact in one
+    /// request (each verified by the caller). By default one [`get`] per
+    /// chunk, concatenated.
+    ///
+    /// [`get`]: Fallback::get
+    fn get_span(&self, span: &Span) -> Result<Vec<u8>, String> {
+        span_by_chunks(self, span)
+    }
+}
+
+/// A span as one [`Fallback::get`] per chunk, concatenated.
+pub fn span_by_chunks<F: Fallback + ?Sized>(fb: &F, span: &Span) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(usize::try_from(span.len).unwrap_or(0));
+    for h in &span.hashes {
+        out.extend_from_slice(&fb.get(h)?);
+    }
+    Ok(out)
+}
+
+/// Consecutive chunks of one artifact, asked of the [`Fallback`] at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// The manifest's channel.
+    pub channel: String,
+    /// The manifest's architecture.
+    pub arch: String,
+    /// The artifact's name (`kernel`, `initramfs`, ...).
+    pub artifact: String,
+    /// Byte offset of the first chunk in the artifact.
+    pub offset: u64,
+    /// Bytes in all (the chunks' lengths summed).
+    pub len: u64,
+    /// The chunks' hashes, in order.
+    pub hashes: Vec<Hash>,
 }
 
 /// Bytes and chunks received from one source.

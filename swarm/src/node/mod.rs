@@ -50,7 +50,9 @@ use dial::{latest_key, root_key};
 use handle::Command;
 
 pub use config::{NodeConfig, load_or_create_key};
-pub use handle::{Fallback, FetchProgress, FetchReport, Handle, PeerStats, Source};
+pub use handle::{
+    Fallback, FetchProgress, FetchReport, Handle, PeerStats, Source, Span, span_by_chunks,
+};
 pub use v2::Protocol;
 
 #[derive(NetworkBehaviour)]
@@ -68,7 +70,11 @@ struct Behaviour {
 
 /// An HTTP rescue answer for (root, chunk): its length and verdict, or why
 /// the GET failed.
-type Rescued = (Root, u32, Result<(usize, v2::Verdict), String>);
+/// The verdict on one rescued chunk: (index, bytes and verdict, or why the request failed).
+type RescueVerdict = (u32, Result<(usize, v2::Verdict), String>);
+
+/// The verdicts on one rescue span's chunks.
+type Rescued = (Root, Vec<RescueVerdict>);
 
 /// The node. Start one with [`Node::spawn`].
 pub struct Node {
@@ -96,6 +102,9 @@ pub struct Node {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     /// HTTP rescue answers, checked and stored off the loop.
     fb_tx: mpsc::Sender<Rescued>,
+    /// Chunks the scheduler asked of the HTTP seed during this turn of the
+    /// loop, sent as spans at its end ([`Node::rescue_flush`]).
+    rescue: Vec<(Root, u32)>,
     fb_rx: mpsc::Receiver<Rescued>,
     last_provide: Instant,
     epoch: Instant,
@@ -280,6 +289,7 @@ impl Node {
             listen_waiters: Vec::new(),
             fb_tx,
             fb_rx,
+            rescue: Vec::new(),
             last_provide: Instant::now(),
             epoch: Instant::now(),
             metrics,
@@ -312,12 +322,13 @@ impl Node {
                     // Every handle dropped: the node stops.
                     None => return,
                 },
-                Some((root, index, res)) = self.fb_rx.recv() => self.on_fallback(root, index, res),
+                Some((root, verdicts)) = self.fb_rx.recv() => self.on_fallback(root, verdicts),
                 Some(m) = v2::recv(&mut self.wire_rx) => self.on_v2(m),
                 _ = self.wire_freed.notified() => {}
                 _ = tick.tick() => self.on_tick(),
             }
             self.v2_after();
+            self.rescue_flush();
         }
     }
 

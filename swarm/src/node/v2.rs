@@ -114,6 +114,7 @@ pub(super) enum Msg {
 }
 
 /// The outcome of checking (and storing) a chunk's bytes.
+#[derive(Debug)]
 pub(super) enum Verdict {
     /// The bytes hash to the manifest's hash (and are stored).
     Ok,
