@@ -110,6 +110,9 @@ pub struct ModeResult {
     pub cpu: CpuUse,
     /// Where the time went, every [`TRACE_EVERY`] (see [`crate::links`]).
     pub trace: Vec<Interval>,
+    /// The largest peak resident memory of any node, MiB (swarm modes:
+    /// `peak_rss_kib` of `plasmd fetch --json`; None for the others).
+    pub node_peak_rss_mib: Option<f64>,
     /// Why the mode failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -395,6 +398,7 @@ pub fn run_mode(
         outs.push(out);
     }
     let mut done: HashMap<usize, f64> = HashMap::new();
+    let mut rss_kib: Option<u64> = None;
     let mut error = None;
     let mut cursors = vec![0u64; cfg.nodes];
     while done.len() < cfg.nodes {
@@ -420,6 +424,12 @@ pub fn run_mode(
                     Mode::Http | Mode::Bittorrent => l.starts_with("STORM-DONE"),
                 };
                 if finished {
+                    let rss = serde_json::from_str::<serde_json::Value>(&l.text)
+                        .ok()
+                        .and_then(|v| v.get("peak_rss_kib")?.as_u64());
+                    if let Some(r) = rss {
+                        rss_kib = Some(rss_kib.unwrap_or(0).max(r));
+                    }
                     done.entry(i).or_insert_with(|| {
                         (p.started() + l.at)
                             .saturating_duration_since(t0)
@@ -504,6 +514,7 @@ pub fn run_mode(
     );
     Ok(ModeResult {
         trace,
+        node_peak_rss_mib: rss_kib.map(|k| k as f64 / 1024.0),
         p50_s: percentile(&sorted, 0.5),
         p99_s: percentile(&sorted, 0.99),
         max_s: sorted.last().copied().unwrap_or(f64::NAN),

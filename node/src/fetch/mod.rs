@@ -249,6 +249,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "banned": banned,
             "neighbours_peak": report.neighbours_peak,
             "connections_peak": report.connections_peak,
+            "peak_rss_kib": peak_rss_kib(),
             "artifacts": artifacts,
             "ok": ok,
         });
@@ -300,4 +301,16 @@ fn say(n: Note<'_>) {
             "plasmd fetch: a peer offers sequence {peer}, newer than the seed's {seed}: using it"
         ),
     }
+}
+
+/// The most resident memory this process has held (`VmHWM`), in KiB; `None`
+/// off Linux or if `/proc` cannot be read.
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

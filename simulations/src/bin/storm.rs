@@ -180,7 +180,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
 
     // Report the median run of each mode (by max completion).
     println!(
-        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9}",
+        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9} {:>12}",
         "mode",
         "p50 s",
         "p99 s",
@@ -189,7 +189,8 @@ fn run(a: Args) -> anyhow::Result<bool> {
         "seed share",
         "seed copies",
         "ok",
-        "cpu mean"
+        "cpu mean",
+        "node rss MiB"
     );
     let mut valid = true;
     let mut modes_json = serde_json::Map::new();
@@ -200,7 +201,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         let r = &rs[idx[idx.len() / 2]];
         valid &= rs.iter().all(|r| !r.cpu.saturated());
         println!(
-            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}%",
+            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}% {:>12}",
             mode.name(),
             r.p50_s,
             r.p99_s,
@@ -209,7 +210,11 @@ fn run(a: Args) -> anyhow::Result<bool> {
             r.seed_share,
             r.seed_copies,
             rs.iter().all(|r| r.ok),
-            r.cpu.mean * 100.0
+            r.cpu.mean * 100.0,
+            rs.iter()
+                .filter_map(|r| r.node_peak_rss_mib)
+                .reduce(f64::max)
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.0}"))
         );
         let mut v = serde_json::to_value(r)?;
         let sim_max = (*mode == Mode::Swarm).then(|| {
