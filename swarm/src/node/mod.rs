@@ -135,7 +135,8 @@ pub struct Node {
 /// with the DHT off) is kept out of the routing table.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/phase/kad/1");
 
-/// Requests in flight over all peers for a v2 fetch (see [`Node::spawn`]).
+/// Requests in flight over all peers for a v2 fetch (see [`Node::spawn`]), at
+/// 256 KiB chunks; `Held::new` scales it to the manifest's chunk size.
 const V2_MAX_IN_FLIGHT: usize = 4;
 
 impl Node {
