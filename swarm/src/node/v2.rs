@@ -1295,6 +1295,10 @@ impl Node {
 
     /// The peer asks for `chunk` of `root`.
     fn v2_requested(&mut self, peer: PeerId, root: Root, chunk: u32) {
+        if self.banned.contains(&peer) || self.blocked.contains_key(&peer) {
+            // Its requests still on the way when it was blocked.
+            return;
+        }
         let key = (peer, root);
         let max = self.cfg.max_serving;
         // Super-seeding offers only the least-sent chunks; the offer is
