@@ -522,3 +522,65 @@ async fn an_honest_v2_storm_on_a_super_seeding_seed_with_one_slot_blocks_no_one(
         started.elapsed().as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_peer_that_does_not_read_its_pieces_is_blocked() {
+    // 1 MiB chunks: more than yamux lets a stream have unread, so the
+    // pieces cannot all leave while the attacker reads nothing.
+    let seed_store = Arc::new(MemStore::new());
+    let m = manifest(&seed_store, 8 << 20, 1 << 20);
+    let n = chunks(&m);
+    let want = artifacts(seed_store.as_ref(), &m);
+    let (cfg, reg) = v2(Vec::new());
+    let seed = Node::spawn(cfg, seed_store.clone() as Arc<dyn ChunkStore>).unwrap();
+    seed.seed(m.clone()).await.unwrap();
+    let seed_addr = addr(&seed).await;
+    let sp = seed.peer_id();
+
+    let mut a = attacker();
+    a.connect(&seed_addr, sp).await;
+    let mut s = a.open(sp).await;
+    s.send(hello(&m, n, 8)).await.unwrap();
+    let Frame::Hello { depth, .. } = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("no hello first");
+    };
+    for c in 0..u32::from(depth).min(n) {
+        s.feed(Frame::Request(c)).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    let asked = Instant::now();
+
+    // An honest fetch meanwhile.
+    let honest_store = Arc::new(MemStore::new());
+    let (hcfg, hreg) = v2(vec![seed_addr.clone()]);
+    let honest = Node::spawn(hcfg, honest_store.clone() as Arc<dyn ChunkStore>).unwrap();
+    let report = tokio::time::timeout(FETCH_WAIT, honest.fetch(m.clone(), None, None))
+        .await
+        .expect("honest fetch finished")
+        .unwrap();
+    assert_eq!(artifacts(honest_store.as_ref(), &m), want, "byte-identical");
+    assert!(any_bans(&hreg).is_empty(), "{:?}", any_bans(&hreg));
+
+    a.closed(sp).await;
+    let after = asked.elapsed();
+    assert!(after >= Duration::from_secs(5), "dropped after {after:?}");
+    a.refused(&seed_addr, sp).await;
+    assert_eq!(
+        bans(&reg, "unread"),
+        1,
+        "{}",
+        phase_swarm::metrics::encode(&reg)
+    );
+    assert_eq!(any_bans(&reg).len(), 1, "{:?}", any_bans(&reg));
+    drop(s);
+    println!(
+        "unread v2 pieces: reader blocked after {:.2} s, honest fetch {:.2} s",
+        after.as_secs_f64(),
+        report.wall.as_secs_f64()
+    );
+}
