@@ -24,7 +24,10 @@
 //!   only be thrown away.
 //! - A peer with more requests outstanding than the depth we told it, a
 //!   frame over the limits or an index out of range ends the session with a
-//!   typed [`SessionError`] in [`Event::Ended`].
+//!   typed [`SessionError`] in [`Event::Ended`]; so does a peer that keeps
+//!   asking after our `Choke` ([`choked_limit`]) or does not read (a write
+//!   not done within [`WRITE_STALL`]). [`SessionError::is_offence`] tells
+//!   these from I/O failures; the node blocks the peer for them.
 //!
 //! ```no_run
 //! use phase_swarm::v2::session::{Event, Local, Session, SessionConfig};
@@ -306,7 +309,7 @@ impl SessionError {
     }
 }
 
-/// How long one write to the peer (a frame, or a [`WRITE_SLICE`] of a
+/// How long one write to the peer (a frame, or a 64 KiB slice of a
 /// piece) may take before the session ends with
 /// [`SessionError::WriteStalled`]: v1's limit for an unread upload
 /// (`codec::WRITE_STALL`, 5 s a 64 KiB slice, so a reader slower than
