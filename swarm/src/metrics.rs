@@ -131,7 +131,7 @@ impl Metrics {
         );
         r.register(
             "bans",
-            "Peers banned or blocked, by reason (bad_chunk, flood, malformed)",
+            "Peers banned or blocked, by reason (bad_chunk, flood, malformed, unread)",
             self.bans.clone(),
         );
         r.register(

@@ -33,6 +33,31 @@ impl Node {
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
+    /// A protocol offence: counted under `reason` in `bans_total` and the
+    /// peer blocked (which counts against its address too).
+    pub(super) fn offence(&mut self, peer: PeerId, reason: &'static str, why: &str) {
+        self.metrics.banned(reason);
+        self.block(peer, why);
+    }
+
+    /// One more answer we refused `peer` (busy, refused, or a request it
+    /// should not have made) within the current second. More than
+    /// `flood_busy` in one second is a flood: the peer is blocked and this
+    /// returns true. v1 and v2 count into the same log.
+    pub(super) fn refusal(&mut self, peer: PeerId, why: &str) -> bool {
+        let now = Instant::now();
+        let e = self.busy_log.entry(peer).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 > self.cfg.flood_busy {
+            self.offence(peer, "flood", why);
+            return true;
+        }
+        false
+    }
+
     /// Counts an offence of `peer` against its address too: a new identity
     /// costs nothing, a new address does.
     pub(super) fn ip_offence(&mut self, peer: PeerId) {
@@ -100,8 +125,7 @@ impl Node {
                     Inbound::Ok(r) => r,
                     Inbound::Bad(why) => {
                         tracing::debug!(%peer, %why, "malformed request");
-                        self.metrics.banned("malformed");
-                        self.block(peer, "malformed or oversize request");
+                        self.offence(peer, "malformed", "malformed or oversize request");
                         return;
                     }
                 };
@@ -110,8 +134,7 @@ impl Node {
                 let n = *n;
                 self.inbound.insert(request_id, peer);
                 if n > self.cfg.flood_limit {
-                    self.metrics.banned("flood");
-                    self.block(peer, "request flood");
+                    self.offence(peer, "flood", "request flood");
                     return;
                 }
                 let resp = self.answer(peer, request, request_id);
@@ -119,20 +142,11 @@ impl Node {
                 // after one, and never sends what we refuse. So does any
                 // request beyond its share of slots, whatever the answer (it
                 // may be a cheap do-not-have): honest peers ask one at a time.
-                if n > self.cfg.per_peer_serving
-                    || matches!(resp, Response::Busy | Response::Refused(_))
+                if (n > self.cfg.per_peer_serving
+                    || matches!(resp, Response::Busy | Response::Refused(_)))
+                    && self.refusal(peer, "request flood (kept asking while told busy)")
                 {
-                    let now = Instant::now();
-                    let e = self.busy_log.entry(peer).or_insert((now, 0));
-                    if now.duration_since(e.0) >= Duration::from_secs(1) {
-                        *e = (now, 0);
-                    }
-                    e.1 += 1;
-                    if e.1 > self.cfg.flood_busy {
-                        self.metrics.banned("flood");
-                        self.block(peer, "request flood (kept asking while told busy)");
-                        return;
-                    }
+                    return;
                 }
                 self.metrics.answered(&resp);
                 self.respond(channel, resp);
@@ -192,7 +206,7 @@ impl Node {
                 {
                     // It asked and did not read for WRITE_STALL: the upload is
                     // cancelled (its slot is free) and the peer not served.
-                    self.block(peer, "asked for chunks and did not read them");
+                    self.offence(peer, "unread", "asked for chunks and did not read them");
                 }
             }
             Event::ResponseSent { request_id, .. } => self.inbound_done(request_id),

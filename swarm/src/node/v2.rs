@@ -58,6 +58,15 @@ impl std::fmt::Display for Protocol {
 const CHANNEL: usize = 256;
 /// Incoming streams whose `Hello` is being read at once; more are dropped.
 const PEEKING: usize = 64;
+/// ...of them from one peer: an honest peer opens one stream per root we
+/// both hold, and holds one or two; more wait for nothing but would let one
+/// peer take all of [`PEEKING`].
+const PEEKING_PER_PEER: usize = 4;
+/// Streams one peer may open within a second; more are a flood and block
+/// it. An honest peer opens one per root and retries one that ended before
+/// its `Hello` after 0.5 s at the soonest (then backing off to 30 s), or one
+/// that ended after it on the next 500 ms tick: a few a second per root.
+const OPEN_FLOOD: u32 = 32;
 /// The head of a `Hello` frame: length (4), tag (1), root (32).
 const HELLO_HEAD: usize = 4 + 1 + 32;
 /// The `Hello` tag and its smallest body: tag, root, chunks, depth.
@@ -103,6 +112,14 @@ pub(super) enum Msg {
     },
     /// An upload recorded as sent did not go out (its session was gone).
     Unsent { root: Root, chunk: u32 },
+    /// A peer broke the protocol before its session started (the first
+    /// frame of its stream was not a `Hello`, or it opened streams in a
+    /// flood): blocked, counted under `reason` in `bans_total`.
+    Offence {
+        peer: PeerId,
+        reason: &'static str,
+        why: &'static str,
+    },
     /// A piece was checked off the loop.
     Checked {
         peer: PeerId,
@@ -144,6 +161,9 @@ struct Peer {
     opened: bool,
     /// What the peer announced (its `Hello`, then its `Have`s).
     have: Vec<bool>,
+    /// What we announced to it in this session (our `Hello`, then our
+    /// `Have`s): an honest peer asks only for these.
+    offered: Vec<bool>,
     /// Chunks it announced and then refused (withdrew), and when.
     withdrawn: HashMap<u32, std::time::Instant>,
     /// Chunks we refused it while super-seeding: asked again (no peer of
@@ -209,14 +229,32 @@ impl Wire {
         let hello_timeout = cfg.hello_timeout;
         tokio::spawn(async move {
             let peeking = Arc::new(Semaphore::new(PEEKING));
+            let mut opens = Opens::default();
             while let Some((peer, stream)) = incoming.next().await {
+                match opens.open(peer, std::time::Instant::now()) {
+                    Open::Ok => {}
+                    Open::Flood => {
+                        tracing::debug!(%peer, "v2 streams opened in a flood");
+                        let _ = accept_tx.try_send(Msg::Offence {
+                            peer,
+                            reason: "flood",
+                            why: "opened v2 streams in a flood",
+                        });
+                        continue;
+                    }
+                    Open::Over => continue,
+                }
+                let Some(mine) = opens.peeking(peer) else {
+                    tracing::debug!(%peer, "too many v2 streams opening at once from one peer: dropped");
+                    continue;
+                };
                 let Ok(permit) = peeking.clone().try_acquire_owned() else {
                     tracing::debug!(%peer, "too many v2 streams opening at once: dropped");
                     continue;
                 };
                 let tx = accept_tx.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _permit = (permit, mine);
                     match tokio::time::timeout(hello_timeout, peek(stream)).await {
                         Ok(Ok((root, head, stream))) => {
                             let _ = tx
@@ -228,7 +266,18 @@ impl Wire {
                                 })
                                 .await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "v2 stream refused"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "v2 stream refused");
+                            if e.kind() == std::io::ErrorKind::InvalidData {
+                                let _ = tx
+                                    .send(Msg::Offence {
+                                        peer,
+                                        reason: "malformed",
+                                        why: "v2 stream that does not start with a hello",
+                                    })
+                                    .await;
+                            }
+                        }
                         Err(_) => tracing::debug!(%peer, "v2 stream: no hello in time"),
                     }
                 });
@@ -279,6 +328,11 @@ impl Wire {
 
     /// Queues `c` for the session, trying it at once when nothing waits.
     fn command(p: &mut Peer, c: Cmd) {
+        if let Cmd::Have(i) = c
+            && let Some(o) = p.offered.get_mut(i as usize)
+        {
+            *o = true;
+        }
         if p.out.is_empty() && try_cmd(&p.handle, c) {
             return;
         }
@@ -325,6 +379,95 @@ impl Wire {
             tracing::debug!(peer = %k.0, "v2 session not taking commands: closed");
             self.sessions.remove(&k);
         }
+    }
+}
+
+/// The bans reason and the log line for a session that failed with an offence.
+fn offence_of(e: &crate::v2::SessionError) -> (&'static str, &'static str) {
+    use crate::v2::SessionError as E;
+    match e {
+        E::AskedWhileChoked { .. } => ("flood", "request flood (kept asking while choked)"),
+        E::WriteStalled(_) => ("unread", "asked for chunks and did not read them"),
+        _ => ("malformed", "v2 protocol violation"),
+    }
+}
+
+/// What the accept loop does with a new stream from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// Read its `Hello`.
+    Ok,
+    /// The peer just went over [`OPEN_FLOOD`] in a second: block it.
+    Flood,
+    /// Still over: drop the stream (the block is on its way).
+    Over,
+}
+
+/// Per-peer bookkeeping of the accept loop: streams opened in the current
+/// second, and streams being peeked at.
+#[derive(Default)]
+struct Opens {
+    rate: HashMap<PeerId, (std::time::Instant, u32)>,
+    peeking: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
+}
+
+/// A stream of one peer being peeked at; frees its place on drop.
+struct Peeking {
+    peer: PeerId,
+    map: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl Drop for Peeking {
+    fn drop(&mut self) {
+        let mut m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl Opens {
+    /// One more stream from `peer` at `now`.
+    fn open(&mut self, peer: PeerId, now: std::time::Instant) -> Open {
+        let second = std::time::Duration::from_secs(1);
+        if self.rate.len() > 4096 {
+            self.rate
+                .retain(|_, (t, _)| now.duration_since(*t) < second);
+        }
+        let e = self.rate.entry(peer).or_insert((now, 0));
+        if now.duration_since(e.0) >= second {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+        match e.1.cmp(&(OPEN_FLOOD + 1)) {
+            std::cmp::Ordering::Less => Open::Ok,
+            std::cmp::Ordering::Equal => Open::Flood,
+            std::cmp::Ordering::Greater => Open::Over,
+        }
+    }
+
+    /// A place to peek at one more stream of `peer`, if it has fewer than
+    /// [`PEEKING_PER_PEER`].
+    fn peeking(&self, peer: PeerId) -> Option<Peeking> {
+        let mut m = self
+            .peeking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(peer).or_insert(0);
+        if *n >= PEEKING_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Peeking {
+            peer,
+            map: self.peeking.clone(),
+        })
     }
 }
 
@@ -774,7 +917,8 @@ impl Node {
                 session,
             } => {
                 let snapshot = self.wire().and_then(|w| w.opening.remove(&(peer, root)));
-                self.v2_register(peer, root, ours, *session);
+                let offered = snapshot.clone().unwrap_or_default();
+                self.v2_register(peer, root, ours, *session, offered);
                 // Chunks verified while the stream was being opened.
                 if let (Some(before), Some(h)) = (snapshot, self.held.get(&root)) {
                     let new: Vec<u32> = (0..h.hashes.len() as u32)
@@ -813,8 +957,9 @@ impl Node {
                 let Some(cfg) = self.v2_session_cfg(&root) else {
                     return;
                 };
+                let offered = local.have.clone();
                 match Session::spawn(Replayed { head, stream }, cfg, local) {
-                    Ok(s) => self.v2_register(peer, root, false, s),
+                    Ok(s) => self.v2_register(peer, root, false, s, offered),
                     Err(e) => tracing::debug!(%peer, error = %e, "cannot start a v2 session"),
                 }
             }
@@ -837,6 +982,11 @@ impl Node {
                     self.v2_announce(root, [chunk]);
                 }
             }
+            Msg::Offence { peer, reason, why } => {
+                if !self.blocked.contains_key(&peer) && !self.banned.contains(&peer) {
+                    self.offence(peer, reason, why);
+                }
+            }
             Msg::Checked {
                 peer,
                 root,
@@ -853,7 +1003,14 @@ impl Node {
     /// A session runs: keep it unless one already runs with the peer about
     /// the root whose opener has the smaller peer id (both sides keep the
     /// same one).
-    fn v2_register(&mut self, peer: PeerId, root: Root, ours: bool, s: Session) {
+    fn v2_register(
+        &mut self,
+        peer: PeerId,
+        root: Root,
+        ours: bool,
+        s: Session,
+        mut offered: Vec<bool>,
+    ) {
         let me = *self.swarm.local_peer_id();
         let Some(w) = self.wire.as_mut() else { return };
         let key = (peer, root);
@@ -873,6 +1030,7 @@ impl Node {
         let id = w.next_id;
         tracing::debug!(%peer, ours, id, "v2 session started");
         let chunks = self.held.get(&root).map_or(0, |h| h.hashes.len());
+        offered.resize(chunks, false);
         let Session {
             handle, mut events, ..
         } = s;
@@ -892,6 +1050,7 @@ impl Node {
                 ours,
                 opened: false,
                 have: vec![false; chunks],
+                offered,
                 withdrawn: HashMap::new(),
                 refused_it: std::collections::HashSet::new(),
                 requested: HashMap::new(),
@@ -920,6 +1079,8 @@ impl Node {
         };
         // What the scheduler hears, fed once the session's state is updated.
         let mut inputs = Vec::new();
+        // The session ended with a protocol violation: (reason, why).
+        let mut offence = None;
         match ev {
             Event::Opened { have, depth } => {
                 tracing::debug!(%peer, depth, held = have.iter().filter(|h| **h).count(), "v2 hello");
@@ -991,6 +1152,11 @@ impl Node {
                     End::Failed(e) => tracing::debug!(%peer, error = %e, "v2 session failed"),
                     _ => tracing::debug!(%peer, %why, "v2 session ended"),
                 }
+                if let End::Failed(e) = &why
+                    && e.is_offence()
+                {
+                    offence = Some(offence_of(e));
+                }
                 if opened {
                     inputs.push(Input::PeerGone(src));
                 } else if w.redo.remove(&key) && self.connected.contains(&peer) {
@@ -1004,6 +1170,12 @@ impl Node {
             for i in inputs {
                 self.drive(i);
             }
+        }
+        if let Some((reason, why)) = offence
+            && !self.blocked.contains_key(&peer)
+            && !self.banned.contains(&peer)
+        {
+            self.offence(peer, reason, why);
         }
     }
 
@@ -1124,6 +1296,10 @@ impl Node {
 
     /// The peer asks for `chunk` of `root`.
     fn v2_requested(&mut self, peer: PeerId, root: Root, chunk: u32) {
+        if self.banned.contains(&peer) || self.blocked.contains_key(&peer) {
+            // Its requests still on the way when it was blocked.
+            return;
+        }
         let key = (peer, root);
         let max = self.cfg.max_serving;
         // Super-seeding offers only the least-sent chunks; the offer is
@@ -1146,7 +1322,17 @@ impl Node {
             if held {
                 p.refused_it.insert(chunk);
             }
+            // Refusals count against the peer only for chunks we never
+            // announced to it in this session: an honest fetcher asks for
+            // what our `Hello` or a `Have` announced (or, withdrawn, asks
+            // again after a second), so a super-seeder's refusals of chunks
+            // it offered and then withdrew never count; a peer asking for
+            // what it was never told we hold is probing or flooding.
+            let unasked = !p.offered.get(chunk as usize).copied().unwrap_or(false);
             Wire::command(p, Cmd::DoNotHave(chunk));
+            if unasked {
+                self.refusal(peer, "request flood (asked for chunks never offered to it)");
+            }
             return;
         }
         if busy && !p.choked && p.queue.is_empty() && p.serving.load(Ordering::Acquire) == 0 {
@@ -1297,5 +1483,59 @@ impl Node {
             });
             self.v2_announce(root, offer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn streams_opened_in_a_flood_block_once_then_drop() {
+        let mut o = Opens::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t = Instant::now();
+        for _ in 0..OPEN_FLOOD {
+            assert_eq!(o.open(a, t), Open::Ok);
+        }
+        assert_eq!(o.open(a, t), Open::Flood, "reported once...");
+        assert_eq!(o.open(a, t), Open::Over, "...then dropped quietly");
+        assert_eq!(o.open(b, t), Open::Ok, "another peer is not affected");
+        // The next second starts a new count.
+        assert_eq!(o.open(a, t + Duration::from_secs(1)), Open::Ok);
+    }
+
+    #[test]
+    fn an_honest_peers_reopening_is_far_below_the_flood() {
+        // One root retried on every 500 ms tick, and 4 roots opened at once
+        // on connecting: a few a second.
+        let mut o = Opens::default();
+        let a = PeerId::random();
+        let t = Instant::now();
+        for i in 0..60u64 {
+            for _ in 0..4 {
+                assert_eq!(o.open(a, t + Duration::from_millis(500 * i)), Open::Ok);
+            }
+        }
+    }
+
+    #[test]
+    fn one_peer_peeks_at_most_a_few_streams_at_once() {
+        let o = Opens::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut held: Vec<Peeking> = (0..PEEKING_PER_PEER)
+            .map(|_| o.peeking(a).unwrap())
+            .collect();
+        assert!(o.peeking(a).is_none());
+        assert!(o.peeking(b).is_some());
+        held.pop();
+        assert!(
+            o.peeking(a).is_some(),
+            "a place frees when its stream is done"
+        );
+        drop(held);
+        assert!(o.peeking.lock().unwrap().get(&a).is_none(), "no entry left");
     }
 }

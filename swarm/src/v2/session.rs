@@ -24,7 +24,10 @@
 //!   only be thrown away.
 //! - A peer with more requests outstanding than the depth we told it, a
 //!   frame over the limits or an index out of range ends the session with a
-//!   typed [`SessionError`] in [`Event::Ended`].
+//!   typed [`SessionError`] in [`Event::Ended`]; so does a peer that keeps
+//!   asking after our `Choke` ([`choked_limit`]) or does not read (a write
+//!   not done within [`WRITE_STALL`]). [`SessionError::is_offence`] tells
+//!   these from I/O failures; the node blocks the peer for them.
 //!
 //! ```no_run
 //! use phase_swarm::v2::session::{Event, Local, Session, SessionConfig};
@@ -266,6 +269,70 @@ pub enum SessionError {
     /// [`Local`] is inconsistent (spawn refuses it).
     #[error("local state: {0}")]
     BadLocal(String),
+    /// While we choked the peer it kept sending requests, more than an
+    /// honest peer can have had on the way when our `Choke` left.
+    #[error(
+        "the peer sent {count} requests while choked, more than {limit} could have crossed our choke"
+    )]
+    AskedWhileChoked {
+        /// Requests received since our `Choke`.
+        count: usize,
+        /// [`choked_limit`] of the depth we told.
+        limit: usize,
+    },
+    /// A write to the peer (a frame, or a 64 KiB slice of a piece) did not
+    /// finish within [`WRITE_STALL`]: it does not read what it asked for.
+    #[error("the peer read nothing for {0:?}")]
+    WriteStalled(Duration),
+}
+
+impl SessionError {
+    /// Whether the peer broke the protocol (an honest peer never causes
+    /// this), as opposed to an I/O failure, a closed stream, a timeout an
+    /// overloaded honest peer can cause, or our own error. A peer whose
+    /// session fails with an offence is blocked by the node.
+    pub fn is_offence(&self) -> bool {
+        match self {
+            SessionError::Frame(e) => !matches!(e, FrameError::Io(_) | FrameError::Truncated(_)),
+            SessionError::NotHelloFirst(_)
+            | SessionError::SecondHello
+            | SessionError::RootMismatch { .. }
+            | SessionError::ChunkCount { .. }
+            | SessionError::ChunkOutOfRange { .. }
+            | SessionError::TooManyRequests { .. }
+            | SessionError::AskedWhileChoked { .. }
+            | SessionError::WriteStalled(_) => true,
+            SessionError::Write(_) | SessionError::HelloTimeout(_) | SessionError::BadLocal(_) => {
+                false
+            }
+        }
+    }
+}
+
+/// How long one write to the peer (a frame, or a 64 KiB slice of a
+/// piece) may take before the session ends with
+/// [`SessionError::WriteStalled`]: v1's limit for an unread upload
+/// (`codec::WRITE_STALL`, 5 s a 64 KiB slice, so a reader slower than
+/// 12.8 KiB/s is dropped by both).
+pub const WRITE_STALL: Duration = crate::codec::WRITE_STALL;
+
+/// A piece is written in slices of this size, each within [`WRITE_STALL`]
+/// (as v1 writes an answer): a slow but reading peer always progresses.
+const WRITE_SLICE: usize = 64 << 10;
+
+/// Requests over the told depth a session answers do-not-have before it
+/// ends with [`SessionError::TooManyRequests`].
+pub const OVER_DEPTH_SLACK: usize = 16;
+
+/// Requests a peer may send after our `Choke` before it counts as asking
+/// while choked. An honest peer stops on receiving it; until then it may
+/// have on the way its whole window (at most `depth`, the depth we told), one
+/// new request for each answer of ours still on the way to it (answers on
+/// the way answer requests it counts outstanding: at most `depth` more), and
+/// a few for requests it cancelled meanwhile (end-game duplicates that
+/// verified elsewhere within the crossing time): 16 more.
+pub fn choked_limit(depth: u16) -> usize {
+    2 * usize::from(depth) + 16
 }
 
 /// Why a command was not taken.
@@ -550,6 +617,10 @@ struct State {
     serving: HashSet<u32>,
     answers_queued: usize,
     choking: bool,
+    /// Requests received since our last `Choke`.
+    asked_choked: usize,
+    /// Requests received over the depth we told, in this session.
+    over_depth: usize,
     // Out.
     outbox: VecDeque<Frame>,
     have_batch: Vec<u32>,
@@ -665,6 +736,7 @@ impl State {
             Command::Choke => {
                 if !self.choking {
                     self.choking = true;
+                    self.asked_choked = 0;
                     self.serving.clear();
                     self.outbox
                         .retain(|f| !matches!(f, Frame::Piece { .. } | Frame::DoNotHave(_)));
@@ -753,13 +825,35 @@ impl State {
             }
             Frame::Request(c) => {
                 self.range("request", c)?;
-                if self.choking || self.serving.contains(&c) {
+                if self.choking {
+                    self.asked_choked += 1;
+                    let limit = choked_limit(self.cfg.accept_depth);
+                    if self.asked_choked > limit {
+                        return Err(SessionError::AskedWhileChoked {
+                            count: self.asked_choked,
+                            limit,
+                        });
+                    }
+                    return Ok(());
+                }
+                if self.serving.contains(&c) {
                     return Ok(());
                 }
                 if self.serving.len() + self.answers_queued >= usize::from(self.cfg.accept_depth) {
-                    return Err(SessionError::TooManyRequests {
-                        depth: self.cfg.accept_depth,
-                    });
+                    // Over the depth we told. A rare crossing of chokes,
+                    // cancels and answers has an honest peer one or two over
+                    // (1 storm run in about 50): those are answered
+                    // do-not-have here, so both sides count the same again.
+                    // More than OVER_DEPTH_SLACK in a session is a flood.
+                    self.over_depth += 1;
+                    if self.over_depth > OVER_DEPTH_SLACK {
+                        return Err(SessionError::TooManyRequests {
+                            depth: self.cfg.accept_depth,
+                        });
+                    }
+                    self.answers_queued += 1;
+                    self.outbox.push_back(Frame::DoNotHave(c));
+                    return Ok(());
                 }
                 self.serving.insert(c);
                 self.backlog.push_back(Event::Requested(c));
@@ -775,6 +869,13 @@ impl State {
                     self.outbox.remove(i);
                     self.answers_queued -= 1;
                     self.backlog.push_back(Event::Cancelled(c));
+                } else if self.remove_from_outbox(&Frame::DoNotHave(c)) {
+                    // A queued do-not-have too: the peer no longer counts
+                    // the request, so neither may we. With the answer still
+                    // counted its next requests looked over the depth (an
+                    // honest storm fetcher was ended 1 run in about 50, and
+                    // blocked since that counts as an offence).
+                    self.answers_queued -= 1;
                 }
             }
             Frame::Piece { chunk, data } => {
@@ -862,16 +963,37 @@ async fn writer<W: AsyncWrite + Send>(
 ) -> std::io::Result<()> {
     let mut w = Box::pin(BufWriter::with_capacity(WRITE_BUFFER, w));
     while let Some(e) = rx.recv().await {
-        w.write_all(&e.head).await?;
+        stall(w.write_all(&e.head)).await?;
         if let Some(t) = &e.tail {
-            w.write_all(t).await?;
+            for slice in t.chunks(WRITE_SLICE) {
+                stall(w.write_all(slice)).await?;
+            }
         }
         if rx.is_empty() {
-            w.flush().await?;
+            stall(w.flush()).await?;
         }
     }
-    w.flush().await?;
-    w.shutdown().await
+    stall(w.flush()).await?;
+    stall(w.shutdown()).await
+}
+
+/// The I/O error of a write that did not finish within [`WRITE_STALL`].
+const STALLED: &str = "no write progress";
+
+/// One write step, within [`WRITE_STALL`].
+async fn stall(f: impl std::future::Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_STALL, f)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, STALLED))?
+}
+
+/// The session error of a failed writer.
+fn write_error(e: std::io::Error) -> SessionError {
+    if e.kind() == std::io::ErrorKind::TimedOut && e.to_string() == STALLED {
+        SessionError::WriteStalled(WRITE_STALL)
+    } else {
+        SessionError::Write(e)
+    }
 }
 
 async fn run<T>(
@@ -902,6 +1024,8 @@ async fn run<T>(
         serving: HashSet::new(),
         answers_queued: 0,
         choking: false,
+        asked_choked: 0,
+        over_depth: 0,
         outbox: VecDeque::new(),
         have_batch: Vec::new(),
         have_due: None,
@@ -924,7 +1048,7 @@ async fn run<T>(
             res = &mut writer_task, if !writer_done => {
                 writer_done = true;
                 break match res {
-                    Ok(Err(e)) => End::Failed(Arc::new(SessionError::Write(e))),
+                    Ok(Err(e)) => End::Failed(Arc::new(write_error(e))),
                     _ => End::Failed(Arc::new(SessionError::Write(std::io::ErrorKind::BrokenPipe.into()))),
                 };
             }
@@ -1011,7 +1135,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use futures::SinkExt;
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncReadExt, DuplexStream};
     use tokio_util::codec::Framed;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -1303,6 +1427,123 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_peer_that_keeps_asking_while_choked_is_ended() {
+        let cfg = SessionConfig::default().with_accept_depth(4);
+        let limit = choked_limit(4);
+        let (mut s, mut p) = raw(cfg, local(64, |_| true));
+        assert!(matches!(read(&mut p).await, Frame::Hello { .. }));
+        p.send(hello(64, 8)).await.unwrap();
+        assert!(matches!(next(&mut s).await, Event::Opened { .. }));
+        s.handle.choke().await.unwrap();
+        assert_eq!(read(&mut p).await, Frame::Choke);
+        // What may cross a choke is dropped quietly...
+        for c in 0..limit as u32 {
+            p.send(Frame::Request(c)).await.unwrap();
+        }
+        p.send(Frame::Have(vec![2])).await.unwrap();
+        assert_eq!(next(&mut s).await, Event::Have(vec![2]));
+        // ...and an unchoke starts the count again.
+        s.handle.unchoke().await.unwrap();
+        assert_eq!(read(&mut p).await, Frame::Unchoke);
+        s.handle.choke().await.unwrap();
+        assert_eq!(read(&mut p).await, Frame::Choke);
+        for c in 0..=limit as u32 {
+            p.send(Frame::Request(c)).await.unwrap();
+        }
+        let e = failed(next(&mut s).await);
+        assert!(
+            matches!(*e, SessionError::AskedWhileChoked { count, limit: l } if count == limit + 1 && l == limit),
+            "{e}"
+        );
+        assert!(e.is_offence());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_its_piece_is_ended() {
+        // A small pipe: the piece cannot be written while the peer reads nothing.
+        let (x, y) = tokio::io::duplex(4 << 10);
+        let mut s = Session::spawn(x, SessionConfig::default(), local(4, |_| true)).unwrap();
+        let mut p = Framed::new(y, FrameCodec::new(Limits::default()));
+        assert!(matches!(read(&mut p).await, Frame::Hello { .. }));
+        p.send(hello(4, 8)).await.unwrap();
+        p.send(Frame::Request(1)).await.unwrap();
+        assert!(matches!(next(&mut s).await, Event::Opened { .. }));
+        assert_eq!(next(&mut s).await, Event::Requested(1));
+        s.handle
+            .serve(1, Bytes::from(vec![7u8; 256 << 10]))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let e = failed(next(&mut s).await);
+        assert!(
+            matches!(*e, SessionError::WriteStalled(d) if d == WRITE_STALL),
+            "{e}"
+        );
+        assert!(e.is_offence());
+        assert!(start.elapsed() >= WRITE_STALL, "{:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_ended() {
+        let (x, y) = tokio::io::duplex(4 << 10);
+        let mut s = Session::spawn(x, SessionConfig::default(), local(4, |_| true)).unwrap();
+        let mut p = Framed::new(y, FrameCodec::new(Limits::default()));
+        assert!(matches!(read(&mut p).await, Frame::Hello { .. }));
+        p.send(hello(4, 8)).await.unwrap();
+        p.send(Frame::Request(1)).await.unwrap();
+        assert!(matches!(next(&mut s).await, Event::Opened { .. }));
+        assert_eq!(next(&mut s).await, Event::Requested(1));
+        let piece = Bytes::from(vec![7u8; 128 << 10]);
+        s.handle.serve(1, piece.clone()).await.unwrap();
+        // 4 KiB every 200 ms (20 KiB/s): 6.4 s for the piece, more than
+        // WRITE_STALL, each 64 KiB slice in 3.2 s.
+        let mut io = p.into_inner();
+        let mut got = 0usize;
+        let want = 4 + 1 + 4 + piece.len();
+        let mut buf = vec![0u8; 4 << 10];
+        while got < want {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            got += io.read(&mut buf).await.unwrap();
+        }
+        assert!(got > want - 1, "{got}");
+        assert!(s.events.try_recv().is_err(), "the session is still running");
+    }
+
+    #[test]
+    fn offences_are_protocol_violations_not_io() {
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for e in [
+            SessionError::Frame(FrameError::Io(io())),
+            SessionError::Frame(FrameError::Truncated(3)),
+            SessionError::Write(io()),
+            SessionError::HelloTimeout(Duration::from_secs(10)),
+            SessionError::BadLocal(String::new()),
+        ] {
+            assert!(!e.is_offence(), "{e}");
+        }
+        for e in [
+            SessionError::Frame(FrameError::UnknownTag(99)),
+            SessionError::Frame(FrameError::Oversize { len: 1, max: 0 }),
+            SessionError::NotHelloFirst("request"),
+            SessionError::SecondHello,
+            SessionError::ChunkCount { ours: 1, theirs: 2 },
+            SessionError::ChunkOutOfRange {
+                frame: "request",
+                chunk: 9,
+                chunks: 4,
+            },
+            SessionError::TooManyRequests { depth: 16 },
+            SessionError::AskedWhileChoked {
+                count: 49,
+                limit: 48,
+            },
+            SessionError::WriteStalled(WRITE_STALL),
+        ] {
+            assert!(e.is_offence(), "{e}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_peer_over_the_told_depth_is_ended() {
         let cfg = SessionConfig::default().with_accept_depth(3);
         let (mut s, mut p) = raw(cfg, local(10, |_| true));
@@ -1317,6 +1558,12 @@ mod tests {
         assert!(matches!(next(&mut s).await, Event::Opened { .. }));
         for c in 0..3 {
             assert_eq!(next(&mut s).await, Event::Requested(c));
+        }
+        // One over (an honest crossing can do that): answered do-not-have.
+        assert_eq!(read(&mut p).await, Frame::DoNotHave(3));
+        // More than the slack: ended.
+        for _ in 0..OVER_DEPTH_SLACK {
+            p.send(Frame::Request(9)).await.unwrap();
         }
         let e = failed(next(&mut s).await);
         assert!(
