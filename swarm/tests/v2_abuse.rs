@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
-use phase_content::{ChunkStore, MemStore, SignedManifest, reassemble};
+use phase_content::{ChunkStore, MemStore, SignedManifest};
 use phase_swarm::metrics::{Metrics, Registry, SharedRegistry};
 use phase_swarm::protocol::pack_bits;
 use phase_swarm::v2::{Frame, FrameCodec, Limits, PROTOCOL};
-use phase_swarm::{FetchProgress, Handle, Node, NodeConfig, Protocol};
-use support::{StoreFallback, loopback, manifest};
+use phase_swarm::{FetchProgress, Node, NodeConfig, Protocol};
+use support::{StoreFallback, addr, artifacts, loopback, manifest};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
@@ -69,23 +69,6 @@ fn any_bans(r: &SharedRegistry) -> Vec<String> {
         .lines()
         .filter(|l| l.starts_with("plasmd_bans_total{") && !l.ends_with(" 0"))
         .map(str::to_owned)
-        .collect()
-}
-
-async fn addr(h: &Handle) -> Multiaddr {
-    let a = h.listen_addrs().await.unwrap()[0].clone();
-    a.with_p2p(h.peer_id()).unwrap()
-}
-
-fn artifacts(store: &dyn ChunkStore, m: &SignedManifest) -> Vec<Vec<u8>> {
-    m.manifest()
-        .artifacts
-        .iter()
-        .map(|a| {
-            let mut out = Vec::new();
-            reassemble(store, a, &mut out).unwrap();
-            out
-        })
         .collect()
 }
 

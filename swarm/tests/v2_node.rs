@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use phase_content::{ChunkStore, Hash, MemStore, SignedManifest, reassemble};
-use phase_swarm::{FetchReport, Handle, Multiaddr, Node, NodeConfig, PeerId, Protocol, Source};
-use support::{StoreFallback, loopback, manifest};
+use phase_content::{ChunkStore, Hash, MemStore};
+use phase_swarm::{FetchReport, Multiaddr, Node, NodeConfig, PeerId, Protocol, Source};
+use support::{StoreFallback, addr, artifacts, loopback, manifest};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,25 +23,6 @@ fn v2(peers: Vec<Multiaddr>) -> NodeConfig {
         .with_listen(loopback())
         .with_peers(peers)
         .with_protocol(Protocol::V2)
-}
-
-async fn addr(h: &Handle) -> Multiaddr {
-    let a = h.listen_addrs().await.unwrap()[0].clone();
-    a.with_p2p(h.peer_id()).unwrap()
-}
-
-/// The artifacts as the user gets them: reassembled from the node's store
-/// (lengths and whole-artifact hashes checked).
-fn artifacts(store: &dyn ChunkStore, m: &SignedManifest) -> Vec<Vec<u8>> {
-    m.manifest()
-        .artifacts
-        .iter()
-        .map(|a| {
-            let mut out = Vec::new();
-            reassemble(store, a, &mut out).unwrap();
-            out
-        })
-        .collect()
 }
 
 fn from(r: &FetchReport, peers: &[PeerId]) -> u64 {

@@ -223,3 +223,23 @@ pub fn hashes(m: &SignedManifest) -> Vec<Hash> {
         .flat_map(|a| a.chunks.iter().copied())
         .collect()
 }
+
+/// `h`'s first listen address with its peer id.
+pub async fn addr(h: &phase_swarm::Handle) -> Multiaddr {
+    let a = h.listen_addrs().await.unwrap()[0].clone();
+    a.with_p2p(h.peer_id()).unwrap()
+}
+
+/// The artifacts as the user gets them: reassembled from the node's store
+/// (lengths and whole-artifact hashes checked).
+pub fn artifacts(store: &dyn ChunkStore, m: &SignedManifest) -> Vec<Vec<u8>> {
+    m.manifest()
+        .artifacts
+        .iter()
+        .map(|a| {
+            let mut out = Vec::new();
+            phase_content::reassemble(store, a, &mut out).unwrap();
+            out
+        })
+        .collect()
+}
