@@ -19,7 +19,7 @@ use phase_content::{ChunkStore, MemStore, SignedManifest};
 use phase_swarm::metrics::{Metrics, Registry, SharedRegistry};
 use phase_swarm::protocol::pack_bits;
 use phase_swarm::v2::{Frame, FrameCodec, Limits, PROTOCOL};
-use phase_swarm::{FetchProgress, Node, NodeConfig, Protocol};
+use phase_swarm::{FetchProgress, FetchReport, Handle, Node, NodeConfig, Protocol};
 use support::{StoreFallback, addr, artifacts, loopback, manifest};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
@@ -178,6 +178,36 @@ impl Attacker {
     }
 }
 
+/// The honest fetch beside an attack, as its user sees it: finished in time,
+/// every byte there and byte-identical, nobody banned, still connected to
+/// the `server` that was attacked.
+async fn honest_done(
+    fetch: tokio::task::JoinHandle<Result<FetchReport, phase_swarm::Error>>,
+    honest: &Handle,
+    server: &Handle,
+    store: &dyn ChunkStore,
+    m: &SignedManifest,
+    want: &[Vec<u8>],
+) -> FetchReport {
+    let report = tokio::time::timeout(FETCH_WAIT, fetch)
+        .await
+        .expect("honest fetch finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.bytes, 4 << 20);
+    assert!(report.banned.is_empty());
+    assert_eq!(artifacts(store, m), want, "byte-identical");
+    assert!(
+        server
+            .connected_peers()
+            .await
+            .unwrap()
+            .contains(&honest.peer_id()),
+        "the honest peer stays connected"
+    );
+    report
+}
+
 fn hello(m: &SignedManifest, chunks: u32, depth: u16) -> Frame {
     Frame::Hello {
         root: *m.root().as_bytes(),
@@ -292,21 +322,7 @@ async fn garbage_oversize_and_over_depth_v2_frames_block_the_sender_only() {
     assert_eq!(bans(&reg, "flood"), 1);
 
     // The honest fetcher is unaffected.
-    let report = tokio::time::timeout(FETCH_WAIT, fetch)
-        .await
-        .expect("honest fetch finished")
-        .unwrap()
-        .unwrap();
-    assert_eq!(report.bytes, 4 << 20);
-    assert!(report.banned.is_empty());
-    assert_eq!(artifacts(honest_store.as_ref(), &m), want, "byte-identical");
-    assert!(
-        seed.connected_peers()
-            .await
-            .unwrap()
-            .contains(&honest.peer_id()),
-        "the honest peer stays connected"
-    );
+    let report = honest_done(fetch, &honest, &seed, honest_store.as_ref(), &m, &want).await;
     assert!(any_bans(&hreg).is_empty(), "{:?}", any_bans(&hreg));
 
     // And a fetcher that arrives after the attacks is served as before.
@@ -437,21 +453,7 @@ async fn a_flood_of_v2_requests_the_node_refuses_blocks_the_sender_only() {
     );
     assert_eq!(bans(&reg, "malformed"), 0);
 
-    let report = tokio::time::timeout(FETCH_WAIT, fetch)
-        .await
-        .expect("honest fetch finished")
-        .unwrap()
-        .unwrap();
-    assert_eq!(report.bytes, 4 << 20);
-    assert!(report.banned.is_empty());
-    assert_eq!(artifacts(honest_store.as_ref(), &m), want, "byte-identical");
-    assert!(
-        node.connected_peers()
-            .await
-            .unwrap()
-            .contains(&honest.peer_id()),
-        "the honest peer stays connected"
-    );
+    let report = honest_done(fetch, &honest, &node, honest_store.as_ref(), &m, &want).await;
     assert_eq!(any_bans(&reg).len(), 1, "{:?}", any_bans(&reg));
     assert!(any_bans(&hreg).is_empty(), "{:?}", any_bans(&hreg));
     partial.abort();
