@@ -74,6 +74,15 @@ fn addr(third: u8, i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, third, 1 + i as u8))
 }
 
+/// What an idle connection may last beyond the header timeout. The client
+/// counts from its connect, and a connection the kernel has completed waits in
+/// the seed's accept queue (1,024 long; the 1,360 sockets over the per-address
+/// cap keep reconnecting into it) before the seed's clock starts. On a loaded
+/// 2-core CI machine that wait once reached 5-7 s for 16 of 17,000
+/// connections; a seed with no header timeout still fails, on
+/// `timed_out` below, because none of its sockets would close.
+const QUEUE_SLACK: Duration = Duration::from_secs(15);
+
 /// Connects in flight at once. The seed's accept queue holds 1,024; a
 /// burst of 2,400 handshakes overflows it, and the kernel then leaves
 /// connections waiting seconds for a SYN-ACK retransmit before the seed even
@@ -102,8 +111,10 @@ struct IdleSeen {
     refused: AtomicUsize,
     /// Closed by the header timeout (at least 90 % of it).
     timed_out: AtomicUsize,
-    /// Lasted longer than the header timeout plus slack: must stay 0.
+    /// Lasted longer than the header timeout plus [`QUEUE_SLACK`]: must stay 0.
     too_long: AtomicUsize,
+    /// The longest an idle connection lasted, in milliseconds (printed).
+    longest_ms: AtomicUsize,
     /// Connections made on the first round, so the attack is at full strength after it.
     first_round: AtomicUsize,
     /// Connect errors (a full accept queue).
@@ -136,9 +147,10 @@ async fn idle_socket(
         };
         let t0 = Instant::now();
         let mut buf = [0u8; 64];
-        let slack = HEADER_TIMEOUT + Duration::from_secs(5);
-        let r = tokio::time::timeout(slack, s.read(&mut buf)).await;
+        let r = tokio::time::timeout(HEADER_TIMEOUT + QUEUE_SLACK, s.read(&mut buf)).await;
         let held = t0.elapsed();
+        seen.longest_ms
+            .fetch_max(held.as_millis() as usize, Ordering::Relaxed);
         match r {
             Err(_) => {
                 seen.too_long.fetch_add(1, Ordering::Relaxed);
@@ -385,13 +397,15 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
     );
     eprintln!(
         "seed fds: {fds_before} before, {fds_attack} under attack, peak {peak} (bound {bound}); \
-         idle: {} refused at once, {} closed by the {:.1} s header timeout, {} connect errors; \
+         idle: {} refused at once, {} closed by the {:.1} s header timeout, longest held {:.1} s, \
+         {} connect errors; \
          slow readers: {ok} answered 200, {busy} answered 503, {} other, {} bytes read; \
          honest fetch {:.2} s clean, {:.2} s under attack; GET of both artifacts {:.2} s; \
          attack ran {:.1} s",
         idle.refused.load(Ordering::Relaxed),
         idle.timed_out.load(Ordering::Relaxed),
         HEADER_TIMEOUT.as_secs_f64(),
+        idle.longest_ms.load(Ordering::Relaxed) as f64 / 1000.0,
         idle.connect_errors.load(Ordering::Relaxed),
         slow.other.load(Ordering::Relaxed),
         slow.bytes.load(Ordering::Relaxed),
@@ -407,7 +421,7 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
     assert_eq!(
         idle.too_long.load(Ordering::Relaxed),
         0,
-        "idle sockets the seed left open past its header timeout"
+        "idle sockets the seed left open past its header timeout and the accept-queue slack"
     );
     // 10 addresses x 64 connections at most are let in; the rest are closed at once.
     assert!(
