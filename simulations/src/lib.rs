@@ -20,6 +20,7 @@
 pub mod bound;
 pub mod cleanup;
 pub mod cpu;
+pub mod fair;
 pub mod links;
 pub mod netns;
 pub mod plot;

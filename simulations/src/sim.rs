@@ -5,9 +5,10 @@
 //! The network model is flow-level: a chunk transfer from A to B proceeds at
 //! `min(up(A) / uploads(A), down(B) / downloads(B))`, recomputed for every
 //! flow touching A or B whenever a flow there starts or ends (processor
-//! sharing at both ends). Messages take a one-way latency; a request reaches
-//! the server after one latency, the last byte reaches the client one
-//! latency after it left. Every chunk request is answered by the node's own
+//! sharing at both ends). With [`SimConfig::fair_share`] the rates are
+//! max-min fair over all flows instead ([`crate::fair`]). Messages take a
+//! one-way latency; a request reaches the server after one latency, the
+//! last byte reaches the client one latency after it left. Every chunk request is answered by the node's own
 //! serving policy ([`phase_swarm::serving::ServingPolicy`]: do-not-have,
 //! super-seeding, busy past the node's caps, in that order). Discovery: a node learns the seed and
 //! `initial_peers` random nodes at start (mDNS on a LAN finds them all; the
@@ -71,9 +72,19 @@ pub struct SimConfig {
     /// have-maps pulled, busy answers, a full mesh of every peer heard of);
     /// `Some` is the planned stream protocol (issue 10).
     pub v2: Option<V2>,
-    /// Share each link by one round of max-min fairness (as TCP flows
-    /// roughly do) instead of an equal split at each end.
+    /// Share the links max-min fairly ([`crate::fair`], progressive
+    /// filling over every flow, each held by its sender's upload and its
+    /// receiver's download: the rates TCP flows converge to when the access
+    /// links are the bottlenecks), so capacity a flow cannot use at one end
+    /// goes to the other flows there. Off: a flow gets an equal split at
+    /// each end, `min(up / uploads, down / downloads)`, and what one end
+    /// leaves unused is lost.
     pub fair_share: bool,
+    /// `fair_share`: how often at most every flow is re-shared; a change in
+    /// between re-shares only the flows on the links where it happened (and
+    /// only what their far ends have spare). Zero: every change re-shares
+    /// every flow (exact, slow for big storms).
+    pub fair_interval: Duration,
 }
 
 /// The planned stream protocol (`/phase/swarm/2`, top-level DESIGN.md
@@ -144,6 +155,7 @@ impl Default for SimConfig {
             super_seed: node.super_seed,
             v2: None,
             fair_share: false,
+            fair_interval: Duration::from_millis(1),
         }
     }
 }
@@ -290,6 +302,26 @@ struct World {
     flow_versions: u64,
     done_count: usize,
     trace: Vec<Sample>,
+    /// `--fair`'s buffers.
+    fair: FairScratch,
+}
+
+/// Buffers of [`World::reflow_fair`], kept between calls.
+#[derive(Debug, Default)]
+struct FairScratch {
+    /// When the next change re-shares every flow, seconds.
+    next_global: f64,
+    /// Per link: `epoch` once reached in this call.
+    seen: Vec<u32>,
+    epoch: u32,
+    /// Per link reached: its index among `links` (and `caps`).
+    local: Vec<u32>,
+    links: Vec<usize>,
+    caps: Vec<f64>,
+    /// The flows re-shared, as pairs of indices into `caps`, and their ids.
+    flows: Vec<(u32, u32)>,
+    ids: Vec<usize>,
+    wf: crate::fair::WaterFill,
 }
 
 fn ns(t: f64) -> u64 {
@@ -374,6 +406,9 @@ impl World {
 
     /// Brings the flows at `peer` (both directions) up to date and reschedules them.
     fn reflow(&mut self, peers: &[Peer]) {
+        if self.cfg.fair_share {
+            return self.reflow_fair(peers);
+        }
         let mut ids: Vec<usize> = Vec::new();
         for &p in peers {
             ids.extend(&self.hosts[p].uploads);
@@ -389,13 +424,10 @@ impl World {
             f.remaining = f.remaining.max(0.0);
             f.updated = self.now;
             let (from, to) = (f.from, f.to);
-            let rate = if self.cfg.fair_share {
-                self.fair_rate(id, from, to)
-            } else {
-                let a = &self.hosts[from];
-                let b = &self.hosts[to];
-                (a.up / a.uploads.len().max(1) as f64).min(b.down / b.downloads.len().max(1) as f64)
-            };
+            let a = &self.hosts[from];
+            let b = &self.hosts[to];
+            let rate = (a.up / a.uploads.len().max(1) as f64)
+                .min(b.down / b.downloads.len().max(1) as f64);
             let Some(f) = self.flows[id].as_mut() else {
                 continue;
             };
@@ -415,46 +447,150 @@ impl World {
         }
     }
 
-    /// One round of max-min fairness at both ends of flow `id`: each end
-    /// shares its link among its flows by water-filling, where a flow's claim
-    /// is what the other end would give it at an equal split.
-    fn fair_rate(&self, id: usize, from: Peer, to: Peer) -> f64 {
-        let share = |cap: f64, claims: &mut Vec<(f64, bool)>| -> f64 {
-            claims.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (mut left, mut k) = (cap, claims.len() as f64);
-            for &(c, mine) in claims.iter() {
-                let even = left / k;
-                if c >= even {
-                    return even;
-                }
-                if mine {
-                    return c;
-                }
-                left -= c;
-                k -= 1.0;
+    /// `--fair`: max-min fair rates ([`crate::fair`]). At most once every
+    /// [`SimConfig::fair_interval`] over all flows; changes in between
+    /// re-share only the links of `peers` (every flow on them; a flow's far
+    /// end keeps what its other flows use now and gives only its spare), as
+    /// TCP flows take some round trips to converge. Flows whose rate changed
+    /// are brought up to date and rescheduled.
+    fn reflow_fair(&mut self, peers: &[Peer]) {
+        let mut s = std::mem::take(&mut self.fair);
+        s.links.clear();
+        s.caps.clear();
+        s.flows.clear();
+        s.ids.clear();
+        if self.now >= s.next_global {
+            s.next_global = self.now + self.cfg.fair_interval.as_secs_f64();
+            // Links: 2h is host h's upload, 2h + 1 its download.
+            for h in &self.hosts {
+                s.caps.extend([h.up, h.down]);
             }
-            left.max(0.0)
+            for (id, f) in self.flows.iter().enumerate() {
+                if let Some(f) = f {
+                    s.flows.push((2 * f.from as u32, 2 * f.to as u32 + 1));
+                    s.ids.push(id);
+                }
+            }
+        } else {
+            self.local_links(&mut s, peers);
+        }
+        let rates = s.wf.fill(&s.caps, &s.flows);
+        for (&id, &rate) in s.ids.iter().zip(rates) {
+            let Some(f) = self.flows[id].as_mut() else {
+                continue;
+            };
+            if (rate - f.rate).abs() <= 1e-9 * f.rate {
+                continue;
+            }
+            f.remaining -= f.rate * (self.now - f.updated);
+            f.remaining = f.remaining.max(0.0);
+            f.updated = self.now;
+            f.rate = rate;
+            self.flow_versions += 1;
+            f.version = self.flow_versions;
+            let (v, end) = (f.version, self.now + f.remaining / rate.max(1.0));
+            self.at(
+                end,
+                Ev::FlowEnd {
+                    flow: id,
+                    version: v,
+                },
+            );
+        }
+        #[cfg(test)]
+        self.assert_links_within_capacity();
+        self.fair = s;
+    }
+
+    /// [`World::reflow_fair`] between global passes: the links of `peers`
+    /// with all their flows, and the far links of those flows with what the
+    /// flows staying as they are leave of them.
+    fn local_links(&self, s: &mut FairScratch, peers: &[Peer]) {
+        s.epoch = s.epoch.wrapping_add(1);
+        if s.epoch == 0 {
+            s.seen.fill(0);
+            s.epoch = 1;
+        }
+        s.seen.resize(2 * self.hosts.len(), 0);
+        s.local.resize(2 * self.hosts.len(), 0);
+        let cap = |l: usize| {
+            let h = &self.hosts[l / 2];
+            if l.is_multiple_of(2) { h.up } else { h.down }
         };
-        let (a, b) = (&self.hosts[from], &self.hosts[to]);
-        let mut up: Vec<(f64, bool)> = a
-            .uploads
-            .iter()
-            .filter_map(|&g| self.flows[g].as_ref().map(|f| (g, f.to)))
-            .map(|(g, t)| {
-                let r = &self.hosts[t];
-                (r.down / r.downloads.len().max(1) as f64, g == id)
-            })
-            .collect();
-        let mut down: Vec<(f64, bool)> = b
-            .downloads
-            .iter()
-            .filter_map(|&g| self.flows[g].as_ref().map(|f| (g, f.from)))
-            .map(|(g, s)| {
-                let u = &self.hosts[s];
-                (u.up / u.uploads.len().max(1) as f64, g == id)
-            })
-            .collect();
-        share(a.up, &mut up).min(share(b.down, &mut down))
+        let list = |l: usize| {
+            let h = &self.hosts[l / 2];
+            if l.is_multiple_of(2) {
+                &h.uploads
+            } else {
+                &h.downloads
+            }
+        };
+        let visit = |s: &mut FairScratch, l: usize| -> u32 {
+            if s.seen[l] != s.epoch {
+                s.seen[l] = s.epoch;
+                s.local[l] = s.links.len() as u32;
+                s.links.push(l);
+                s.caps.push(cap(l));
+            }
+            s.local[l]
+        };
+        for &p in peers {
+            visit(s, 2 * p);
+            visit(s, 2 * p + 1);
+        }
+        let inner = s.links.len();
+        let within =
+            |s: &FairScratch, l: usize| s.seen[l] == s.epoch && (s.local[l] as usize) < inner;
+        for k in 0..inner {
+            let l = s.links[k];
+            for &id in list(l) {
+                let Some(f) = self.flows[id].as_ref() else {
+                    continue;
+                };
+                let (up, down) = (2 * f.from, 2 * f.to + 1);
+                // A flow with both ends here is taken once, from its sender's side.
+                if l == down && within(s, up) {
+                    continue;
+                }
+                let a = visit(s, up);
+                let b = visit(s, down);
+                s.flows.push((a, b));
+                s.ids.push(id);
+            }
+        }
+        // A far link keeps what its flows from elsewhere use.
+        for k in inner..s.links.len() {
+            let l = s.links[k];
+            let mut fixed = 0.0;
+            for &id in list(l) {
+                if let Some(f) = self.flows[id].as_ref() {
+                    let other = if l.is_multiple_of(2) {
+                        2 * f.to + 1
+                    } else {
+                        2 * f.from
+                    };
+                    if !within(s, other) {
+                        fixed += f.rate;
+                    }
+                }
+            }
+            s.caps[k] = (s.caps[k] - fixed).max(0.0);
+        }
+    }
+
+    /// Tests: no link carries more than its capacity.
+    #[cfg(test)]
+    fn assert_links_within_capacity(&self) {
+        for (h, host) in self.hosts.iter().enumerate() {
+            for (list, cap) in [(&host.uploads, host.up), (&host.downloads, host.down)] {
+                let used: f64 = list
+                    .iter()
+                    .filter_map(|&id| self.flows[id].as_ref())
+                    .map(|f| f.rate)
+                    .sum();
+                assert!(used <= cap * (1.0 + 1e-9), "host {h}: {used} > {cap}");
+            }
+        }
     }
 
     fn dht(&mut self, node: Peer) {
@@ -856,6 +992,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         flow_versions: 0,
         done_count: 0,
         trace: Vec::new(),
+        fair: FairScratch::default(),
     };
     w.at(0.0, Ev::Sample);
     for i in 1..=cfg.nodes {
@@ -975,6 +1112,8 @@ mod tests {
             (16, None, false),
             (40, None, false),
             (16, Some(V2::default()), false),
+            (16, None, true),
+            (40, None, true),
             (40, Some(V2::default()), true),
         ] {
             let cfg = SimConfig {
@@ -1001,5 +1140,41 @@ mod tests {
             let received = n as f64 * cfg.file_bytes as f64;
             assert!(r.total_bytes >= received - 1.0);
         }
+    }
+
+    #[test]
+    fn fair_share_stays_within_links_and_uses_spare_capacity() {
+        // Every re-share asserts that no link is over capacity (see
+        // `reflow_fair`), exact at every change and with local re-shares.
+        for (v2, interval_ms) in [(None, 0), (None, 1), (None, 50), (Some(V2::default()), 0)] {
+            let cfg = SimConfig {
+                nodes: 30,
+                v2: v2.clone(),
+                fair_share: true,
+                fair_interval: Duration::from_millis(interval_ms),
+                ..SimConfig::default()
+            };
+            let r = simulate(&cfg);
+            assert!(r.completion_s.iter().all(|t| t.is_finite()), "{r:?}");
+            assert_eq!(simulate(&cfg).completion_s, r.completion_s, "deterministic");
+            let equal = simulate(&SimConfig {
+                fair_share: false,
+                ..cfg.clone()
+            });
+            assert_ne!(equal.completion_s, r.completion_s, "--fair changes nothing");
+        }
+        // One node: its one flow gets the whole link either way.
+        let one = SimConfig {
+            nodes: 1,
+            fair_share: true,
+            ..SimConfig::default()
+        };
+        let t = one.file_bytes as f64 * 8.0 / (one.up_bps * one.efficiency);
+        let r = simulate(&one);
+        assert!(
+            r.max_s() >= t && r.max_s() < t * 1.2,
+            "{} vs {t}",
+            r.max_s()
+        );
     }
 }

@@ -48,9 +48,15 @@ struct Args {
     /// Turn the node's super-seeding off (complete hosts offer every chunk).
     #[arg(long)]
     no_super_seed: bool,
-    /// Share links by one round of max-min fairness instead of an equal split.
+    /// Share links max-min fairly (progressive filling over all flows, each
+    /// held by its sender's upload and its receiver's download, as TCP flows
+    /// converge to) instead of an equal split at each end of every flow.
     #[arg(long)]
     fair: bool,
+    /// --fair: re-share every flow at most this often, ms (changes in
+    /// between re-share only the links where they happen); 0: at every change.
+    #[arg(long, default_value_t = 1.0)]
+    fair_interval_ms: f64,
     /// Model the planned stream protocol v2 (bounded neighbourhood, pushed
     /// HAVEs, queued requests, choke/unchoke) instead of today's node.
     #[arg(long)]
@@ -157,6 +163,7 @@ fn main() {
             cfg.per_peer_serving = v;
         }
         cfg.fair_share = a.fair;
+        cfg.fair_interval = Duration::from_secs_f64(a.fair_interval_ms.max(0.0) / 1e3);
         if a.v2 {
             let mut v = simulations::sim::V2::default();
             if let Some(x) = a.neighbours {
