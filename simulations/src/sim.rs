@@ -210,6 +210,14 @@ enum Ev {
     Sample,
     /// A scheduler input reaches a node.
     Deliver(Peer, Input<Peer>),
+    /// v2: `from`'s HAVE of `chunk` reaches its first `upto` neighbours, one
+    /// after the other: `upto` deliveries in one event (they were sent at
+    /// once, so nothing can come between them), counted as `upto` events.
+    Haves {
+        from: Peer,
+        chunk: u32,
+        upto: usize,
+    },
     /// A have-map request reaches `server`.
     MapAsk {
         server: Peer,
@@ -339,9 +347,17 @@ impl World {
         if let (Some(chunk), Some(v2)) = (got, &self.cfg.v2) {
             // v2: a verified chunk is announced to every neighbour at once.
             let t = self.now + lat + v2.have_delay.as_secs_f64();
-            for i in 0..self.hosts[node].nbrs.len() {
-                let to = self.hosts[node].nbrs[i];
-                self.at(t, Ev::Deliver(to, Input::Have { peer: node, chunk }));
+            // Neighbourhoods only grow, so the first `upto` are the ones now.
+            let upto = self.hosts[node].nbrs.len();
+            if upto > 0 {
+                self.at(
+                    t,
+                    Ev::Haves {
+                        from: node,
+                        chunk,
+                        upto,
+                    },
+                );
             }
         }
         for a in actions {
@@ -649,9 +665,17 @@ impl World {
         });
     }
 
-    fn step(&mut self, ev: Ev) {
+    /// Carries out `ev`; returns how many events it stands for.
+    fn step(&mut self, ev: Ev) -> u64 {
         let lat = self.lat();
         match ev {
+            Ev::Haves { from, chunk, upto } => {
+                for i in 0..upto {
+                    let to = self.hosts[from].nbrs[i];
+                    self.drive(to, Input::Have { peer: from, chunk });
+                }
+                return upto as u64;
+            }
             Ev::Sample => {
                 self.sample();
                 self.at(self.now + SAMPLE_EVERY_S, Ev::Sample);
@@ -718,10 +742,10 @@ impl World {
             },
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
-                    return;
+                    return 1;
                 };
                 if f.version != version {
-                    return;
+                    return 1;
                 }
                 let (from, to, chunk) = (f.from, f.to, f.chunk);
                 self.sent[from] += self.chunk_bits[chunk as usize] / 8.0;
@@ -753,6 +777,7 @@ impl World {
             Ev::Connect { from, to } => self.connect(from, to),
             Ev::Unchoke { server, client } => self.drive(client, Input::Unchoke(server)),
         }
+        1
     }
 }
 
@@ -873,8 +898,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         if w.now > limit {
             break;
         }
-        w.step(ev);
-        w.processed += 1;
+        w.processed += w.step(ev);
         if w.done_count == cfg.nodes {
             break;
         }
