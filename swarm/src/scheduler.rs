@@ -412,6 +412,10 @@ pub struct Scheduler<P> {
     order: Vec<P>,
     peers: Vec<PeerState>,
     index: HashMap<P, usize>,
+    /// Per peer position: from when it can be asked for a chunk (its
+    /// back-off's end), `Time::MAX` while it cannot (gone, no have-map yet,
+    /// at its cap): `fill` reads these few bytes instead of every state.
+    gate: Vec<Time>,
     /// Requests in flight to all peers together (the fallback not counted).
     peers_in_flight: usize,
     /// Scratch lists of peer positions for `fill`, kept to save allocations.
@@ -451,6 +455,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             order: Vec::new(),
             peers: Vec::new(),
             index: HashMap::new(),
+            gate: Vec::new(),
             peers_in_flight: 0,
             scratch: Default::default(),
             fallback: None,
@@ -494,6 +499,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         self.peers.clear();
         self.order.clear();
         self.index.clear();
+        self.gate.clear();
         self.peers_in_flight = 0;
         self.fallback_in_flight = 0;
         self.fallback_failures = 0;
@@ -665,9 +671,10 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             Input::Have { peer, chunk } => {
                 let i = chunk as usize;
                 if i < self.n
-                    && let Some(st) = self.peer_mut(&peer)
-                    && !st.have.get(i)
+                    && let Some(&k) = self.index.get(&peer)
+                    && !self.peers[k].have.get(i)
                 {
+                    let st = &mut self.peers[k];
                     st.have.put(i, true);
                     st.have_count += 1;
                     st.has_map = true;
@@ -675,6 +682,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                         self.avail[i] += 1;
                         self.claimed(i);
                     }
+                    self.regate(k);
                 }
             }
             Input::ChunkOk { peer, chunk } => {
@@ -755,8 +763,10 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 self.strike(&peer, now, true);
             }
             Input::Unchoke(p) => {
-                if let Some(st) = self.peer_mut(&p) {
+                if let Some(&k) = self.index.get(&p) {
+                    let st = &mut self.peers[k];
                     st.backoff_until = st.backoff_until.min(now);
+                    self.regate(k);
                 }
             }
             Input::PeerGone(p) => self.gone(&p),
@@ -778,6 +788,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         let k = self.peers.len();
         self.order.push(p.clone());
         self.peers.push(PeerState::new(self.n));
+        self.gate.push(Time::MAX);
         self.index.insert(p, k);
         k
     }
@@ -797,6 +808,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 self.avail[i] += 1;
                 self.claimed(i);
             }
+            self.regate(k);
         }
         let st = &mut self.peers[k];
         if !st.has_map && st.last_map_ask.is_none() {
@@ -815,6 +827,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         st.have_count = have.count();
         st.has_map = true;
         let old = std::mem::replace(&mut st.have, have);
+        self.regate(k);
         if usable {
             let new = &self.peers[k].have;
             for (w, (&was, &is)) in old.words.iter().zip(new.words.iter()).enumerate() {
@@ -861,12 +874,14 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     /// or slow one (`back_off`) backs the peer off, doubling per strike.
     fn strike(&mut self, peer: &P, now: Time, back_off: bool) {
         let (base, max) = (self.cfg.busy_backoff, self.cfg.max_busy_backoff);
-        if let Some(st) = self.peer_mut(peer) {
+        if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
             st.strikes = st.strikes.saturating_add(1);
             if back_off {
                 let shift = st.strikes.saturating_sub(1).min(16);
                 let d = (base * (1u32 << shift)).min(max.max(base));
                 st.backoff_until = st.backoff_until.max(now + d);
+                self.regate(k);
             }
         }
     }
@@ -889,6 +904,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             if st.in_flight > 0 {
                 st.in_flight -= 1;
                 self.peers_in_flight -= 1;
+                self.regate(k);
             }
         }
         true
@@ -908,11 +924,13 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             return;
         }
         let mut drop = false;
-        if let Some(st) = self.peer_mut(peer) {
+        if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
             st.failures += 1;
             let shift = st.failures.saturating_sub(1).min(16);
             st.backoff_until = now + (base * (1u32 << shift)).min(max_b);
             drop = st.failures >= max_f;
+            self.regate(k);
         }
         if drop {
             self.gone(peer);
@@ -932,8 +950,9 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     fn gone(&mut self, peer: &P) {
         self.unuse(peer);
         self.cancel_all(peer);
-        if let Some(st) = self.peer_mut(peer) {
-            st.gone = true;
+        if let Some(&k) = self.index.get(peer) {
+            self.peers[k].gone = true;
+            self.regate(k);
         }
     }
 
@@ -955,6 +974,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             let st = &mut self.peers[k];
             self.peers_in_flight -= st.in_flight;
             st.in_flight = 0;
+            self.regate(k);
         }
     }
 
@@ -972,6 +992,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if let Some(k) = self.index.remove(&peer) {
             self.order.remove(k);
             self.peers.remove(k);
+            self.gate.remove(k);
             for (j, p) in self.order.iter().enumerate().skip(k) {
                 self.index.insert(p.clone(), j);
             }
@@ -1019,11 +1040,21 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         }
     }
 
-    fn can_ask(&self, st: &PeerState, now: Time) -> bool {
-        st.usable()
-            && st.has_map
-            && st.backoff_until <= now
-            && st.in_flight < self.cfg.per_peer_in_flight
+    /// Whether the peer at position `k` can be asked for a chunk now: usable,
+    /// its have-map known, not backed off, under its cap.
+    fn can_ask(&self, k: usize, now: Time) -> bool {
+        self.gate[k] <= now
+    }
+
+    /// Brings the peer at position `k`'s entry in `gate` up to date after a
+    /// change to what [`Scheduler::can_ask`] looks at.
+    fn regate(&mut self, k: usize) {
+        let st = &self.peers[k];
+        self.gate[k] = if st.usable() && st.has_map && st.in_flight < self.cfg.per_peer_in_flight {
+            st.backoff_until
+        } else {
+            Time::MAX
+        };
     }
 
     /// Picks the rarest chunk the peer at position `k` holds that is missing
@@ -1075,6 +1106,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         } else if let Some(&k) = self.index.get(&peer) {
             self.peers[k].in_flight += 1;
             self.peers_in_flight += 1;
+            self.regate(k);
         }
         out.push(Action::Request {
             peer,
@@ -1089,7 +1121,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         let [mut order, mut active, mut next] = std::mem::take(&mut self.scratch);
         // Visit peers in a random order each round so no peer is always first.
         order.clear();
-        order.extend((0..self.peers.len()).filter(|&k| self.can_ask(&self.peers[k], now)));
+        order.extend((0..self.gate.len()).filter(|&k| self.can_ask(k, now)));
         for k in (1..order.len()).rev() {
             let j = self.rng.gen_range(0..=k);
             order.swap(k, j);
@@ -1111,7 +1143,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             while !active.is_empty() {
                 next.clear();
                 for &k in &active {
-                    let ok = total < self.cfg.max_in_flight && self.can_ask(&self.peers[k], now);
+                    let ok = total < self.cfg.max_in_flight && self.can_ask(k, now);
                     if !ok {
                         continue;
                     }
@@ -1971,9 +2003,13 @@ mod tests {
         assert_eq!(s.missing.count(), n - s.held_count);
         assert_eq!(s.order.len(), s.peers.len());
         assert_eq!(s.index.len(), s.peers.len());
+        assert_eq!(s.gate.len(), s.peers.len());
         let mut total = 0;
         for (k, (p, st)) in s.order.iter().zip(&s.peers).enumerate() {
             assert_eq!(s.index.get(p), Some(&k), "position of {p:?}");
+            let askable = st.usable() && st.has_map && st.in_flight < s.cfg.per_peer_in_flight;
+            let gate = if askable { st.backoff_until } else { Time::MAX };
+            assert_eq!(s.gate[k], gate, "gate of {p:?}");
             assert_eq!(st.have.len, n);
             assert_eq!(st.have_count, st.have.count(), "have count of {p:?}");
             assert!(st.have.count() <= n);
