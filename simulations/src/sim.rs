@@ -17,7 +17,7 @@
 //! Have-maps travel only when a scheduler asks for them, as in the real node.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -280,11 +280,52 @@ struct Host {
     queue: std::collections::VecDeque<(Peer, u32, SlotToken<Peer>)>,
 }
 
+/// An event's place in the queue: (time in ns, sequence number, slot).
+type Key = (u64, u64, usize);
+
+/// The event queue: events come out in (time, sequence) order. Most events
+/// are scheduled a fixed delay after the present (a latency, a tick), so each
+/// such kind goes to a FIFO lane that stays sorted by itself; an event that
+/// would not come last in its lane, and every other kind, goes to a heap.
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Reverse<Key>>,
+    lanes: [VecDeque<Key>; 5],
+}
+
+impl Queue {
+    fn push(&mut self, lane: Option<usize>, key: Key) {
+        if let Some(l) = lane {
+            let lane = &mut self.lanes[l];
+            if lane.back().is_none_or(|b| b.0 <= key.0) {
+                lane.push_back(key);
+                return;
+            }
+        }
+        self.heap.push(Reverse(key));
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        let mut best: Option<(Key, Option<usize>)> = self.heap.peek().map(|r| (r.0, None));
+        for (l, lane) in self.lanes.iter().enumerate() {
+            if let Some(&k) = lane.front()
+                && best.is_none_or(|(b, _)| (k.0, k.1) < (b.0, b.1))
+            {
+                best = Some((k, Some(l)));
+            }
+        }
+        match best? {
+            (_, Some(l)) => self.lanes[l].pop_front(),
+            (_, None) => self.heap.pop().map(|r| r.0),
+        }
+    }
+}
+
 struct World {
     cfg: SimConfig,
     now: f64,
     seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    queue: Queue,
     events: Vec<Option<Ev>>,
     free_events: Vec<usize>,
     hosts: Vec<Host>,
@@ -306,6 +347,19 @@ fn ns(t: f64) -> u64 {
 
 impl World {
     fn at(&mut self, t: f64, ev: Ev) {
+        // Each lane's events are scheduled the same delay after the present.
+        let lane = match &ev {
+            Ev::Deliver(..)
+            | Ev::MapAsk { .. }
+            | Ev::Request { .. }
+            | Ev::Connect { .. }
+            | Ev::Unchoke { .. } => Some(0),
+            Ev::Haves { .. } => Some(1),
+            Ev::Tick(_) => Some(2),
+            Ev::Dht(_) => Some(3),
+            Ev::Sample => Some(4),
+            Ev::Start(_) | Ev::FlowEnd { .. } => None,
+        };
         let slot = match self.free_events.pop() {
             Some(i) => {
                 self.events[i] = Some(ev);
@@ -317,7 +371,7 @@ impl World {
             }
         };
         self.seq += 1;
-        self.queue.push(Reverse((ns(t), self.seq, slot)));
+        self.queue.push(lane, (ns(t), self.seq, slot));
     }
 
     fn lat(&self) -> f64 {
@@ -867,7 +921,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         cfg: cfg.clone(),
         now: 0.0,
         seq: 0,
-        queue: BinaryHeap::new(),
+        queue: Queue::default(),
         events: Vec::new(),
         free_events: Vec::new(),
         hosts,
@@ -889,7 +943,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
     }
     // A hard stop far past any sane storm: 100 x the HTTP bound.
     let limit = 100.0 * cfg.nodes as f64 * cfg.file_bytes as f64 * 8.0 / cfg.seed_up_bps + 60.0;
-    while let Some(Reverse((t, _, slot))) = w.queue.pop() {
+    while let Some((t, _, slot)) = w.queue.pop() {
         let Some(ev) = w.events[slot].take() else {
             continue;
         };
