@@ -16,8 +16,7 @@
 //! until done.
 //! Have-maps travel only when a scheduler asks for them, as in the real node.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -289,8 +288,66 @@ type Key = (u64, u64, usize);
 /// would not come last in its lane, and every other kind, goes to a heap.
 #[derive(Default)]
 struct Queue {
-    heap: BinaryHeap<Reverse<Key>>,
+    heap: Heap4,
     lanes: [VecDeque<Key>; 5],
+}
+
+/// A min-heap of keys with four children per node: half the depth of a
+/// binary heap, and the children of a node sit side by side in memory. Keys
+/// are unique (the sequence number), so it pops them in the same order as
+/// any other priority queue.
+#[derive(Default)]
+struct Heap4 {
+    keys: Vec<Key>,
+}
+
+impl Heap4 {
+    fn push(&mut self, key: Key) {
+        let mut i = self.keys.len();
+        self.keys.push(key);
+        while i > 0 {
+            let parent = (i - 1) / 4;
+            if self.keys[parent] <= key {
+                break;
+            }
+            self.keys[i] = self.keys[parent];
+            i = parent;
+        }
+        self.keys[i] = key;
+    }
+
+    fn peek(&self) -> Option<&Key> {
+        self.keys.first()
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        let last = self.keys.pop()?;
+        let Some(&top) = self.keys.first() else {
+            return Some(last);
+        };
+        // Sift the last key down from the root into the hole.
+        let n = self.keys.len();
+        let mut i = 0;
+        loop {
+            let first = 4 * i + 1;
+            if first >= n {
+                break;
+            }
+            let mut least = first;
+            for c in first + 1..(first + 4).min(n) {
+                if self.keys[c] < self.keys[least] {
+                    least = c;
+                }
+            }
+            if last <= self.keys[least] {
+                break;
+            }
+            self.keys[i] = self.keys[least];
+            i = least;
+        }
+        self.keys[i] = last;
+        Some(top)
+    }
 }
 
 impl Queue {
@@ -302,11 +359,11 @@ impl Queue {
                 return;
             }
         }
-        self.heap.push(Reverse(key));
+        self.heap.push(key);
     }
 
     fn pop(&mut self) -> Option<Key> {
-        let mut best: Option<(Key, Option<usize>)> = self.heap.peek().map(|r| (r.0, None));
+        let mut best: Option<(Key, Option<usize>)> = self.heap.peek().map(|&k| (k, None));
         for (l, lane) in self.lanes.iter().enumerate() {
             if let Some(&k) = lane.front()
                 && best.is_none_or(|(b, _)| (k.0, k.1) < (b.0, b.1))
@@ -316,7 +373,7 @@ impl Queue {
         }
         match best? {
             (_, Some(l)) => self.lanes[l].pop_front(),
-            (_, None) => self.heap.pop().map(|r| r.0),
+            (_, None) => self.heap.pop(),
         }
     }
 }
@@ -339,6 +396,8 @@ struct World {
     flow_versions: u64,
     done_count: usize,
     trace: Vec<Sample>,
+    /// Scratch list of flow ids for `reflow`, kept to save an allocation.
+    reflow_ids: Vec<usize>,
 }
 
 fn ns(t: f64) -> u64 {
@@ -444,14 +503,15 @@ impl World {
 
     /// Brings the flows at `peer` (both directions) up to date and reschedules them.
     fn reflow(&mut self, peers: &[Peer]) {
-        let mut ids: Vec<usize> = Vec::new();
+        let mut ids = std::mem::take(&mut self.reflow_ids);
+        ids.clear();
         for &p in peers {
             ids.extend(&self.hosts[p].uploads);
             ids.extend(&self.hosts[p].downloads);
         }
         ids.sort_unstable();
         ids.dedup();
-        for id in ids {
+        for &id in &ids {
             let Some(f) = self.flows[id].as_mut() else {
                 continue;
             };
@@ -483,6 +543,7 @@ impl World {
                 },
             );
         }
+        self.reflow_ids = ids;
     }
 
     /// One round of max-min fairness at both ends of flow `id`: each end
@@ -935,6 +996,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         flow_versions: 0,
         done_count: 0,
         trace: Vec::new(),
+        reflow_ids: Vec::new(),
     };
     w.at(0.0, Ev::Sample);
     for i in 1..=cfg.nodes {
@@ -975,6 +1037,41 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The queue (lanes and the 4-ary heap) pops keys in the order a binary
+    /// heap does, whatever lane each key is offered to.
+    #[test]
+    fn queue_pops_in_key_order() {
+        use std::cmp::Reverse;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut q = Queue::default();
+        let mut h4 = Heap4::default();
+        let mut want = std::collections::BinaryHeap::new();
+        let mut now = 0u64;
+        for seq in 0..50_000u64 {
+            if rng.gen_bool(0.55) {
+                let t = now + rng.gen_range(0..3u64) * rng.gen_range(0..400u64);
+                let key = (t, seq, rng.gen_range(0..1000usize));
+                let lane = rng.gen_range(0..7usize);
+                q.push((lane < 5).then_some(lane), key);
+                h4.push(key);
+                want.push(Reverse(key));
+            } else {
+                let w = want.pop().map(|r| r.0);
+                assert_eq!(h4.pop(), w);
+                assert_eq!(q.pop(), w);
+                if let Some(k) = w {
+                    now = k.0;
+                }
+            }
+        }
+        while let Some(Reverse(k)) = want.pop() {
+            assert_eq!(q.pop(), Some(k));
+            assert_eq!(h4.pop(), Some(k));
+        }
+        assert_eq!(q.pop(), None);
+        assert_eq!(h4.pop(), None);
+    }
 
     #[test]
     fn one_node_takes_one_download_time() {
