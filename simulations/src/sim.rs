@@ -17,8 +17,7 @@
 //! until done.
 //! Have-maps travel only when a scheduler asks for them, as in the real node.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -222,6 +221,14 @@ enum Ev {
     Sample,
     /// A scheduler input reaches a node.
     Deliver(Peer, Input<Peer>),
+    /// v2: `from`'s HAVE of `chunk` reaches its first `upto` neighbours, one
+    /// after the other: `upto` deliveries in one event (they were sent at
+    /// once, so nothing can come between them), counted as `upto` events.
+    Haves {
+        from: Peer,
+        chunk: u32,
+        upto: usize,
+    },
     /// A have-map request reaches `server`.
     MapAsk {
         server: Peer,
@@ -284,11 +291,110 @@ struct Host {
     queue: std::collections::VecDeque<(Peer, u32, SlotToken<Peer>)>,
 }
 
+/// An event's place in the queue: (time in ns, sequence number, slot).
+type Key = (u64, u64, usize);
+
+/// The event queue: events come out in (time, sequence) order. Most events
+/// are scheduled a fixed delay after the present (a latency, a tick), so each
+/// such kind goes to a FIFO lane that stays sorted by itself; an event that
+/// would not come last in its lane, and every other kind, goes to a heap.
+#[derive(Default)]
+struct Queue {
+    heap: Heap4,
+    lanes: [VecDeque<Key>; 5],
+}
+
+/// A min-heap of keys with four children per node: half the depth of a
+/// binary heap, and the children of a node sit side by side in memory. Keys
+/// are unique (the sequence number), so it pops them in the same order as
+/// any other priority queue.
+#[derive(Default)]
+struct Heap4 {
+    keys: Vec<Key>,
+}
+
+impl Heap4 {
+    fn push(&mut self, key: Key) {
+        let mut i = self.keys.len();
+        self.keys.push(key);
+        while i > 0 {
+            let parent = (i - 1) / 4;
+            if self.keys[parent] <= key {
+                break;
+            }
+            self.keys[i] = self.keys[parent];
+            i = parent;
+        }
+        self.keys[i] = key;
+    }
+
+    fn peek(&self) -> Option<&Key> {
+        self.keys.first()
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        let last = self.keys.pop()?;
+        let Some(&top) = self.keys.first() else {
+            return Some(last);
+        };
+        // Sift the last key down from the root into the hole.
+        let n = self.keys.len();
+        let mut i = 0;
+        loop {
+            let first = 4 * i + 1;
+            if first >= n {
+                break;
+            }
+            let mut least = first;
+            for c in first + 1..(first + 4).min(n) {
+                if self.keys[c] < self.keys[least] {
+                    least = c;
+                }
+            }
+            if last <= self.keys[least] {
+                break;
+            }
+            self.keys[i] = self.keys[least];
+            i = least;
+        }
+        self.keys[i] = last;
+        Some(top)
+    }
+}
+
+impl Queue {
+    fn push(&mut self, lane: Option<usize>, key: Key) {
+        if let Some(l) = lane {
+            let lane = &mut self.lanes[l];
+            if lane.back().is_none_or(|b| b.0 <= key.0) {
+                lane.push_back(key);
+                return;
+            }
+        }
+        self.heap.push(key);
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        let mut best: Option<(Key, Option<usize>)> = self.heap.peek().map(|&k| (k, None));
+        for (l, lane) in self.lanes.iter().enumerate() {
+            if let Some(&k) = lane.front()
+                && best.is_none_or(|(b, _)| (k.0, k.1) < (b.0, b.1))
+            {
+                best = Some((k, Some(l)));
+            }
+        }
+        match best? {
+            (_, Some(l)) => self.lanes[l].pop_front(),
+            (_, None) => self.heap.pop(),
+        }
+    }
+}
+
 struct World {
     cfg: SimConfig,
     now: f64,
     seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    queue: Queue,
     events: Vec<Option<Ev>>,
     free_events: Vec<usize>,
     hosts: Vec<Host>,
@@ -304,6 +410,8 @@ struct World {
     trace: Vec<Sample>,
     /// `--fair`'s buffers.
     fair: FairScratch,
+    /// Scratch list of flow ids for `reflow`, kept to save an allocation.
+    reflow_ids: Vec<usize>,
 }
 
 /// Buffers of [`World::reflow_fair`], kept between calls.
@@ -330,6 +438,19 @@ fn ns(t: f64) -> u64 {
 
 impl World {
     fn at(&mut self, t: f64, ev: Ev) {
+        // Each lane's events are scheduled the same delay after the present.
+        let lane = match &ev {
+            Ev::Deliver(..)
+            | Ev::MapAsk { .. }
+            | Ev::Request { .. }
+            | Ev::Connect { .. }
+            | Ev::Unchoke { .. } => Some(0),
+            Ev::Haves { .. } => Some(1),
+            Ev::Tick(_) => Some(2),
+            Ev::Dht(_) => Some(3),
+            Ev::Sample => Some(4),
+            Ev::Start(_) | Ev::FlowEnd { .. } => None,
+        };
         let slot = match self.free_events.pop() {
             Some(i) => {
                 self.events[i] = Some(ev);
@@ -341,7 +462,7 @@ impl World {
             }
         };
         self.seq += 1;
-        self.queue.push(Reverse((ns(t), self.seq, slot)));
+        self.queue.push(lane, (ns(t), self.seq, slot));
     }
 
     fn lat(&self) -> f64 {
@@ -371,9 +492,17 @@ impl World {
         if let (Some(chunk), Some(v2)) = (got, &self.cfg.v2) {
             // v2: a verified chunk is announced to every neighbour at once.
             let t = self.now + lat + v2.have_delay.as_secs_f64();
-            for i in 0..self.hosts[node].nbrs.len() {
-                let to = self.hosts[node].nbrs[i];
-                self.at(t, Ev::Deliver(to, Input::Have { peer: node, chunk }));
+            // Neighbourhoods only grow, so the first `upto` are the ones now.
+            let upto = self.hosts[node].nbrs.len();
+            if upto > 0 {
+                self.at(
+                    t,
+                    Ev::Haves {
+                        from: node,
+                        chunk,
+                        upto,
+                    },
+                );
             }
         }
         for a in actions {
@@ -409,14 +538,15 @@ impl World {
         if self.cfg.fair_share {
             return self.reflow_fair(peers);
         }
-        let mut ids: Vec<usize> = Vec::new();
+        let mut ids = std::mem::take(&mut self.reflow_ids);
+        ids.clear();
         for &p in peers {
             ids.extend(&self.hosts[p].uploads);
             ids.extend(&self.hosts[p].downloads);
         }
         ids.sort_unstable();
         ids.dedup();
-        for id in ids {
+        for &id in &ids {
             let Some(f) = self.flows[id].as_mut() else {
                 continue;
             };
@@ -445,6 +575,7 @@ impl World {
                 },
             );
         }
+        self.reflow_ids = ids;
     }
 
     /// `--fair`: max-min fair rates ([`crate::fair`]). At most once every
@@ -785,9 +916,17 @@ impl World {
         });
     }
 
-    fn step(&mut self, ev: Ev) {
+    /// Carries out `ev`; returns how many events it stands for.
+    fn step(&mut self, ev: Ev) -> u64 {
         let lat = self.lat();
         match ev {
+            Ev::Haves { from, chunk, upto } => {
+                for i in 0..upto {
+                    let to = self.hosts[from].nbrs[i];
+                    self.drive(to, Input::Have { peer: from, chunk });
+                }
+                return upto as u64;
+            }
             Ev::Sample => {
                 self.sample();
                 self.at(self.now + SAMPLE_EVERY_S, Ev::Sample);
@@ -854,10 +993,10 @@ impl World {
             },
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
-                    return;
+                    return 1;
                 };
                 if f.version != version {
-                    return;
+                    return 1;
                 }
                 let (from, to, chunk) = (f.from, f.to, f.chunk);
                 self.sent[from] += self.chunk_bits[chunk as usize] / 8.0;
@@ -889,6 +1028,7 @@ impl World {
             Ev::Connect { from, to } => self.connect(from, to),
             Ev::Unchoke { server, client } => self.drive(client, Input::Unchoke(server)),
         }
+        1
     }
 }
 
@@ -978,7 +1118,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         cfg: cfg.clone(),
         now: 0.0,
         seq: 0,
-        queue: BinaryHeap::new(),
+        queue: Queue::default(),
         events: Vec::new(),
         free_events: Vec::new(),
         hosts,
@@ -993,6 +1133,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         done_count: 0,
         trace: Vec::new(),
         fair: FairScratch::default(),
+        reflow_ids: Vec::new(),
     };
     w.at(0.0, Ev::Sample);
     for i in 1..=cfg.nodes {
@@ -1001,7 +1142,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
     }
     // A hard stop far past any sane storm: 100 x the HTTP bound.
     let limit = 100.0 * cfg.nodes as f64 * cfg.file_bytes as f64 * 8.0 / cfg.seed_up_bps + 60.0;
-    while let Some(Reverse((t, _, slot))) = w.queue.pop() {
+    while let Some((t, _, slot)) = w.queue.pop() {
         let Some(ev) = w.events[slot].take() else {
             continue;
         };
@@ -1010,8 +1151,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         if w.now > limit {
             break;
         }
-        w.step(ev);
-        w.processed += 1;
+        w.processed += w.step(ev);
         if w.done_count == cfg.nodes {
             break;
         }
@@ -1034,6 +1174,41 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The queue (lanes and the 4-ary heap) pops keys in the order a binary
+    /// heap does, whatever lane each key is offered to.
+    #[test]
+    fn queue_pops_in_key_order() {
+        use std::cmp::Reverse;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut q = Queue::default();
+        let mut h4 = Heap4::default();
+        let mut want = std::collections::BinaryHeap::new();
+        let mut now = 0u64;
+        for seq in 0..50_000u64 {
+            if rng.gen_bool(0.55) {
+                let t = now + rng.gen_range(0..3u64) * rng.gen_range(0..400u64);
+                let key = (t, seq, rng.gen_range(0..1000usize));
+                let lane = rng.gen_range(0..7usize);
+                q.push((lane < 5).then_some(lane), key);
+                h4.push(key);
+                want.push(Reverse(key));
+            } else {
+                let w = want.pop().map(|r| r.0);
+                assert_eq!(h4.pop(), w);
+                assert_eq!(q.pop(), w);
+                if let Some(k) = w {
+                    now = k.0;
+                }
+            }
+        }
+        while let Some(Reverse(k)) = want.pop() {
+            assert_eq!(q.pop(), Some(k));
+            assert_eq!(h4.pop(), Some(k));
+        }
+        assert_eq!(q.pop(), None);
+        assert_eq!(h4.pop(), None);
+    }
 
     #[test]
     fn one_node_takes_one_download_time() {

@@ -265,9 +265,85 @@ pub enum Action<P> {
     Done,
 }
 
+/// A set of chunk indices below a fixed length, one bit each: the scheduler
+/// walks the chunks a peer holds and it misses a word (64 chunks) at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Bits {
+    fn new(len: usize) -> Self {
+        Bits {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    /// Every index below `len` set.
+    fn full(len: usize) -> Self {
+        let mut b = Bits::new(len);
+        b.words.fill(u64::MAX);
+        if let Some(last) = b.words.last_mut()
+            && !len.is_multiple_of(64)
+        {
+            *last = (1u64 << (len % 64)) - 1;
+        }
+        b
+    }
+
+    /// The flags as a set, padded with unset or cut to `len`.
+    fn from_flags(flags: &[bool], len: usize) -> Self {
+        let mut b = Bits::new(len);
+        for (i, _) in flags.iter().take(len).enumerate().filter(|(_, f)| **f) {
+            b.words[i / 64] |= 1 << (i % 64);
+        }
+        b
+    }
+
+    fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets or clears index `i` (below `len`).
+    fn put(&mut self, i: usize, on: bool) {
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        if on {
+            self.words[w] |= b;
+        } else {
+            self.words[w] &= !b;
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The set indices, in ascending order.
+    fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &word)| ones_of(w, word))
+    }
+}
+
+/// The indices of the bits set in `word`, word `w` of a [`Bits`], ascending.
+fn ones_of(w: usize, mut word: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if word == 0 {
+            return None;
+        }
+        let b = word.trailing_zeros() as usize;
+        word &= word - 1;
+        Some(w * 64 + b)
+    })
+}
+
 #[derive(Debug, Clone)]
 struct PeerState {
-    have: Vec<bool>,
+    have: Bits,
     have_count: usize,
     has_map: bool,
     in_flight: usize,
@@ -285,7 +361,7 @@ struct PeerState {
 impl PeerState {
     fn new(n: usize) -> Self {
         PeerState {
-            have: vec![false; n],
+            have: Bits::new(n),
             have_count: 0,
             has_map: false,
             in_flight: 0,
@@ -303,23 +379,47 @@ impl PeerState {
 }
 
 /// The scheduler for one manifest's chunks. `P` names a peer.
+///
+/// Per input it does work in proportion to what changed, not to the number of
+/// chunks: counts and sets that answer "what is missing and unrequested",
+/// "how many requests are out" and "could a request have expired" are kept
+/// as the inputs arrive (the randomized invariants test recounts them).
 #[derive(Debug)]
 pub struct Scheduler<P> {
     cfg: SchedulerConfig,
     n: usize,
     held: Vec<bool>,
     held_count: usize,
+    /// The chunks not held.
+    missing: Bits,
+    /// The chunks not held with no request out.
+    unrequested: Bits,
+    unrequested_count: usize,
     /// Usable peers that hold each chunk.
     avail: Vec<u32>,
     /// Outstanding requests per chunk: (peer, deadline).
     pending: Vec<Vec<(P, Time)>>,
+    /// No outstanding request's deadline is earlier than this (`Time::MAX`
+    /// when none has been made since the last look): a tick before it has
+    /// nothing to expire.
+    deadline_floor: Time,
     /// Per chunk: since when peers have refused it without delivering it
     /// (the stall clock of the rescue), and the most holders it has had.
     refused_since: Vec<Option<Time>>,
     avail_max: Vec<u32>,
-    peers: HashMap<P, PeerState>,
-    /// Peers in the order they were found, for deterministic iteration.
+    /// Peers in the order they were found (for deterministic iteration), with
+    /// their state at the same position; `index` finds a peer's position.
     order: Vec<P>,
+    peers: Vec<PeerState>,
+    index: HashMap<P, usize>,
+    /// Per peer position: from when it can be asked for a chunk (its
+    /// back-off's end), `Time::MAX` while it cannot (gone, no have-map yet,
+    /// at its cap): `fill` reads these few bytes instead of every state.
+    gate: Vec<Time>,
+    /// Requests in flight to all peers together (the fallback not counted).
+    peers_in_flight: usize,
+    /// Scratch lists of peer positions for `fill`, kept to save allocations.
+    scratch: [Vec<usize>; 3],
     fallback: Option<P>,
     fallback_in_flight: usize,
     fallback_failures: u32,
@@ -344,12 +444,20 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             n: chunks,
             held: vec![false; chunks],
             held_count: 0,
+            missing: Bits::full(chunks),
+            unrequested: Bits::full(chunks),
+            unrequested_count: chunks,
             avail: vec![0; chunks],
             pending: vec![Vec::new(); chunks],
+            deadline_floor: Time::MAX,
             refused_since: vec![None; chunks],
             avail_max: vec![0; chunks],
-            peers: HashMap::new(),
             order: Vec::new(),
+            peers: Vec::new(),
+            index: HashMap::new(),
+            gate: Vec::new(),
+            peers_in_flight: 0,
+            scratch: Default::default(),
             fallback: None,
             fallback_in_flight: 0,
             fallback_failures: 0,
@@ -382,10 +490,17 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     pub fn reset(&mut self) {
         self.avail.fill(0);
         self.pending.iter_mut().for_each(Vec::clear);
+        for i in 0..self.n {
+            self.sync_unrequested(i);
+        }
+        self.deadline_floor = Time::MAX;
         self.refused_since.fill(None);
         self.avail_max.fill(0);
         self.peers.clear();
         self.order.clear();
+        self.index.clear();
+        self.gate.clear();
+        self.peers_in_flight = 0;
         self.fallback_in_flight = 0;
         self.fallback_failures = 0;
         self.fallback_backoff_until = Duration::ZERO;
@@ -428,10 +543,30 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     /// in the local store, or verified and stored by the caller before it
     /// reports the input.
     pub fn mark_held(&mut self, chunk: ChunkIndex) {
-        let i = chunk as usize;
+        self.set_held(chunk as usize);
+    }
+
+    /// Records chunk `i` held (if it is in range and was not).
+    fn set_held(&mut self, i: usize) {
         if i < self.n && !self.held[i] {
             self.held[i] = true;
             self.held_count += 1;
+            self.missing.put(i, false);
+            self.sync_unrequested(i);
+        }
+    }
+
+    /// Brings chunk `i`'s place in `unrequested` (not held, no request out)
+    /// and the count of those up to date after a change to either.
+    fn sync_unrequested(&mut self, i: usize) {
+        let now = !self.held[i] && self.pending[i].is_empty();
+        if self.unrequested.get(i) != now {
+            self.unrequested.put(i, now);
+            if now {
+                self.unrequested_count += 1;
+            } else {
+                self.unrequested_count -= 1;
+            }
         }
     }
 
@@ -463,7 +598,17 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     /// Whether `peer` is known: found, and not forgotten since (a ban, a
     /// reset).
     pub fn knows(&self, peer: &P) -> bool {
-        self.peers.contains_key(peer)
+        self.index.contains_key(peer)
+    }
+
+    /// The state of a known peer.
+    fn peer(&self, peer: &P) -> Option<&PeerState> {
+        self.index.get(peer).map(|&k| &self.peers[k])
+    }
+
+    /// The state of a known peer, to change.
+    fn peer_mut(&mut self, peer: &P) -> Option<&mut PeerState> {
+        self.index.get(peer).map(|&k| &mut self.peers[k])
     }
 
     /// Requests in flight to `peer`.
@@ -471,7 +616,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if self.fallback.as_ref() == Some(peer) {
             return self.fallback_in_flight;
         }
-        self.peers.get(peer).map_or(0, |p| p.in_flight)
+        self.peer(peer).map_or(0, |p| p.in_flight)
     }
 
     /// The earliest time after `now` at which a [`Input::Tick`] could change
@@ -489,7 +634,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 min(*d);
             }
         }
-        for p in self.peers.values().filter(|p| p.usable()) {
+        for p in self.peers.iter().filter(|p| p.usable()) {
             min(p.backoff_until);
             if let Some(at) = p.last_map_ask
                 && p.have_count < self.n
@@ -502,11 +647,9 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 min(s + self.cfg.fallback_grace);
             }
             min(self.fallback_backoff_until);
-            for (i, r) in self.refused_since.iter().enumerate() {
-                if let Some(r) = r
-                    && !self.held[i]
-                {
-                    min(*r + self.cfg.stall_grace);
+            for i in self.missing.ones() {
+                if let Some(r) = self.refused_since[i] {
+                    min(r + self.cfg.stall_grace);
                 }
             }
         }
@@ -528,16 +671,18 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             Input::Have { peer, chunk } => {
                 let i = chunk as usize;
                 if i < self.n
-                    && let Some(st) = self.peers.get_mut(&peer)
-                    && !st.have[i]
+                    && let Some(&k) = self.index.get(&peer)
+                    && !self.peers[k].have.get(i)
                 {
-                    st.have[i] = true;
+                    let st = &mut self.peers[k];
+                    st.have.put(i, true);
                     st.have_count += 1;
                     st.has_map = true;
                     if st.usable() {
                         self.avail[i] += 1;
                         self.claimed(i);
                     }
+                    self.regate(k);
                 }
             }
             Input::ChunkOk { peer, chunk } => {
@@ -549,8 +694,7 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 // waits behind the ones before it, so its clock starts at the
                 // peer's previous answer when that came later.
                 let last = self
-                    .peers
-                    .get_mut(&peer)
+                    .peer_mut(&peer)
                     .and_then(|st| st.last_answer.replace(now));
                 let prompt = sent.is_some_and(|t| {
                     let from = last.map_or(t, |l| l.max(t));
@@ -567,17 +711,15 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                     self.fallback_failures = 0;
                 }
                 let i = chunk as usize;
-                if i < self.n && !self.held[i] {
-                    self.held[i] = true;
-                    self.held_count += 1;
-                }
-                if let Some(st) = self.peers.get_mut(&peer) {
+                self.set_held(i);
+                if let Some(&k) = self.index.get(&peer) {
+                    let st = &mut self.peers[k];
                     st.failures = 0;
                     if prompt {
                         st.strikes = 0;
                     }
-                    if i < self.n && !st.have[i] {
-                        st.have[i] = true;
+                    if i < self.n && !st.have.get(i) {
+                        st.have.put(i, true);
                         st.have_count += 1;
                         if st.usable() {
                             self.avail[i] += 1;
@@ -600,11 +742,12 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                     self.refused(chunk, now);
                 }
                 let i = chunk as usize;
-                if let Some(st) = self.peers.get_mut(&peer)
+                if let Some(&k) = self.index.get(&peer)
                     && i < self.n
-                    && st.have[i]
+                    && self.peers[k].have.get(i)
                 {
-                    st.have[i] = false;
+                    let st = &mut self.peers[k];
+                    st.have.put(i, false);
                     st.have_count -= 1;
                     if st.usable() {
                         self.avail[i] -= 1;
@@ -620,8 +763,10 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 self.strike(&peer, now, true);
             }
             Input::Unchoke(p) => {
-                if let Some(st) = self.peers.get_mut(&p) {
+                if let Some(&k) = self.index.get(&p) {
+                    let st = &mut self.peers[k];
                     st.backoff_until = st.backoff_until.min(now);
+                    self.regate(k);
                 }
             }
             Input::PeerGone(p) => self.gone(&p),
@@ -635,56 +780,67 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         out
     }
 
-    fn peer_entry(&mut self, p: P) -> &mut PeerState {
-        let n = self.n;
-        if !self.peers.contains_key(&p) {
-            self.order.push(p.clone());
+    /// The position of peer `p`, added (last in the order) if it is new.
+    fn peer_entry(&mut self, p: P) -> usize {
+        if let Some(&k) = self.index.get(&p) {
+            return k;
         }
-        self.peers.entry(p).or_insert_with(|| PeerState::new(n))
+        let k = self.peers.len();
+        self.order.push(p.clone());
+        self.peers.push(PeerState::new(self.n));
+        self.gate.push(Time::MAX);
+        self.index.insert(p, k);
+        k
     }
 
     fn found(&mut self, p: P, now: Time, out: &mut Vec<Action<P>>) {
         if self.fallback.as_ref() == Some(&p) {
             return;
         }
-        let st = self.peer_entry(p.clone());
+        let k = self.peer_entry(p.clone());
+        let st = &mut self.peers[k];
         if st.gone {
             // Seen again: give it a fresh start but keep what we knew.
             st.gone = false;
             st.failures = 0;
             let have = st.have.clone();
-            for (i, h) in have.iter().enumerate() {
-                if *h {
-                    self.avail[i] += 1;
-                    self.claimed(i);
-                }
+            for i in have.ones() {
+                self.avail[i] += 1;
+                self.claimed(i);
             }
+            self.regate(k);
         }
-        let st = self.peers.get_mut(&p).expect("just inserted");
+        let st = &mut self.peers[k];
         if !st.has_map && st.last_map_ask.is_none() {
             st.last_map_ask = Some(now);
             out.push(Action::AskHaveMap(p));
         }
     }
 
-    fn have_map(&mut self, peer: P, mut have: Vec<bool>) {
-        have.resize(self.n, false);
-        let Some(st) = self.peers.get_mut(&peer) else {
+    fn have_map(&mut self, peer: P, have: Vec<bool>) {
+        let Some(&k) = self.index.get(&peer) else {
             return;
         };
+        let have = Bits::from_flags(&have, self.n);
+        let st = &mut self.peers[k];
         let usable = st.usable();
-        let old = std::mem::replace(&mut st.have, have.clone());
-        st.have_count = have.iter().filter(|h| **h).count();
+        st.have_count = have.count();
         st.has_map = true;
+        let old = std::mem::replace(&mut st.have, have);
+        self.regate(k);
         if usable {
-            for (i, (o, n)) in old.iter().zip(have.iter()).enumerate() {
-                match (o, n) {
-                    (false, true) => {
+            let new = &self.peers[k].have;
+            for (w, (&was, &is)) in old.words.iter().zip(new.words.iter()).enumerate() {
+                for i in ones_of(w, was ^ is) {
+                    if is & (1 << (i % 64)) != 0 {
                         self.avail[i] += 1;
-                        self.claimed(i);
+                        if self.avail[i] > self.avail_max[i] {
+                            self.avail_max[i] = self.avail[i];
+                            self.refused_since[i] = None;
+                        }
+                    } else {
+                        self.avail[i] -= 1;
                     }
-                    (true, false) => self.avail[i] -= 1,
-                    _ => {}
                 }
             }
         }
@@ -718,12 +874,14 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     /// or slow one (`back_off`) backs the peer off, doubling per strike.
     fn strike(&mut self, peer: &P, now: Time, back_off: bool) {
         let (base, max) = (self.cfg.busy_backoff, self.cfg.max_busy_backoff);
-        if let Some(st) = self.peers.get_mut(peer) {
+        if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
             st.strikes = st.strikes.saturating_add(1);
             if back_off {
                 let shift = st.strikes.saturating_sub(1).min(16);
                 let d = (base * (1u32 << shift)).min(max.max(base));
                 st.backoff_until = st.backoff_until.max(now + d);
+                self.regate(k);
             }
         }
     }
@@ -738,10 +896,16 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             return false;
         };
         reqs.swap_remove(pos);
+        self.sync_unrequested(i);
         if self.fallback.as_ref() == Some(peer) {
             self.fallback_in_flight = self.fallback_in_flight.saturating_sub(1);
-        } else if let Some(st) = self.peers.get_mut(peer) {
-            st.in_flight = st.in_flight.saturating_sub(1);
+        } else if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
+            if st.in_flight > 0 {
+                st.in_flight -= 1;
+                self.peers_in_flight -= 1;
+                self.regate(k);
+            }
         }
         true
     }
@@ -760,11 +924,13 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             return;
         }
         let mut drop = false;
-        if let Some(st) = self.peers.get_mut(peer) {
+        if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
             st.failures += 1;
             let shift = st.failures.saturating_sub(1).min(16);
             st.backoff_until = now + (base * (1u32 << shift)).min(max_b);
             drop = st.failures >= max_f;
+            self.regate(k);
         }
         if drop {
             self.gone(peer);
@@ -772,13 +938,11 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     }
 
     fn unuse(&mut self, peer: &P) {
-        if let Some(st) = self.peers.get(peer)
-            && st.usable()
+        if let Some(&k) = self.index.get(peer)
+            && self.peers[k].usable()
         {
-            for (i, h) in st.have.iter().enumerate() {
-                if *h {
-                    self.avail[i] -= 1;
-                }
+            for i in self.peers[k].have.ones() {
+                self.avail[i] -= 1;
             }
         }
     }
@@ -786,17 +950,31 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     fn gone(&mut self, peer: &P) {
         self.unuse(peer);
         self.cancel_all(peer);
-        if let Some(st) = self.peers.get_mut(peer) {
-            st.gone = true;
+        if let Some(&k) = self.index.get(peer) {
+            self.peers[k].gone = true;
+            self.regate(k);
+        }
+    }
+
+    /// Drops every outstanding request to `peer`.
+    fn forget_requests(&mut self, peer: &P) {
+        for i in 0..self.n {
+            let reqs = &mut self.pending[i];
+            let before = reqs.len();
+            reqs.retain(|(p, _)| p != peer);
+            if reqs.len() != before {
+                self.sync_unrequested(i);
+            }
         }
     }
 
     fn cancel_all(&mut self, peer: &P) {
-        for reqs in &mut self.pending {
-            reqs.retain(|(p, _)| p != peer);
-        }
-        if let Some(st) = self.peers.get_mut(peer) {
+        self.forget_requests(peer);
+        if let Some(&k) = self.index.get(peer) {
+            let st = &mut self.peers[k];
+            self.peers_in_flight -= st.in_flight;
             st.in_flight = 0;
+            self.regate(k);
         }
     }
 
@@ -804,39 +982,51 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if self.fallback.as_ref() == Some(&peer) {
             // The fallback lied: stop using it as well.
             self.fallback = None;
-            for reqs in &mut self.pending {
-                reqs.retain(|(p, _)| *p != peer);
-            }
+            self.forget_requests(&peer);
             out.push(Action::Ban(peer));
             return;
         }
         // Its requests become unrequested and go to others in `fill`.
         self.unuse(&peer);
         self.cancel_all(&peer);
-        self.peers.remove(&peer);
-        self.order.retain(|p| *p != peer);
+        if let Some(k) = self.index.remove(&peer) {
+            self.order.remove(k);
+            self.peers.remove(k);
+            self.gate.remove(k);
+            for (j, p) in self.order.iter().enumerate().skip(k) {
+                self.index.insert(p.clone(), j);
+            }
+        }
         out.push(Action::Ban(peer));
     }
 
     fn tick(&mut self, now: Time, out: &mut Vec<Action<P>>) {
-        let mut expired = Vec::new();
-        for (i, reqs) in self.pending.iter().enumerate() {
-            for (p, d) in reqs {
-                if *d <= now {
-                    expired.push((p.clone(), i as ChunkIndex));
+        // Requests live far shorter than their timeout, so most ticks come
+        // before the earliest deadline and have nothing to look at.
+        if now >= self.deadline_floor {
+            let mut expired = Vec::new();
+            for (i, reqs) in self.pending.iter().enumerate() {
+                for (p, d) in reqs {
+                    if *d <= now {
+                        expired.push((p.clone(), i as ChunkIndex));
+                    }
                 }
             }
-        }
-        for (p, c) in expired {
-            if self.finish(&p, c) {
-                self.refused(c, now);
-                self.failed(&p, now);
+            for (p, c) in expired {
+                if self.finish(&p, c) {
+                    self.refused(c, now);
+                    self.failed(&p, now);
+                }
             }
+            self.deadline_floor = self
+                .pending
+                .iter()
+                .flatten()
+                .map(|(_, d)| *d)
+                .min()
+                .unwrap_or(Time::MAX);
         }
-        for p in &self.order {
-            let Some(st) = self.peers.get_mut(p) else {
-                continue;
-            };
+        for (p, st) in self.order.iter().zip(self.peers.iter_mut()) {
             if !st.usable() || st.have_count == self.n {
                 continue;
             }
@@ -850,40 +1040,56 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         }
     }
 
-    fn can_ask(&self, st: &PeerState, now: Time) -> bool {
-        st.usable()
-            && st.has_map
-            && st.backoff_until <= now
-            && st.in_flight < self.cfg.per_peer_in_flight
+    /// Whether the peer at position `k` can be asked for a chunk now: usable,
+    /// its have-map known, not backed off, under its cap.
+    fn can_ask(&self, k: usize, now: Time) -> bool {
+        self.gate[k] <= now
     }
 
-    /// Picks the rarest chunk `peer` holds that is missing and has fewer than
-    /// `max_req` requests out (not one of them to `peer`), random among equals.
-    fn pick(&mut self, peer: &P, max_req: usize) -> Option<usize> {
-        let st = self.peers.get(peer)?;
+    /// Brings the peer at position `k`'s entry in `gate` up to date after a
+    /// change to what [`Scheduler::can_ask`] looks at.
+    fn regate(&mut self, k: usize) {
+        let st = &self.peers[k];
+        self.gate[k] = if st.usable() && st.has_map && st.in_flight < self.cfg.per_peer_in_flight {
+            st.backoff_until
+        } else {
+            Time::MAX
+        };
+    }
+
+    /// Picks the rarest chunk the peer at position `k` holds that is missing
+    /// and has fewer than `max_req` requests out (not one of them to it),
+    /// random among equals.
+    fn pick(&mut self, k: usize, max_req: usize) -> Option<usize> {
+        let (st, peer) = (&self.peers[k], &self.order[k]);
+        // With one request per chunk at most, only the unrequested qualify.
+        let wanted = if max_req <= 1 {
+            &self.unrequested
+        } else {
+            &self.missing
+        };
         let mut best: Option<(usize, (usize, u32))> = None;
         let mut ties = 0u32;
-        for i in 0..self.n {
-            if self.held[i] || !st.have[i] {
-                continue;
-            }
-            let reqs = &self.pending[i];
-            if reqs.len() >= max_req || reqs.iter().any(|(p, _)| p == peer) {
-                continue;
-            }
-            // Fewest outstanding requests first, then rarest.
-            let key = (reqs.len(), self.avail[i]);
-            match best {
-                Some((_, k)) if key > k => {}
-                Some((_, k)) if key == k => {
-                    ties += 1;
-                    if self.rng.gen_range(0..ties) == 0 {
-                        best = Some((i, key));
-                    }
+        for (w, (&h, &m)) in st.have.words.iter().zip(wanted.words.iter()).enumerate() {
+            for i in ones_of(w, h & m) {
+                let reqs = &self.pending[i];
+                if reqs.len() >= max_req || reqs.iter().any(|(p, _)| p == peer) {
+                    continue;
                 }
-                _ => {
-                    best = Some((i, key));
-                    ties = 1;
+                // Fewest outstanding requests first, then rarest.
+                let key = (reqs.len(), self.avail[i]);
+                match best {
+                    Some((_, b)) if key > b => {}
+                    Some((_, b)) if key == b => {
+                        ties += 1;
+                        if self.rng.gen_range(0..ties) == 0 {
+                            best = Some((i, key));
+                        }
+                    }
+                    _ => {
+                        best = Some((i, key));
+                        ties = 1;
+                    }
                 }
             }
         }
@@ -891,11 +1097,16 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
     }
 
     fn request(&mut self, peer: P, i: usize, now: Time, out: &mut Vec<Action<P>>) {
-        self.pending[i].push((peer.clone(), now + self.cfg.request_timeout));
+        let deadline = now + self.cfg.request_timeout;
+        self.pending[i].push((peer.clone(), deadline));
+        self.sync_unrequested(i);
+        self.deadline_floor = self.deadline_floor.min(deadline);
         if self.fallback.as_ref() == Some(&peer) {
             self.fallback_in_flight += 1;
-        } else if let Some(st) = self.peers.get_mut(&peer) {
-            st.in_flight += 1;
+        } else if let Some(&k) = self.index.get(&peer) {
+            self.peers[k].in_flight += 1;
+            self.peers_in_flight += 1;
+            self.regate(k);
         }
         out.push(Action::Request {
             peer,
@@ -907,49 +1118,46 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if self.is_done() {
             return;
         }
+        let [mut order, mut active, mut next] = std::mem::take(&mut self.scratch);
         // Visit peers in a random order each round so no peer is always first.
-        let mut order: Vec<P> = self
-            .order
-            .iter()
-            .filter(|p| self.peers.get(*p).is_some_and(|st| self.can_ask(st, now)))
-            .cloned()
-            .collect();
+        order.clear();
+        order.extend((0..self.gate.len()).filter(|&k| self.can_ask(k, now)));
         for k in (1..order.len()).rev() {
             let j = self.rng.gen_range(0..=k);
             order.swap(k, j);
         }
-        let mut total: usize = self.peers.values().map(|st| st.in_flight).sum();
+        let mut total = self.peers_in_flight;
         // Round-robin one request per peer at a time, so the rarest chunks
         // spread over peers instead of the first peer taking its whole cap.
         for max_req in [1, self.cfg.endgame_duplicates.max(1)] {
-            if max_req > 1 && self.pending_unrequested() > 0 {
+            if max_req > 1 && self.unrequested_count > 0 {
                 break; // end-game only when every missing chunk is in flight
             }
-            let mut active = order.clone();
+            // Nothing to pick (no chunk without a request, or the cap
+            // reached): every peer would drop out of the round at once.
+            if (max_req <= 1 && self.unrequested_count == 0) || total >= self.cfg.max_in_flight {
+                continue;
+            }
+            active.clear();
+            active.extend_from_slice(&order);
             while !active.is_empty() {
-                let mut next = Vec::with_capacity(active.len());
-                for p in active {
-                    let ok = total < self.cfg.max_in_flight
-                        && self.peers.get(&p).is_some_and(|st| self.can_ask(st, now));
+                next.clear();
+                for &k in &active {
+                    let ok = total < self.cfg.max_in_flight && self.can_ask(k, now);
                     if !ok {
                         continue;
                     }
-                    if let Some(i) = self.pick(&p, max_req) {
-                        self.request(p.clone(), i, now, out);
+                    if let Some(i) = self.pick(k, max_req) {
+                        self.request(self.order[k].clone(), i, now, out);
                         total += 1;
-                        next.push(p);
+                        next.push(k);
                     }
                 }
-                active = next;
+                std::mem::swap(&mut active, &mut next);
             }
         }
+        self.scratch = [order, active, next];
         self.fill_fallback(now, out);
-    }
-
-    fn pending_unrequested(&self) -> usize {
-        (0..self.n)
-            .filter(|&i| !self.held[i] && self.pending[i].is_empty())
-            .count()
     }
 
     fn fill_fallback(&mut self, now: Time, out: &mut Vec<Action<P>>) {
@@ -968,13 +1176,22 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         }
         let stalled =
             self.alone || now >= self.grace_from().unwrap_or(now) + self.cfg.fallback_grace;
-        let mut i = 0;
-        while self.fallback_in_flight < self.cfg.fallback_in_flight && i < self.n {
-            let refused = self.refused_since[i].is_some_and(|t| now >= t + self.cfg.stall_grace);
-            if !self.held[i] && self.pending[i].is_empty() && (stalled || refused) {
-                self.request(fb.clone(), i, now, out);
+        // Only chunks not held with no request out qualify, in index order.
+        let mut w = 0;
+        while self.fallback_in_flight < self.cfg.fallback_in_flight
+            && w < self.unrequested.words.len()
+        {
+            let mut word = self.unrequested.words[w];
+            while word != 0 && self.fallback_in_flight < self.cfg.fallback_in_flight {
+                let i = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                let refused =
+                    self.refused_since[i].is_some_and(|t| now >= t + self.cfg.stall_grace);
+                if stalled || refused {
+                    self.request(fb.clone(), i, now, out);
+                }
             }
-            i += 1;
+            w += 1;
         }
     }
 }
@@ -1293,7 +1510,7 @@ mod tests {
             },
             ms(101),
         );
-        assert_eq!(s.peers[&"a"].failures, 1);
+        assert_eq!(s.peer(&"a").unwrap().failures, 1);
         // A late success is still welcome.
         s.handle(
             Input::ChunkOk {
@@ -1375,7 +1592,7 @@ mod tests {
             T0,
         );
         assert!(reqs(&a).iter().all(|(p, _)| *p == "b"));
-        assert!(!s.peers[&"a"].have[0]);
+        assert!(!s.peer(&"a").unwrap().have.get(0));
         assert_eq!(s.avail[0], 1);
     }
 
@@ -1759,6 +1976,127 @@ mod tests {
         );
     }
 
+    /// The counts and sets kept as inputs arrive equal a recount from what
+    /// they summarise.
+    fn assert_bookkeeping<P: Clone + Eq + StdHash + Debug>(s: &Scheduler<P>) {
+        let n = s.n;
+        assert_eq!(s.held_count, s.held.iter().filter(|h| **h).count());
+        let mut unrequested = 0;
+        for i in 0..n {
+            assert_eq!(s.missing.get(i), !s.held[i], "missing {i}");
+            let u = !s.held[i] && s.pending[i].is_empty();
+            assert_eq!(s.unrequested.get(i), u, "unrequested {i}");
+            unrequested += usize::from(u);
+            for (_, d) in &s.pending[i] {
+                assert!(*d >= s.deadline_floor, "deadline under the floor");
+            }
+            let holders = s
+                .peers
+                .iter()
+                .filter(|st| st.usable() && st.have.get(i))
+                .count();
+            assert_eq!(s.avail[i] as usize, holders, "holders of {i}");
+        }
+        assert_eq!(s.unrequested_count, unrequested);
+        // No stray bits past the last chunk either.
+        assert_eq!(s.unrequested.count(), unrequested);
+        assert_eq!(s.missing.count(), n - s.held_count);
+        assert_eq!(s.order.len(), s.peers.len());
+        assert_eq!(s.index.len(), s.peers.len());
+        assert_eq!(s.gate.len(), s.peers.len());
+        let mut total = 0;
+        for (k, (p, st)) in s.order.iter().zip(&s.peers).enumerate() {
+            assert_eq!(s.index.get(p), Some(&k), "position of {p:?}");
+            let askable = st.usable() && st.has_map && st.in_flight < s.cfg.per_peer_in_flight;
+            let gate = if askable { st.backoff_until } else { Time::MAX };
+            assert_eq!(s.gate[k], gate, "gate of {p:?}");
+            assert_eq!(st.have.len, n);
+            assert_eq!(st.have_count, st.have.count(), "have count of {p:?}");
+            assert!(st.have.count() <= n);
+            let asked = s.pending.iter().flatten().filter(|(q, _)| q == p).count();
+            if s.fallback.as_ref() != Some(p) {
+                assert_eq!(st.in_flight, asked, "in flight to {p:?}");
+            }
+            total += st.in_flight;
+        }
+        assert_eq!(s.peers_in_flight, total);
+    }
+
+    #[test]
+    fn bits_walk_set_indices_in_order() {
+        for n in [0, 1, 63, 64, 65, 130, 206] {
+            let full = Bits::full(n);
+            assert_eq!(full.count(), n);
+            assert_eq!(full.ones().collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
+            let flags: Vec<bool> = (0..n + 3).map(|i| i % 3 == 0 || i == 64).collect();
+            let b = Bits::from_flags(&flags, n);
+            let want: Vec<usize> = (0..n).filter(|&i| flags[i]).collect();
+            assert_eq!(b.ones().collect::<Vec<_>>(), want, "n = {n}");
+            assert_eq!(b.count(), want.len());
+            assert!((0..n + 70).all(|i| b.get(i) == (i < n && flags[i])));
+        }
+    }
+
+    #[test]
+    fn bookkeeping_survives_reset_bans_and_departures() {
+        let mut s = sched(70).with_fallback("http");
+        let mut have = vec![true; 70];
+        have[3] = false;
+        add(&mut s, "a", have);
+        add(&mut s, "b", vec![true; 90]);
+        add(&mut s, "liar", vec![true; 10]);
+        assert_bookkeeping(&s);
+        assert!(s.pending.iter().any(|r| !r.is_empty()), "requests out");
+        s.handle(Input::Tick, ms(1));
+        assert_bookkeeping(&s);
+        let (c, first) = s
+            .pending
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.first().map(|(p, _)| (i as u32, *p)))
+            .unwrap();
+        s.handle(
+            Input::ChunkOk {
+                peer: first,
+                chunk: c,
+            },
+            ms(2),
+        );
+        s.handle(Input::PeerGone("b"), ms(3));
+        assert_bookkeeping(&s);
+        s.handle(Input::PeerFound("b"), ms(4));
+        assert_bookkeeping(&s);
+        let liar = s
+            .pending
+            .iter()
+            .flatten()
+            .find(|(p, _)| *p == "liar")
+            .cloned();
+        if let Some((_, d)) = liar {
+            let c = s
+                .pending
+                .iter()
+                .position(|r| r.iter().any(|(_, e)| *e == d));
+            s.handle(
+                Input::ChunkBad {
+                    peer: "liar",
+                    chunk: c.unwrap() as u32,
+                },
+                ms(5),
+            );
+            assert!(!s.knows(&"liar"));
+        }
+        assert_bookkeeping(&s);
+        // Every request times out at once.
+        s.handle(Input::Tick, ms(20_000));
+        assert_bookkeeping(&s);
+        s.reset();
+        assert_bookkeeping(&s);
+        assert!(s.is_held(c));
+        s.mark_held(69);
+        assert_bookkeeping(&s);
+    }
+
     #[test]
     fn mark_held_and_empty_manifest() {
         let mut s = sched(2);
@@ -1798,7 +2136,7 @@ mod tests {
         ] {
             s.handle(inp, T0);
         }
-        assert_eq!(s.peers[&"a"].have.len(), 2);
+        assert_eq!(s.peer(&"a").unwrap().have.len, 2);
     }
 
     /// Random runs of a little swarm: every chunk ends up held, caps hold at
@@ -1850,6 +2188,22 @@ mod tests {
                         },
                     };
                     s.handle(late, now)
+                } else if rng.gen_bool(0.04) {
+                    // What honest peers also do: announce, retract, leave, come back.
+                    let p = peers[rng.gen_range(0..4)];
+                    let c = rng.gen_range(0..n as u32);
+                    let inp = match rng.gen_range(0..6) {
+                        0 => Input::Have { peer: p, chunk: c },
+                        1 => Input::DoNotHave { peer: p, chunk: c },
+                        2 => Input::PeerGone(p),
+                        3 => Input::PeerFound(p),
+                        4 => Input::Unchoke(p),
+                        _ => Input::HaveMap {
+                            peer: p,
+                            have: (0..n).map(|_| rng.gen_bool(0.7)).collect(),
+                        },
+                    };
+                    s.handle(inp, now)
                 } else if inflight.is_empty() || rng.gen_bool(0.05) {
                     s.handle(Input::Tick, now)
                 } else {
@@ -1894,6 +2248,7 @@ mod tests {
                 for r in &s.pending {
                     assert!(r.len() <= cfg.endgame_duplicates);
                 }
+                assert_bookkeeping(&s);
             }
             panic!("seed {seed}: not done; held {}/{n}", s.held_count());
         }
