@@ -547,35 +547,40 @@ impl World {
         ids.sort_unstable();
         ids.dedup();
         for &id in &ids {
-            let Some(f) = self.flows[id].as_mut() else {
+            let Some(f) = self.flows[id].as_ref() else {
                 continue;
             };
-            f.remaining -= f.rate * (self.now - f.updated);
-            f.remaining = f.remaining.max(0.0);
-            f.updated = self.now;
-            let (from, to) = (f.from, f.to);
-            let a = &self.hosts[from];
-            let b = &self.hosts[to];
+            let a = &self.hosts[f.from];
+            let b = &self.hosts[f.to];
             let rate = (a.up / a.uploads.len().max(1) as f64)
                 .min(b.down / b.downloads.len().max(1) as f64);
-            let Some(f) = self.flows[id].as_mut() else {
-                continue;
-            };
-            f.rate = rate;
-            // Versions come from one counter so a reused flow slot never
-            // matches an end event left by its previous occupant.
-            self.flow_versions += 1;
-            f.version = self.flow_versions;
-            let (v, end) = (f.version, self.now + f.remaining / rate.max(1.0));
-            self.at(
-                end,
-                Ev::FlowEnd {
-                    flow: id,
-                    version: v,
-                },
-            );
+            self.set_rate(id, rate);
         }
         self.reflow_ids = ids;
+    }
+
+    /// Brings flow `id`'s remaining bytes up to now at its old rate, gives it
+    /// `rate` and schedules its end.
+    fn set_rate(&mut self, id: usize, rate: f64) {
+        let Some(f) = self.flows[id].as_mut() else {
+            return;
+        };
+        f.remaining -= f.rate * (self.now - f.updated);
+        f.remaining = f.remaining.max(0.0);
+        f.updated = self.now;
+        f.rate = rate;
+        // Versions come from one counter so a reused flow slot never
+        // matches an end event left by its previous occupant.
+        self.flow_versions += 1;
+        f.version = self.flow_versions;
+        let (v, end) = (f.version, self.now + f.remaining / rate.max(1.0));
+        self.at(
+            end,
+            Ev::FlowEnd {
+                flow: id,
+                version: v,
+            },
+        );
     }
 
     /// `--fair`: max-min fair rates ([`crate::fair`]). At most once every
@@ -613,20 +618,7 @@ impl World {
             if (rate - f.rate).abs() <= 1e-9 * f.rate {
                 continue;
             }
-            f.remaining -= f.rate * (self.now - f.updated);
-            f.remaining = f.remaining.max(0.0);
-            f.updated = self.now;
-            f.rate = rate;
-            self.flow_versions += 1;
-            f.version = self.flow_versions;
-            let (v, end) = (f.version, self.now + f.remaining / rate.max(1.0));
-            self.at(
-                end,
-                Ev::FlowEnd {
-                    flow: id,
-                    version: v,
-                },
-            );
+            self.set_rate(id, rate);
         }
         #[cfg(test)]
         self.assert_links_within_capacity();
