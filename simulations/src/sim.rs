@@ -777,11 +777,12 @@ impl World {
         self.reflow(&[server, client]);
     }
 
-    /// What `h` advertises: its offer map when it super-seeds, else what it holds.
-    fn bitfield(&self, h: Peer) -> Vec<bool> {
+    /// What `h` advertises to `to`: its offer map when it super-seeds (and
+    /// others contend for its upload), else what it holds.
+    fn bitfield(&self, h: Peer, to: Peer) -> Vec<bool> {
         let h = &self.hosts[h];
         h.serving
-            .advertise(h.sched.held(), h.sched.is_done(), &h.sent)
+            .advertise(&to, h.sched.held(), h.sched.is_done(), &h.sent)
     }
 
     /// The serving policy's answer to `client`'s request for `chunk` at `server`.
@@ -830,7 +831,7 @@ impl World {
         self.hosts[to].known.insert(from);
         let t = self.now + self.lat();
         for (a, b) in [(from, to), (to, from)] {
-            let have = self.bitfield(b);
+            let have = self.bitfield(b, a);
             self.at(t, Ev::Deliver(a, Input::PeerFound(b)));
             self.at(t, Ev::Deliver(a, Input::HaveMap { peer: b, have }));
         }
@@ -964,7 +965,7 @@ impl World {
             // v2 sends the bitfield when a connection opens, then pushes HAVEs.
             Ev::MapAsk { .. } if self.cfg.v2.is_some() => {}
             Ev::MapAsk { server, client } => {
-                let have = self.bitfield(server);
+                let have = self.bitfield(server, client);
                 self.at(
                     self.now + lat,
                     Ev::Deliver(client, Input::HaveMap { peer: server, have }),

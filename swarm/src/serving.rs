@@ -11,7 +11,9 @@
 //! The order of the checks, defined here once:
 //! 1. a chunk the caller does not hold: [`Answer::DoNotHave`];
 //! 2. a complete node that super-seeds and has sent this chunk more often
-//!    than its least-sent one ([`crate::superseed`]): [`Answer::Withheld`];
+//!    than its least-sent one ([`crate::superseed`]), while other peers
+//!    hold, are kept or wait for its slots: [`Answer::Withheld`] (an idle
+//!    upload serves whatever it holds);
 //! 3. the peer's own slots full, or all slots full, or (for a peer that holds
 //!    none yet) as many peers served as allowed: [`Answer::Busy`];
 //! 4. otherwise [`Answer::Serve`]: a slot is taken and the send is counted.
@@ -240,7 +242,11 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         if !holding.held {
             return Answer::DoNotHave;
         }
-        if self.cfg.super_seed && holding.complete && !holding.sent.offer(i) {
+        if self.cfg.super_seed
+            && holding.complete
+            && !holding.sent.offer(i)
+            && self.contended(Some(&peer))
+        {
             return Answer::Withheld;
         }
         if !self.admits(&peer) {
@@ -263,6 +269,19 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         self.live.insert(id, peer.clone());
         *self.in_use.entry(peer.clone()).or_default() += 1;
         Answer::Serve(SlotToken { id, peer })
+    }
+
+    /// Whether a peer other than `peer` holds a slot, has one kept for it or
+    /// waits for one. Super-seeding steers requests away from a contended
+    /// upload; an idle one serves and advertises all it holds, or a last
+    /// fetcher among complete nodes could wait forever for a chunk each of
+    /// them has sent more often than its least-sent one (the offer widens
+    /// only when every chunk has gone out once more, and nobody else asks).
+    fn contended(&self, peer: Option<&P>) -> bool {
+        let other = |p: &P| Some(p) != peer;
+        self.in_use.keys().any(other)
+            || self.held_for.iter().any(|(p, _)| other(p))
+            || self.waiting.iter().any(other)
     }
 
     /// Whether a request from `peer` would get a slot now: the slots and
@@ -322,10 +341,11 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         Some(p)
     }
 
-    /// The have-map to advertise: what is held, or, for a complete node that
-    /// super-seeds, only the chunks it would serve now (its least-sent ones).
-    pub fn advertise(&self, held: &[bool], complete: bool, sent: &SendCounts) -> Vec<bool> {
-        if self.cfg.super_seed && complete {
+    /// The have-map to advertise to `to`: what is held, or, for a complete
+    /// node that super-seeds while others contend for its upload, only the
+    /// chunks it would serve now (its least-sent ones).
+    pub fn advertise(&self, to: &P, held: &[bool], complete: bool, sent: &SendCounts) -> Vec<bool> {
+        if self.cfg.super_seed && complete && self.contended(Some(to)) {
             sent.offer_map()
         } else {
             held.to_vec()
@@ -440,20 +460,45 @@ mod tests {
         let mut p = ServingPolicy::new(ServingConfig::default());
         let mut s = SendCounts::new(3);
         let t = serve(p.on_request("a", 0, complete(&mut s), T));
-        p.on_done(t);
+        // While "a" holds a slot, "b" is steered to the chunks not yet sent.
         assert_eq!(p.on_request("b", 0, complete(&mut s), T), Answer::Withheld);
-        assert_eq!(p.advertise(&[true; 3], true, &s), vec![false, true, true]);
         assert_eq!(
-            p.advertise(&[true; 3], false, &s),
+            p.advertise(&"b", &[true; 3], true, &s),
+            vec![false, true, true]
+        );
+        assert_eq!(
+            p.advertise(&"b", &[true; 3], false, &s),
             vec![true; 3],
             "still fetching"
         );
         let off = ServingPolicy::<&str>::new(ServingConfig::default().with_super_seed(false));
-        assert_eq!(off.advertise(&[true; 3], true, &s), vec![true; 3]);
+        assert_eq!(off.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
+        p.on_done(t);
         // A node still fetching serves what it holds, and counts it.
         let t = serve(p.on_request("b", 0, held(&mut s), T));
         p.on_done(t);
         assert!(!s.offer(0) && s.offer(1));
+    }
+
+    #[test]
+    fn an_idle_super_seeder_serves_and_advertises_everything() {
+        let mut p = ServingPolicy::new(ServingConfig::default());
+        let mut s = SendCounts::new(3);
+        let t = serve(p.on_request("a", 0, complete(&mut s), T));
+        p.on_done(t);
+        // Nobody else holds, is kept or waits for a slot: chunk 0, sent once
+        // while 1 and 2 never were, is still served to the only asker.
+        assert_eq!(p.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
+        let t = serve(p.on_request("b", 0, complete(&mut s), T));
+        // "b"'s own slot is no contention for "b" ...
+        assert_eq!(p.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
+        // ... but it is for "c".
+        assert_eq!(
+            p.advertise(&"c", &[true; 3], true, &s),
+            vec![false, true, true]
+        );
+        assert_eq!(p.on_request("c", 0, complete(&mut s), T), Answer::Withheld);
+        p.on_done(t);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! addresses of their own (127.0.1.x idle, 127.0.2.x slow) and the seed's
 //! per-address caps apply to them as to clients on a LAN.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -70,17 +71,100 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The seed's TCP sockets now: socket inode -> remote IPv4 address, from
+/// its descriptors (`/proc/PID/fd`) and the namespace's `/proc/net/tcp`.
+fn seed_sockets(pid: u32) -> HashMap<u64, Ipv4Addr> {
+    let mut mine = HashSet::new();
+    if let Ok(d) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in d.flatten() {
+            if let Ok(l) = fs::read_link(e.path())
+                && let Some(n) = l
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse::<u64>().ok())
+            {
+                mine.insert(n);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(rem), Some(inode)) = (f.get(2), f.get(9)) else {
+            continue;
+        };
+        let Ok(inode) = inode.parse::<u64>() else {
+            continue;
+        };
+        if !mine.contains(&inode) {
+            continue;
+        }
+        // "0101007F:1F90": the address as the kernel's u32, in host order.
+        if let Some(Ok(ip)) = rem.split(':').next().map(|h| u32::from_str_radix(h, 16)) {
+            out.insert(inode, Ipv4Addr::from(ip.to_le_bytes()));
+        }
+    }
+    out
+}
+
+/// What the seed itself held of the idle attackers' connections, sampled.
+#[derive(Default)]
+struct HeldBySeed {
+    /// Per socket inode: first and last seen.
+    seen: HashMap<u64, (Instant, Instant)>,
+    /// The most connections from one idle address held at once.
+    peak_per_addr: usize,
+}
+
+impl HeldBySeed {
+    fn sample(&mut self, pid: u32) {
+        let now = Instant::now();
+        let mut per_addr: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for (inode, ip) in seed_sockets(pid) {
+            if ip.octets()[..3] != [127, 0, 1] {
+                continue;
+            }
+            *per_addr.entry(ip).or_default() += 1;
+            self.seen
+                .entry(inode)
+                .and_modify(|e| e.1 = now)
+                .or_insert((now, now));
+        }
+        let most = per_addr.values().copied().max().unwrap_or(0);
+        self.peak_per_addr = self.peak_per_addr.max(most);
+    }
+
+    /// The longest the seed held one idle connection (as sampled).
+    fn longest(&self) -> Duration {
+        self.seen
+            .values()
+            .map(|(a, b)| b.duration_since(*a))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
 fn addr(third: u8, i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, third, 1 + i as u8))
 }
 
-/// What an idle connection may last beyond the header timeout. The client
-/// counts from its connect, and a connection the kernel has completed waits in
-/// the seed's accept queue (1,024 long; the 1,360 sockets over the per-address
-/// cap keep reconnecting into it) before the seed's clock starts. On a loaded
-/// 2-core CI machine that wait once reached 5-7 s for 16 of 17,000
-/// connections; a seed with no header timeout still fails, on
-/// `timed_out` below, because none of its sockets would close.
+/// How often the seed's descriptors and sockets are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// What an idle connection may stay at the seed past its header timeout:
+/// the sampling interval and a timer that fires late on a loaded machine.
+const TIMER_SLACK: Duration = Duration::from_secs(2);
+
+/// How long an idle client waits for the seed to close its connection
+/// before it gives up on it (counted in `too_long`, printed, not asserted).
+/// The client's clock starts at its connect, and the kernel can hold a
+/// connection in front of the seed for many seconds first: in the accept
+/// queue (1,024 long, which the 1,360 sockets over the per-address cap keep
+/// refilling) or, once that overflows, waiting for a SYN-ACK retransmit. Two
+/// CI runs on a loaded 2-core machine saw 16 connections open past 7 s and 6
+/// past 17 s that way, so the header timeout is checked at the seed
+/// ([`HeldBySeed`]), from accept to close.
 const QUEUE_SLACK: Duration = Duration::from_secs(15);
 
 /// Connects in flight at once. The seed's accept queue holds 1,024; a
@@ -111,7 +195,7 @@ struct IdleSeen {
     refused: AtomicUsize,
     /// Closed by the header timeout (at least 90 % of it).
     timed_out: AtomicUsize,
-    /// Lasted longer than the header timeout plus [`QUEUE_SLACK`]: must stay 0.
+    /// Lasted longer than the header timeout plus [`QUEUE_SLACK`] (kernel queues).
     too_long: AtomicUsize,
     /// The longest an idle connection lasted, in milliseconds (printed).
     longest_ms: AtomicUsize,
@@ -327,10 +411,13 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
     let sampler = {
         let (stop, peak) = (stop.clone(), peak.clone());
         std::thread::spawn(move || {
+            let mut held = HeldBySeed::default();
             while !stop.load(Ordering::Relaxed) {
                 peak.fetch_max(fd_count(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
+                held.sample(pid);
+                std::thread::sleep(SAMPLE_EVERY);
             }
+            held
         })
     };
     let kernel_path = format!("/stable/{arch}/kernel");
@@ -381,7 +468,7 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
     let get_time = get_start.elapsed();
     let attack_time = attack_start.elapsed();
     stop.store(true, Ordering::Relaxed);
-    sampler.join().expect("fd sampler");
+    let held = sampler.join().expect("fd sampler");
     rt.block_on(async {
         for task in tasks {
             task.abort();
@@ -397,7 +484,9 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
     );
     eprintln!(
         "seed fds: {fds_before} before, {fds_attack} under attack, peak {peak} (bound {bound}); \
-         idle: {} refused at once, {} closed by the {:.1} s header timeout, longest held {:.1} s, \
+         idle: {} refused at once, {} closed by the {:.1} s header timeout, longest open {:.1} s \
+         as the client saw it ({} past {:.0} s), {:.1} s held by the seed, at most {} from one \
+         address at once, \
          {} connect errors; \
          slow readers: {ok} answered 200, {busy} answered 503, {} other, {} bytes read; \
          honest fetch {:.2} s clean, {:.2} s under attack; GET of both artifacts {:.2} s; \
@@ -406,6 +495,10 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
         idle.timed_out.load(Ordering::Relaxed),
         HEADER_TIMEOUT.as_secs_f64(),
         idle.longest_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        idle.too_long.load(Ordering::Relaxed),
+        (HEADER_TIMEOUT + QUEUE_SLACK).as_secs_f64(),
+        held.longest().as_secs_f64(),
+        held.peak_per_addr,
         idle.connect_errors.load(Ordering::Relaxed),
         slow.other.load(Ordering::Relaxed),
         slow.bytes.load(Ordering::Relaxed),
@@ -418,19 +511,28 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
         peak <= bound,
         "the seed held {peak} descriptors, more than {bound}"
     );
-    assert_eq!(
-        idle.too_long.load(Ordering::Relaxed),
-        0,
-        "idle sockets the seed left open past its header timeout and the accept-queue slack"
+    // Measured at the seed (from accept to close): a client's clock also
+    // counts the kernel's queues in front of the seed.
+    assert!(
+        !held.seen.is_empty() && held.longest() <= HEADER_TIMEOUT + TIMER_SLACK,
+        "the seed held an idle connection {:.1} s, past its {:.1} s header timeout",
+        held.longest().as_secs_f64(),
+        HEADER_TIMEOUT.as_secs_f64()
     );
-    // 10 addresses x 64 connections at most are let in; the rest are closed at once.
+    assert!(
+        held.peak_per_addr <= CONNECTIONS_PER_ADDR,
+        "the seed held {} idle connections from one address, over its cap of {CONNECTIONS_PER_ADDR}",
+        held.peak_per_addr
+    );
+    // And as the clients saw it: connections past the cap were closed, and
+    // those let in were closed by the header timeout, not left open.
     assert!(
         idle.timed_out.load(Ordering::Relaxed) >= IDLE_ADDRS * CONNECTIONS_PER_ADDR / 2,
         "idle sockets closed by the header timeout"
     );
     assert!(
-        idle.refused.load(Ordering::Relaxed) >= IDLE - IDLE_ADDRS * CONNECTIONS_PER_ADDR,
-        "idle sockets over the per-address cap refused at once"
+        idle.refused.load(Ordering::Relaxed) + idle.timed_out.load(Ordering::Relaxed) >= IDLE,
+        "every idle socket was closed by the seed at least once"
     );
     // Slow bodies keep their body slots while they are sent: no more than the
     // per-address share gets a 200, the rest hear 503 instead of waiting forever.

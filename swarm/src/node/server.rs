@@ -259,6 +259,7 @@ impl Node {
                 Some(h) => Response::HaveMap {
                     chunks: h.hashes.len() as u32,
                     bits: pack_bits(&self.policy.advertise(
+                        &peer,
                         h.sched.held(),
                         h.sched.is_done(),
                         &h.sent,
