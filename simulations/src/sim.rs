@@ -778,11 +778,16 @@ impl World {
     }
 
     /// What `h` advertises to `to`: its offer map when it super-seeds (and
-    /// others contend for its upload), else what it holds.
+    /// others contend for its upload or were served lately), else what it holds.
     fn bitfield(&self, h: Peer, to: Peer) -> Vec<bool> {
         let h = &self.hosts[h];
-        h.serving
-            .advertise(&to, h.sched.held(), h.sched.is_done(), &h.sent)
+        h.serving.advertise(
+            &to,
+            h.sched.held(),
+            h.sched.is_done(),
+            &h.sent,
+            Duration::from_secs_f64(self.now),
+        )
     }
 
     /// The serving policy's answer to `client`'s request for `chunk` at `server`.

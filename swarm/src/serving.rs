@@ -87,6 +87,9 @@ pub struct ServingConfig {
     pub max_waiting: usize,
     /// How long a slot freed for an unchoked peer is kept for it.
     pub unchoke_hold: Duration,
+    /// A super-seeder that has served no other peer for this long counts as
+    /// idle: it serves and advertises every chunk it holds.
+    pub idle_after: Duration,
 }
 
 impl Default for ServingConfig {
@@ -106,6 +109,9 @@ impl Default for ServingConfig {
             // Several round trips on a LAN; an unchoked peer with nothing
             // to ask costs the slot at most this long.
             unchoke_hold: Duration::from_millis(50),
+            // Many chunk times on any link a storm runs on: a seed that is
+            // asked at all is asked far more often than this.
+            idle_after: Duration::from_secs(2),
         }
     }
 }
@@ -146,6 +152,11 @@ impl ServingConfig {
     /// Sets [`ServingConfig::unchoke_hold`].
     pub fn with_unchoke_hold(mut self, d: Duration) -> Self {
         self.unchoke_hold = d;
+        self
+    }
+    /// Sets [`ServingConfig::idle_after`].
+    pub fn with_idle_after(mut self, d: Duration) -> Self {
+        self.idle_after = d;
         self
     }
 }
@@ -208,6 +219,9 @@ pub struct ServingPolicy<P> {
     waiting: VecDeque<P>,
     /// Peers just unchoked, each with the slot kept for it until then.
     held_for: Vec<(P, Time)>,
+    /// When each peer was last served (entries older than
+    /// [`ServingConfig::idle_after`] are dropped as requests come).
+    served_at: HashMap<P, Time>,
 }
 
 impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
@@ -220,6 +234,7 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
             next_id: 0,
             waiting: VecDeque::new(),
             held_for: Vec::new(),
+            served_at: HashMap::new(),
         }
     }
 
@@ -245,7 +260,7 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         if self.cfg.super_seed
             && holding.complete
             && !holding.sent.offer(i)
-            && self.contended(Some(&peer))
+            && self.contended(&peer, now)
         {
             return Answer::Withheld;
         }
@@ -259,6 +274,10 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
             return Answer::Busy;
         }
         holding.sent.record(i);
+        let idle_after = self.cfg.idle_after;
+        self.served_at
+            .retain(|_, t| now.saturating_sub(*t) < idle_after);
+        self.served_at.insert(peer.clone(), now);
         if self.cfg.choke {
             // Served: no longer choked, and the slot kept for it is taken.
             self.waiting.retain(|p| p != &peer);
@@ -271,17 +290,22 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         Answer::Serve(SlotToken { id, peer })
     }
 
-    /// Whether a peer other than `peer` holds a slot, has one kept for it or
-    /// waits for one. Super-seeding steers requests away from a contended
+    /// Whether a peer other than `peer` holds a slot, has one kept for it,
+    /// waits for one or was served within [`ServingConfig::idle_after`].
+    /// Super-seeding steers requests away from a contended
     /// upload; an idle one serves and advertises all it holds, or a last
     /// fetcher among complete nodes could wait forever for a chunk each of
     /// them has sent more often than its least-sent one (the offer widens
     /// only when every chunk has gone out once more, and nobody else asks).
-    fn contended(&self, peer: Option<&P>) -> bool {
-        let other = |p: &P| Some(p) != peer;
+    fn contended(&self, peer: &P, now: Time) -> bool {
+        let other = |p: &P| p != peer;
         self.in_use.keys().any(other)
             || self.held_for.iter().any(|(p, _)| other(p))
             || self.waiting.iter().any(other)
+            || self
+                .served_at
+                .iter()
+                .any(|(p, t)| other(p) && now.saturating_sub(*t) < self.cfg.idle_after)
     }
 
     /// Whether a request from `peer` would get a slot now: the slots and
@@ -322,6 +346,7 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
     /// `peer` disconnected (or was banned): its slots are free, and it is no
     /// longer waiting. Its tokens, given back later, change nothing.
     pub fn on_peer_gone(&mut self, peer: &P) {
+        self.served_at.remove(peer);
         self.live.retain(|_, p| p != peer);
         self.in_use.remove(peer);
         self.waiting.retain(|p| p != peer);
@@ -344,8 +369,15 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
     /// The have-map to advertise to `to`: what is held, or, for a complete
     /// node that super-seeds while others contend for its upload, only the
     /// chunks it would serve now (its least-sent ones).
-    pub fn advertise(&self, to: &P, held: &[bool], complete: bool, sent: &SendCounts) -> Vec<bool> {
-        if self.cfg.super_seed && complete && self.contended(Some(to)) {
+    pub fn advertise(
+        &self,
+        to: &P,
+        held: &[bool],
+        complete: bool,
+        sent: &SendCounts,
+        now: Time,
+    ) -> Vec<bool> {
+        if self.cfg.super_seed && complete && self.contended(to, now) {
             sent.offer_map()
         } else {
             held.to_vec()
@@ -463,16 +495,16 @@ mod tests {
         // While "a" holds a slot, "b" is steered to the chunks not yet sent.
         assert_eq!(p.on_request("b", 0, complete(&mut s), T), Answer::Withheld);
         assert_eq!(
-            p.advertise(&"b", &[true; 3], true, &s),
+            p.advertise(&"b", &[true; 3], true, &s, T),
             vec![false, true, true]
         );
         assert_eq!(
-            p.advertise(&"b", &[true; 3], false, &s),
+            p.advertise(&"b", &[true; 3], false, &s, T),
             vec![true; 3],
             "still fetching"
         );
         let off = ServingPolicy::<&str>::new(ServingConfig::default().with_super_seed(false));
-        assert_eq!(off.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
+        assert_eq!(off.advertise(&"b", &[true; 3], true, &s, T), vec![true; 3]);
         p.on_done(t);
         // A node still fetching serves what it holds, and counts it.
         let t = serve(p.on_request("b", 0, held(&mut s), T));
@@ -483,21 +515,30 @@ mod tests {
     #[test]
     fn an_idle_super_seeder_serves_and_advertises_everything() {
         let mut p = ServingPolicy::new(ServingConfig::default());
+        let idle = T + p.config().idle_after;
         let mut s = SendCounts::new(3);
         let t = serve(p.on_request("a", 0, complete(&mut s), T));
         p.on_done(t);
-        // Nobody else holds, is kept or waits for a slot: chunk 0, sent once
-        // while 1 and 2 never were, is still served to the only asker.
-        assert_eq!(p.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
-        let t = serve(p.on_request("b", 0, complete(&mut s), T));
-        // "b"'s own slot is no contention for "b" ...
-        assert_eq!(p.advertise(&"b", &[true; 3], true, &s), vec![true; 3]);
-        // ... but it is for "c".
+        // "a" was served just now: "b" is steered to the chunks not yet sent.
         assert_eq!(
-            p.advertise(&"c", &[true; 3], true, &s),
+            p.advertise(&"b", &[true; 3], true, &s, T),
             vec![false, true, true]
         );
-        assert_eq!(p.on_request("c", 0, complete(&mut s), T), Answer::Withheld);
+        // Nobody else served for `idle_after`: chunk 0, sent once while 1
+        // and 2 never were, is offered and served to the only asker.
+        assert_eq!(p.advertise(&"b", &[true; 3], true, &s, idle), vec![true; 3]);
+        let t = serve(p.on_request("b", 0, complete(&mut s), idle));
+        // "b"'s own slot is no contention for "b" ...
+        assert_eq!(p.advertise(&"b", &[true; 3], true, &s, idle), vec![true; 3]);
+        // ... but it is for "c".
+        assert_eq!(
+            p.advertise(&"c", &[true; 3], true, &s, idle),
+            vec![false, true, true]
+        );
+        assert_eq!(
+            p.on_request("c", 0, complete(&mut s), idle),
+            Answer::Withheld
+        );
         p.on_done(t);
     }
 

@@ -263,6 +263,7 @@ impl Node {
                         h.sched.held(),
                         h.sched.is_done(),
                         &h.sent,
+                        self.now(),
                     )),
                 },
                 None => Response::DoNotHave,
