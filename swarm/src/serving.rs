@@ -12,8 +12,9 @@
 //! 1. a chunk the caller does not hold: [`Answer::DoNotHave`];
 //! 2. a complete node that super-seeds and has sent this chunk more often
 //!    than its least-sent one ([`crate::superseed`]), while other peers
-//!    hold, are kept or wait for its slots: [`Answer::Withheld`] (an idle
-//!    upload serves whatever it holds);
+//!    hold, are kept or wait for its slots or were served within
+//!    [`ServingConfig::idle_after`]: [`Answer::Withheld`] (an idle upload
+//!    serves whatever it holds);
 //! 3. the peer's own slots full, or all slots full, or (for a peer that holds
 //!    none yet) as many peers served as allowed: [`Answer::Busy`];
 //! 4. otherwise [`Answer::Serve`]: a slot is taken and the send is counted.
@@ -152,11 +153,6 @@ impl ServingConfig {
     /// Sets [`ServingConfig::unchoke_hold`].
     pub fn with_unchoke_hold(mut self, d: Duration) -> Self {
         self.unchoke_hold = d;
-        self
-    }
-    /// Sets [`ServingConfig::idle_after`].
-    pub fn with_idle_after(mut self, d: Duration) -> Self {
-        self.idle_after = d;
         self
     }
 }
