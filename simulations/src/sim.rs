@@ -1032,7 +1032,9 @@ impl World {
 
 /// The serving policy's tunables for a simulated host. v1: the node's caps.
 /// v2: `unchoked` clients at once, each with up to `depth` requests admitted
-/// (its pipeline), choked past that and unchoked when a slot frees.
+/// (its pipeline), choked past that and unchoked when a slot frees; a chunk
+/// withheld from a client is not withheld on its second ask
+/// ([`ServingConfig::second_ask`], as the real v2 node).
 pub fn serving_config(cfg: &SimConfig) -> ServingConfig {
     let c = ServingConfig::default().with_super_seed(cfg.super_seed);
     match &cfg.v2 {
@@ -1043,7 +1045,8 @@ pub fn serving_config(cfg: &SimConfig) -> ServingConfig {
             .with_slots(v2.unchoked.max(1) * v2.depth.max(1))
             .with_per_peer(v2.depth)
             .with_peers(v2.unchoked)
-            .with_choke(true),
+            .with_choke(true)
+            .with_second_ask(true),
     }
 }
 
