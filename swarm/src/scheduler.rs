@@ -595,6 +595,18 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         self.held_count == self.n
     }
 
+    /// Whether `peer` announced `chunk` (its have-map or a `Have`) and has
+    /// not refused it since.
+    pub fn peer_has(&self, peer: &P, chunk: ChunkIndex) -> bool {
+        let i = chunk as usize;
+        i < self.n && self.peer(peer).is_some_and(|st| st.have.get(i))
+    }
+
+    /// How many peers (not gone) announce `chunk`.
+    pub fn holders(&self, chunk: ChunkIndex) -> usize {
+        self.avail.get(chunk as usize).map_or(0, |&a| a as usize)
+    }
+
     /// Whether `peer` is known: found, and not forgotten since (a ban, a
     /// reset).
     pub fn knows(&self, peer: &P) -> bool {
