@@ -1130,6 +1130,16 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if self.is_done() {
             return;
         }
+        let mut total = self.peers_in_flight;
+        // Nothing can be asked (no chunk without a request and no end-game,
+        // or the cap reached): neither round below would run, so the peer
+        // order is not drawn (most calls in a big storm; it saves the draws).
+        if total >= self.cfg.max_in_flight
+            || (self.unrequested_count == 0 && self.cfg.endgame_duplicates <= 1)
+        {
+            self.fill_fallback(now, out);
+            return;
+        }
         let [mut order, mut active, mut next] = std::mem::take(&mut self.scratch);
         // Visit peers in a random order each round so no peer is always first.
         order.clear();
@@ -1138,7 +1148,6 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             let j = self.rng.gen_range(0..=k);
             order.swap(k, j);
         }
-        let mut total = self.peers_in_flight;
         // Round-robin one request per peer at a time, so the rarest chunks
         // spread over peers instead of the first peer taking its whole cap.
         for max_req in [1, self.cfg.endgame_duplicates.max(1)] {
