@@ -16,8 +16,12 @@
 //! (nodes holding at least one chunk) per DHT query, every `dht_interval`
 //! until done.
 //! Have-maps travel only when a scheduler asks for them, as in the real node.
+//! In the v2 model a client asks a neighbour that withdrew a chunk (a
+//! super-seeder's "do not have") again once no neighbour has announced it for
+//! [`REASK_AFTER_S`], and the policy serves that second ask
+//! ([`phase_swarm::serving::ServingConfig::second_ask`]), as the v2 node does.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use phase_swarm::scheduler::{Action, Input, Scheduler, SchedulerConfig};
@@ -212,6 +216,14 @@ impl SimResult {
 type Peer = usize;
 const SEED: Peer = 0;
 
+/// v2: how long a client waits after a neighbour withdrew a chunk, for
+/// another neighbour to announce it, before it asks the withdrawing one
+/// again (the node's `REASK_AFTER`).
+const REASK_AFTER_S: f64 = 1.0;
+/// v2: how often a client looks again at a withdrawn chunk that another
+/// neighbour announces (the node's `have_refresh`, when `v2_refresh` runs).
+const REASK_EVERY_S: f64 = 0.5;
+
 #[derive(Debug)]
 enum Ev {
     Start(Peer),
@@ -249,6 +261,14 @@ enum Ev {
     Unchoke {
         server: Peer,
         client: Peer,
+    },
+    /// v2: `client`'s look at `chunk`, withdrawn by `server` (a do-not-have
+    /// for a chunk it announced) at `since`, [`REASK_AFTER_S`] or more ago.
+    Reask {
+        client: Peer,
+        server: Peer,
+        chunk: u32,
+        since: f64,
     },
     /// A flow may have finished (stale if the version moved on).
     FlowEnd {
@@ -289,6 +309,8 @@ struct Host {
     /// v2: admitted requests (holding a slot) not yet being uploaded, first
     /// come first served.
     queue: std::collections::VecDeque<(Peer, u32, SlotToken<Peer>)>,
+    /// v2: chunks a neighbour withdrew, by (neighbour, chunk), and when.
+    withdrawn: HashMap<(Peer, u32), f64>,
 }
 
 /// An event's place in the queue: (time in ns, sequence number, slot).
@@ -449,7 +471,7 @@ impl World {
             Ev::Tick(_) => Some(2),
             Ev::Dht(_) => Some(3),
             Ev::Sample => Some(4),
-            Ev::Start(_) | Ev::FlowEnd { .. } => None,
+            Ev::Start(_) | Ev::FlowEnd { .. } | Ev::Reask { .. } => None,
         };
         let slot = match self.free_events.pop() {
             Some(i) => {
@@ -881,6 +903,45 @@ impl World {
         }
     }
 
+    /// v2, the node's `v2_refresh`: a chunk `server` withdrew at least
+    /// [`REASK_AFTER_S`] ago, that `client` still lacks and no neighbour
+    /// announces, is offered to its scheduler again from `server`, which
+    /// serves it on this second ask ([`ServingConfig::second_ask`]). One
+    /// that another neighbour announces is looked at again every
+    /// [`REASK_EVERY_S`] until it is held or `server` announces it again.
+    fn reask(&mut self, client: Peer, server: Peer, chunk: u32, since: f64) {
+        let h = &mut self.hosts[client];
+        if h.withdrawn.get(&(server, chunk)) != Some(&since) {
+            // Withdrawn again since (that withdrawal has its own look), or
+            // done with.
+            return;
+        }
+        if h.done_at.is_some() || h.sched.is_held(chunk) || h.sched.peer_has(&server, chunk) {
+            h.withdrawn.remove(&(server, chunk));
+            return;
+        }
+        if h.sched.holders(chunk) > 0 {
+            self.at(
+                self.now + REASK_EVERY_S,
+                Ev::Reask {
+                    client,
+                    server,
+                    chunk,
+                    since,
+                },
+            );
+            return;
+        }
+        h.withdrawn.remove(&(server, chunk));
+        self.drive(
+            client,
+            Input::Have {
+                peer: server,
+                chunk,
+            },
+        );
+    }
+
     /// Records where the storm stands now.
     fn sample(&mut self) {
         let n = self.cfg.nodes.max(1) as f64;
@@ -966,7 +1027,30 @@ impl World {
                     self.at(t, Ev::Dht(n));
                 }
             }
+            Ev::Deliver(n, Input::DoNotHave { peer, chunk })
+                if self.cfg.v2.is_some() && self.hosts[n].sched.peer_has(&peer, chunk) =>
+            {
+                // Withdrawn (a super-seeder offering others first): looked
+                // at again after `REASK_AFTER_S`.
+                self.hosts[n].withdrawn.insert((peer, chunk), self.now);
+                self.at(
+                    self.now + REASK_AFTER_S,
+                    Ev::Reask {
+                        client: n,
+                        server: peer,
+                        chunk,
+                        since: self.now,
+                    },
+                );
+                self.drive(n, Input::DoNotHave { peer, chunk });
+            }
             Ev::Deliver(n, input) => self.drive(n, input),
+            Ev::Reask {
+                client,
+                server,
+                chunk,
+                since,
+            } => self.reask(client, server, chunk, since),
             // v2 sends the bitfield when a connection opens, then pushes HAVEs.
             Ev::MapAsk { .. } if self.cfg.v2.is_some() => {}
             Ev::MapAsk { server, client } => {
@@ -1032,7 +1116,9 @@ impl World {
 
 /// The serving policy's tunables for a simulated host. v1: the node's caps.
 /// v2: `unchoked` clients at once, each with up to `depth` requests admitted
-/// (its pipeline), choked past that and unchoked when a slot frees.
+/// (its pipeline), choked past that and unchoked when a slot frees; a chunk
+/// withheld from a client is not withheld on its second ask
+/// ([`ServingConfig::second_ask`], as the real v2 node).
 pub fn serving_config(cfg: &SimConfig) -> ServingConfig {
     let c = ServingConfig::default().with_super_seed(cfg.super_seed);
     match &cfg.v2 {
@@ -1043,7 +1129,8 @@ pub fn serving_config(cfg: &SimConfig) -> ServingConfig {
             .with_slots(v2.unchoked.max(1) * v2.depth.max(1))
             .with_per_peer(v2.depth)
             .with_peers(v2.unchoked)
-            .with_choke(true),
+            .with_choke(true)
+            .with_second_ask(true),
     }
 }
 
@@ -1095,6 +1182,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
         serving: ServingPolicy::new(serving.clone()),
         nbrs: Vec::new(),
         queue: Default::default(),
+        withdrawn: HashMap::new(),
     });
     for _ in 0..cfg.nodes {
         hosts.push(Host {
@@ -1110,6 +1198,7 @@ pub fn simulate_with_neighbours(cfg: &SimConfig) -> (SimResult, usize) {
             serving: ServingPolicy::new(serving.clone()),
             nbrs: Vec::new(),
             queue: Default::default(),
+            withdrawn: HashMap::new(),
         });
     }
     let mut w = World {
@@ -1248,6 +1337,28 @@ mod tests {
         assert!(r.completion_s.iter().all(|t| t.is_finite()), "{r:?}");
         assert!(most <= 8, "a node held {most} connections");
         assert!(most >= 2, "nodes barely connected: {most}");
+        assert_eq!(simulate(&cfg).completion_s, r.completion_s, "deterministic");
+    }
+
+    /// `sim --nodes 60 --v2 --neighbours 8 --seed 34` stranded a last node
+    /// among complete super-seeders (simulations/README.md): their "do not
+    /// have" cleared its claims and nothing announced the chunk again. The
+    /// re-ask and the policy's second ask let it finish (0.1 s in release).
+    #[test]
+    fn a_last_node_among_complete_super_seeders_finishes() {
+        let cfg = SimConfig {
+            nodes: 60,
+            seed: 34,
+            v2: Some(V2 {
+                neighbours: 8,
+                ..V2::default()
+            }),
+            ..SimConfig::default()
+        };
+        let r = simulate(&cfg);
+        let stuck = r.completion_s.iter().filter(|t| !t.is_finite()).count();
+        assert_eq!(stuck, 0, "nodes never finished");
+        assert!(r.max_s() < 20.0, "last node at {} s", r.max_s());
         assert_eq!(simulate(&cfg).completion_s, r.completion_s, "deterministic");
     }
 

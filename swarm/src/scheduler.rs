@@ -595,6 +595,18 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         self.held_count == self.n
     }
 
+    /// Whether `peer` announced `chunk` (its have-map or a `Have`) and has
+    /// not refused it since.
+    pub fn peer_has(&self, peer: &P, chunk: ChunkIndex) -> bool {
+        let i = chunk as usize;
+        i < self.n && self.peer(peer).is_some_and(|st| st.have.get(i))
+    }
+
+    /// How many peers (not gone) announce `chunk`.
+    pub fn holders(&self, chunk: ChunkIndex) -> usize {
+        self.avail.get(chunk as usize).map_or(0, |&a| a as usize)
+    }
+
     /// Whether `peer` is known: found, and not forgotten since (a ban, a
     /// reset).
     pub fn knows(&self, peer: &P) -> bool {
@@ -1118,6 +1130,16 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         if self.is_done() {
             return;
         }
+        let mut total = self.peers_in_flight;
+        // Nothing can be asked (no chunk without a request and no end-game,
+        // or the cap reached): neither round below would run, so the peer
+        // order is not drawn (most calls in a big storm; it saves the draws).
+        if total >= self.cfg.max_in_flight
+            || (self.unrequested_count == 0 && self.cfg.endgame_duplicates <= 1)
+        {
+            self.fill_fallback(now, out);
+            return;
+        }
         let [mut order, mut active, mut next] = std::mem::take(&mut self.scratch);
         // Visit peers in a random order each round so no peer is always first.
         order.clear();
@@ -1126,7 +1148,6 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
             let j = self.rng.gen_range(0..=k);
             order.swap(k, j);
         }
-        let mut total = self.peers_in_flight;
         // Round-robin one request per peer at a time, so the rarest chunks
         // spread over peers instead of the first peer taking its whole cap.
         for max_req in [1, self.cfg.endgame_duplicates.max(1)] {

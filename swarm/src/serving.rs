@@ -14,7 +14,10 @@
 //!    than its least-sent one ([`crate::superseed`]), while other peers
 //!    hold, are kept or wait for its slots or were served within
 //!    [`ServingConfig::idle_after`]: [`Answer::Withheld`] (an idle upload
-//!    serves whatever it holds);
+//!    serves whatever it holds); with [`ServingConfig::second_ask`] on, not
+//!    when the policy withheld this chunk from this peer before (the peer
+//!    asks again because no other peer of its offers it): that request goes
+//!    on to 3;
 //! 3. the peer's own slots full, or all slots full, or (for a peer that holds
 //!    none yet) as many peers served as allowed: [`Answer::Busy`];
 //! 4. otherwise [`Answer::Serve`]: a slot is taken and the send is counted.
@@ -28,6 +31,17 @@
 //! send fetchers to each other. The holding check costs a bit lookup and no
 //! slot. (Until this module the node answered busy first and the simulator
 //! do-not-have first; swarm/DESIGN.md, "Serving policy".)
+//!
+//! The second ask is for protocol v2, whose fetcher asks a peer that withdrew
+//! a chunk again once no other peer announces it (after a second; the node's
+//! `v2_refresh`): without it a last fetcher whose neighbours are all
+//! complete super-seeders could be refused for ever (their offer widens only
+//! when every chunk has gone out once more). The policy remembers, per peer,
+//! the chunks it withheld from it (a bitset of the manifest's chunk count,
+//! dropped in [`ServingPolicy::on_peer_gone`]); chunk indices are those of one
+//! manifest, so a policy that serves several leaves it off. A v1 fetcher
+//! asks again only when a later have-map offers the chunk, and v1 keeps the
+//! plain rule.
 //!
 //! For protocol v2 a busy answer is a choke: with [`ServingConfig::choke`] on,
 //! the policy remembers the choked peers (at most
@@ -91,6 +105,9 @@ pub struct ServingConfig {
     /// A super-seeder that has served no other peer for this long counts as
     /// idle: it serves and advertises every chunk it holds.
     pub idle_after: Duration,
+    /// A chunk withheld from a peer is not withheld from it again: its
+    /// second ask gets busy or served (protocol v2; see the module doc).
+    pub second_ask: bool,
 }
 
 impl Default for ServingConfig {
@@ -113,6 +130,8 @@ impl Default for ServingConfig {
             // Many chunk times on any link a storm runs on: a seed that is
             // asked at all is asked far more often than this.
             idle_after: Duration::from_secs(2),
+            // v1 keeps the plain rule; the v2 models turn it on.
+            second_ask: false,
         }
     }
 }
@@ -148,6 +167,11 @@ impl ServingConfig {
     /// Sets [`ServingConfig::max_waiting`].
     pub fn with_max_waiting(mut self, n: usize) -> Self {
         self.max_waiting = n;
+        self
+    }
+    /// Sets [`ServingConfig::second_ask`].
+    pub fn with_second_ask(mut self, on: bool) -> Self {
+        self.second_ask = on;
         self
     }
     /// Sets [`ServingConfig::unchoke_hold`].
@@ -218,6 +242,9 @@ pub struct ServingPolicy<P> {
     /// When each peer was last served (entries older than
     /// [`ServingConfig::idle_after`] are dropped as requests come).
     served_at: HashMap<P, Time>,
+    /// With [`ServingConfig::second_ask`]: per peer, the chunks withheld
+    /// from it (one bit per chunk of the manifest).
+    withheld: HashMap<P, Vec<u64>>,
 }
 
 impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
@@ -231,6 +258,7 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
             waiting: VecDeque::new(),
             held_for: Vec::new(),
             served_at: HashMap::new(),
+            withheld: HashMap::new(),
         }
     }
 
@@ -240,7 +268,10 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
     }
 
     /// Decides how to answer `peer`'s request for `chunk` (the order of the
-    /// checks is in the module doc) and takes a slot if it is served.
+    /// checks is in the module doc: not held, withheld unless it is the
+    /// peer's second ask, busy, served) and takes a slot if it is served. A
+    /// [`Answer::Withheld`] is remembered for the second ask when
+    /// [`ServingConfig::second_ask`] is on.
     pub fn on_request(
         &mut self,
         peer: P,
@@ -257,6 +288,7 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
             && holding.complete
             && !holding.sent.offer(i)
             && self.contended(&peer, now)
+            && !self.asked_again(&peer, i, holding.sent.chunks())
         {
             return Answer::Withheld;
         }
@@ -304,6 +336,25 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
                 .any(|(p, t)| other(p) && now.saturating_sub(*t) < self.cfg.idle_after)
     }
 
+    /// With [`ServingConfig::second_ask`]: whether chunk `i` (of `chunks`)
+    /// was withheld from `peer` before; if not, it is marked withheld now.
+    fn asked_again(&mut self, peer: &P, i: usize, chunks: usize) -> bool {
+        if !self.cfg.second_ask || i >= chunks {
+            return false;
+        }
+        let bits = self
+            .withheld
+            .entry(peer.clone())
+            .or_insert_with(|| vec![0; chunks.div_ceil(64)]);
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        let Some(w) = bits.get_mut(word) else {
+            return false;
+        };
+        let again = *w & bit != 0;
+        *w |= bit;
+        again
+    }
+
     /// Whether a request from `peer` would get a slot now: the slots and
     /// peer places kept for others count as taken.
     fn admits(&self, peer: &P) -> bool {
@@ -339,10 +390,12 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         }
     }
 
-    /// `peer` disconnected (or was banned): its slots are free, and it is no
-    /// longer waiting. Its tokens, given back later, change nothing.
+    /// `peer` disconnected (or was banned): its slots are free, it is no
+    /// longer waiting, and the chunks withheld from it are forgotten. Its
+    /// tokens, given back later, change nothing.
     pub fn on_peer_gone(&mut self, peer: &P) {
         self.served_at.remove(peer);
+        self.withheld.remove(peer);
         self.live.retain(|_, p| p != peer);
         self.in_use.remove(peer);
         self.waiting.retain(|p| p != peer);
@@ -539,6 +592,47 @@ mod tests {
     }
 
     #[test]
+    fn a_withheld_chunk_asked_again_by_the_same_peer_is_not_withheld() {
+        let cfg = ServingConfig::default().with_slots(1).with_second_ask(true);
+        let mut p = ServingPolicy::new(cfg);
+        let mut s = SendCounts::new(3);
+        // "a" holds the only slot: chunk 0 (sent once) is off the offer.
+        let a = serve(p.on_request("a", 0, complete(&mut s), T));
+        assert_eq!(p.on_request("b", 0, complete(&mut s), T), Answer::Withheld);
+        assert_eq!(
+            p.on_request("c", 0, complete(&mut s), T),
+            Answer::Withheld,
+            "another peer's first ask"
+        );
+        assert_eq!(
+            p.on_request("b", 0, complete(&mut s), T),
+            Answer::Busy,
+            "b's second ask goes on to the slot check"
+        );
+        p.on_done(a);
+        let b = serve(p.on_request("b", 0, complete(&mut s), T));
+        p.on_done(b);
+        assert!(!s.offer(0), "still off the offer, sent twice");
+        p.on_peer_gone(&"c");
+        assert_eq!(
+            p.on_request("c", 0, complete(&mut s), T),
+            Answer::Withheld,
+            "forgotten with the peer: a first ask again"
+        );
+        // Off (the default, v1): withheld however often it is asked.
+        let mut plain = ServingPolicy::new(ServingConfig::default());
+        let mut s = SendCounts::new(3);
+        let a = serve(plain.on_request("a", 0, complete(&mut s), T));
+        for _ in 0..2 {
+            assert_eq!(
+                plain.on_request("b", 0, complete(&mut s), T),
+                Answer::Withheld
+            );
+        }
+        plain.on_done(a);
+    }
+
+    #[test]
     fn peers_cap_limits_who_holds_slots() {
         let cfg = ServingConfig::default()
             .with_slots(4)
@@ -632,6 +726,7 @@ mod tests {
             peers in 1usize..6,
             super_seed in any::<bool>(),
             choke in any::<bool>(),
+            second_ask in any::<bool>(),
             ops in proptest::collection::vec(op(), 0..300),
         ) {
             let cfg = ServingConfig::default()
@@ -640,11 +735,13 @@ mod tests {
                 .with_peers(peers)
                 .with_super_seed(super_seed)
                 .with_choke(choke)
+                .with_second_ask(second_ask)
                 .with_max_waiting(4);
             let mut p = ServingPolicy::new(cfg);
             let mut sent = SendCounts::new(8);
             let mut tokens: Vec<SlotToken<u8>> = Vec::new();
             let mut now = T;
+            let mut withheld = std::collections::HashSet::new();
             for op in ops {
                 match op {
                     Op::Ask { peer, chunk, held, complete } => {
@@ -653,7 +750,11 @@ mod tests {
                         let a = p.on_request(peer, chunk.into(), Holding { held, complete, sent: &mut sent }, now);
                         match a {
                             Answer::DoNotHave => prop_assert!(!held),
-                            Answer::Withheld => prop_assert!(held && complete && super_seed && !offered),
+                            Answer::Withheld => {
+                                prop_assert!(held && complete && super_seed && !offered);
+                                let first = withheld.insert((peer, chunk));
+                                prop_assert!(first || !second_ask, "withheld twice from one peer");
+                            }
                             Answer::Busy => prop_assert!(held),
                             Answer::Serve(t) => {
                                 prop_assert_eq!(p.in_use(&peer), before + 1);
@@ -669,6 +770,7 @@ mod tests {
                     Op::Wait(ms) => now += Duration::from_millis(ms.into()),
                     Op::Gone(peer) => {
                         p.on_peer_gone(&peer);
+                        withheld.retain(|&(q, _)| q != peer);
                         prop_assert_eq!(p.in_use(&peer), 0);
                     }
                     Op::Unchoke => {

@@ -40,6 +40,11 @@ impl SendCounts {
         }
     }
 
+    /// Chunks counted (the manifest's chunk count).
+    pub fn chunks(&self) -> usize {
+        self.counts.len()
+    }
+
     /// Whether chunk `i` is offered: it has been sent no more than the least-sent chunk.
     pub fn offer(&self, i: usize) -> bool {
         self.counts.get(i).is_some_and(|&c| c <= self.min)

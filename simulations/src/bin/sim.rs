@@ -82,6 +82,9 @@ struct Args {
     /// Runs per size (different RNG seeds); the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: u64,
+    /// The first run's RNG seed; run k uses seed + k.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Print where the time goes in the first run of each size: completion
     /// percentiles and the storm's state once per simulated second.
     #[arg(long)]
@@ -89,12 +92,12 @@ struct Args {
 }
 
 /// Completion percentiles and the per-second state of one run.
-fn print_trace(n: usize, tmin: f64, r: &simulations::sim::SimResult) {
+fn print_trace(n: usize, seed: u64, tmin: f64, r: &simulations::sim::SimResult) {
     let mut c = r.completion_s.clone();
     c.sort_by(f64::total_cmp);
     let q = |p: f64| simulations::storm::percentile(&c, p) / tmin;
     println!(
-        "  N = {n}, seed 1: completion / T_min p1 {:.2}, p10 {:.2}, p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
+        "  N = {n}, seed {seed}: completion / T_min p1 {:.2}, p10 {:.2}, p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
         q(0.01),
         q(0.1),
         q(0.5),
@@ -198,12 +201,19 @@ fn main() {
         for run in 0..a.runs {
             let t = Instant::now();
             let r = simulate(&SimConfig {
-                seed: run + 1,
+                seed: a.seed + run,
                 ..cfg.clone()
             });
+            let stuck = r.completion_s.iter().filter(|t| t.is_nan()).count();
+            if stuck > 0 {
+                println!(
+                    "  N = {n}, seed {}: {stuck} node(s) never finished",
+                    a.seed + run
+                );
+            }
             wall += t.elapsed().as_secs_f64();
             if a.trace && run == 0 {
-                print_trace(n, tmin, &r);
+                print_trace(n, a.seed, tmin, &r);
             }
             events += r.events;
             p50.push(r.p50_s());

@@ -167,7 +167,10 @@ struct Peer {
     /// Chunks it announced and then refused (withdrew), and when.
     withdrawn: HashMap<u32, std::time::Instant>,
     /// Chunks we refused it while super-seeding: asked again (no peer of
-    /// its announces them, [`REASK_AFTER`]), they are served.
+    /// its announces them, [`REASK_AFTER`]), they are served. The same rule
+    /// as [`crate::serving::ServingConfig::second_ask`], which the simulator's
+    /// v2 model uses; this loop has its own queue, slots and `lost` escape
+    /// instead of the serving policy, so it keeps its own record.
     refused_it: std::collections::HashSet<u32>,
     /// Our requests the peer has not answered, and when they were made.
     requested: HashMap<u32, std::time::Instant>,
