@@ -41,6 +41,6 @@ pub use error::Error;
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use limits::{Limits, Memory};
 pub use node::{
-    Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats, Protocol, Source,
-    Span, load_or_create_key, span_by_chunks,
+    CHUNK_EVENT_MARK, Fallback, FetchProgress, FetchReport, Handle, Node, NodeConfig, PeerStats,
+    Protocol, Source, Span, load_or_create_key, span_by_chunks,
 };

@@ -12,6 +12,7 @@ use phase_content::{Hash, PublicKey, SignedManifest};
 use tokio::sync::{oneshot, watch};
 
 use super::dial::root_key;
+use super::events;
 #[cfg(test)]
 use super::span_by_chunks;
 use super::v2::{Verdict, check};
@@ -289,7 +290,21 @@ impl Node {
             return;
         };
         h.sched.set_alone(alone, now);
+        match &input {
+            Input::ChunkOk { peer, chunk } => events::log("got", peer, *chunk),
+            Input::Busy { peer, chunk } => events::log("busy", peer, *chunk),
+            Input::DoNotHave { peer, chunk } => events::log("dnh", peer, *chunk),
+            Input::ChunkFailed { peer, chunk } => events::log("fail", peer, *chunk),
+            _ => {}
+        }
         let actions = h.sched.handle(input, now);
+        for a in &actions {
+            match a {
+                Action::Request { peer, chunk } => events::log("req", peer, *chunk),
+                Action::Done => events::log("done", "-", 0),
+                _ => {}
+            }
+        }
         for a in actions {
             match a {
                 Action::Request {

@@ -15,12 +15,14 @@
 //! - `server.rs`: the serving side and its abuse limits: inbound requests,
 //!   upload slots, busy and super-seeding answers, blocks and address bans,
 //!   DHT record filtering.
+//! - `events.rs`: the chunk events `storm --trace` reads (off by default).
 //! - `dial.rs`: the neighbourhood (who is dialed, admitted, rotated out),
 //!   our dials (capped, queued), seeding and DHT announcements, the DHT keys.
 
 mod client;
 mod config;
 mod dial;
+mod events;
 mod handle;
 mod server;
 mod v2;
@@ -47,6 +49,7 @@ use crate::protocol::{MAX_NAME, PROTOCOL, Root};
 use crate::scheduler::Input;
 use client::{Fetch, Find, Held, Outbound};
 use dial::{latest_key, root_key};
+pub use events::MARK as CHUNK_EVENT_MARK;
 use handle::Command;
 
 pub use config::{NodeConfig, load_or_create_key};
@@ -159,6 +162,7 @@ impl Node {
             .clone()
             .unwrap_or_else(Keypair::generate_ed25519);
         let peer_id = key.public().to_peer_id();
+        events::log("me", peer_id, 0);
         let rr_cfg = request_response::Config::default()
             .with_request_timeout(cfg.request_timeout)
             // Above the flood limit, so a flood is seen (and the peer dropped)

@@ -10,6 +10,7 @@ use libp2p::kad;
 use libp2p::request_response::{self, ResponseChannel};
 
 use super::client::{Held, Outbound};
+use super::events;
 use super::{Node, NodeConfig, Source};
 use crate::codec::Inbound;
 use crate::protocol::{Piece, Request, Response, pack_bits};
@@ -306,6 +307,7 @@ impl Node {
                 };
                 match self.held.get(&root).and_then(|h| self.read_chunk(h, i)) {
                     Some(data) => {
+                        events::log("serve", peer, index);
                         self.uploads.insert(id, token);
                         Response::Chunks(vec![Piece { index, data }])
                     }

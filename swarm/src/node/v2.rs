@@ -1412,6 +1412,7 @@ impl Node {
                 }
                 w.serving.fetch_add(1, Ordering::AcqRel);
                 p.serving.fetch_add(1, Ordering::AcqRel);
+                super::events::log("serve", key.0, chunk);
                 used += 1;
                 starts.push((key, chunk, p.handle.clone(), p.serving.clone()));
                 if !p.queue.is_empty() {
