@@ -21,6 +21,7 @@ pub mod bound;
 pub mod cleanup;
 pub mod cpu;
 pub mod fair;
+pub mod hops;
 pub mod links;
 pub mod netns;
 pub mod plot;

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cpu::{CpuUse, Sampler};
+use crate::hops::{HopInterval, HopSummary, Lines};
 use crate::links::{Interval, LinkSampler, SAMPLE_EVERY, intervals};
 use crate::netns::{Shape, Topology, sh};
 use crate::proc::{Bell, Options, Proc};
@@ -80,7 +81,14 @@ pub struct StormConfig {
     pub work: PathBuf,
     /// Chunk size for the swarm's manifest.
     pub chunk_size: u32,
+    /// Swarm modes: the seed and the nodes log their chunk events
+    /// ([`crate::hops`]), read into [`ModeResult::hops`].
+    pub chunk_events: bool,
 }
+
+/// `RUST_LOG` for the swarm's processes when chunk events are on: plasmd's
+/// own default plus the events.
+const EVENTS_LOG: &str = "warn,plasmd=info,phase_swarm=info,phase_content=info,phase_boot=info,phase_swarm::chunk_events=debug";
 
 impl StormConfig {
     /// Total artifact bytes, F.
@@ -110,6 +118,13 @@ pub struct ModeResult {
     pub cpu: CpuUse,
     /// Where the time went, every [`TRACE_EVERY`] (see [`crate::links`]).
     pub trace: Vec<Interval>,
+    /// Where the chunks waited, every [`TRACE_EVERY`] (swarm modes with
+    /// [`StormConfig::chunk_events`]; see [`crate::hops`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<HopInterval>,
+    /// The same over the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hop_summary: Option<HopSummary>,
     /// The largest peak resident memory of any node, MiB (swarm modes:
     /// `peak_rss_kib` of `plasmd fetch --json`; None for the others).
     pub node_peak_rss_mib: Option<f64>,
@@ -211,7 +226,13 @@ pub fn run_mode(
     let node_cmd: NodeCmd = match mode {
         Mode::Swarm | Mode::Swarm2 | Mode::Http => {
             let state = mode_dir.join("seed-state");
-            let mut argv = vec![
+            let log: Vec<String> = if cfg.chunk_events && mode != Mode::Http {
+                vec!["env".into(), format!("RUST_LOG={EVENTS_LOG}")]
+            } else {
+                Vec::new()
+            };
+            let mut argv = log.clone();
+            argv.extend([
                 plasmd.clone(),
                 "serve".into(),
                 "-a".into(),
@@ -224,7 +245,7 @@ pub fn run_mode(
                 s(&state),
                 "--chunk-size".into(),
                 cfg.chunk_size.to_string(),
-            ];
+            ]);
             let v2: Vec<String> = if mode == Mode::Swarm2 {
                 vec!["--swarm-protocol".into(), "v2".into()]
             } else {
@@ -245,7 +266,8 @@ pub fn run_mode(
             if mode != Mode::Http {
                 let plasmd = plasmd.clone();
                 Box::new(move |_, out: &Path| {
-                    let mut argv = vec![
+                    let mut argv = log.clone();
+                    argv.extend([
                         plasmd.clone(),
                         "fetch".into(),
                         "--provider".into(),
@@ -256,7 +278,7 @@ pub fn run_mode(
                         out.display().to_string(),
                         "--serve-after".into(),
                         "--json".into(),
-                    ];
+                    ]);
                     argv.extend(v2.iter().cloned());
                     argv
                 })
@@ -472,6 +494,23 @@ pub fn run_mode(
     }
     let cpu = sampler.finish();
     let readings = links.finish();
+    let (hops, hop_summary) = if cfg.chunk_events && matches!(mode, Mode::Swarm | Mode::Swarm2) {
+        let lines = |p: &Proc| -> Lines {
+            p.lines()
+                .into_iter()
+                .map(|l| {
+                    let t = (p.started() + l.at).saturating_duration_since(t0);
+                    (t.as_secs_f64(), l.text)
+                })
+                .collect()
+        };
+        let seed = seed_procs.first().map(lines).unwrap_or_default();
+        let node_lines: Vec<Lines> = nodes.iter().map(lines).collect();
+        let (iv, s) = crate::hops::analyse(&seed, &node_lines, TRACE_EVERY.as_secs_f64());
+        (iv, Some(s))
+    } else {
+        (Vec::new(), None)
+    };
     let tx1: Vec<u64> = std::iter::once(&topo.seed)
         .chain(&topo.nodes)
         .map(Topology::tx_bytes)
@@ -514,6 +553,8 @@ pub fn run_mode(
     );
     Ok(ModeResult {
         trace,
+        hops,
+        hop_summary,
         node_peak_rss_mib: rss_kib.map(|k| k as f64 / 1024.0),
         p50_s: percentile(&sorted, 0.5),
         p99_s: percentile(&sorted, 0.99),

@@ -55,7 +55,9 @@ struct Args {
     plasmd: Option<PathBuf>,
     /// Print where each mode's time went (its median run): every 0.5 s, the
     /// nodes done, the seed's copies so far, upload and download use from
-    /// the veth counters, starved nodes (as `sim --trace`).
+    /// the veth counters, starved nodes (as `sim --trace`); for the swarm
+    /// modes also where the chunks waited, from the chunk events the seed
+    /// and nodes then log (`phase_swarm::chunk_events`).
     #[arg(long)]
     trace: bool,
     /// Scratch directory (default: a fresh one under /tmp, removed afterwards).
@@ -80,6 +82,39 @@ fn print_trace(mode: &str, tmin: f64, r: &ModeResult) {
             s.t, s.done, s.seed_copies, s.upload_use, s.download_use, s.starved, s.idle_uploaders
         );
     }
+    let Some(sum) = &r.hop_summary else {
+        return;
+    };
+    let ms = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{:.0}", x * 1000.0));
+    let s = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
+    println!(
+        "\n  where the chunks waited (chunk events; medians of the events starting in each interval):"
+    );
+    println!(
+        "  {:>6} {:>9} {:>10} {:>11} {:>16} {:>13}",
+        "t s", "anywhere", "held mean", "lag chunks", "to first ask ms", "ask to got ms"
+    );
+    for h in &r.hops {
+        println!(
+            "  {:>6.1} {:>9} {:>10.1} {:>11.1} {:>16} {:>13}",
+            h.t,
+            h.anywhere,
+            h.held_mean,
+            h.anywhere as f64 - h.held_mean,
+            ms(h.to_first_ask_s),
+            ms(h.ask_to_got_s)
+        );
+    }
+    println!(
+        "  run: to first ask {} ms, ask to got {} ms; the seed's last new chunk at {} s, last node done at {} s; answers busy {}, do-not-have {}, failed {}",
+        ms(sum.to_first_ask_s),
+        ms(sum.ask_to_got_s),
+        s(sum.seed_last_new_s),
+        s(sum.last_done_s),
+        sum.busy,
+        sum.do_not_have,
+        sum.failed
+    );
 }
 
 fn locate_plasmd(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -140,6 +175,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         plasmd,
         work: work.clone(),
         chunk_size: a.chunk_size,
+        chunk_events: a.trace,
     };
     let (artifacts, want) = make_artifacts(&cfg)?;
     println!(
