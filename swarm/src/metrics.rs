@@ -56,6 +56,8 @@ pub struct Metrics {
     bytes_sent: Family<Label, Counter>,
     chunks_sent: Family<Label, Counter>,
     busy: Family<Label, Counter>,
+    held: Family<Label, Counter>,
+    waiting: Gauge,
     bans: Family<Label, Counter>,
     connected: Gauge,
     sequence: Family<ManifestLabel, Gauge>,
@@ -80,6 +82,8 @@ impl Metrics {
             bytes_sent: Family::default(),
             chunks_sent: Family::default(),
             busy: Family::default(),
+            held: Family::default(),
+            waiting: Gauge::default(),
             bans: Family::default(),
             connected: Gauge::default(),
             sequence: Family::default(),
@@ -128,6 +132,17 @@ impl Metrics {
             "busy_answers",
             "Busy answers to chunk requests, sent (we were at our serving cap) or received",
             self.busy.clone(),
+        );
+        r.register(
+            "chunk_requests_held",
+            "Chunk requests held for a chunk on its way to us (NodeConfig::promise), by how \
+             they ended (served, refused: not served when the chunk arrived or the wait ended)",
+            self.held.clone(),
+        );
+        r.register(
+            "chunk_requests_waiting",
+            "Chunk requests held now for a chunk on its way to us",
+            self.waiting.clone(),
         );
         r.register(
             "bans",
@@ -187,6 +202,17 @@ impl Metrics {
         self.bytes_late
             .get_or_create(&[("source", self.kind(src))])
             .inc_by(bytes as u64);
+    }
+
+    /// A chunk request held for a chunk on its way ended: `served` or not.
+    pub(crate) fn held(&self, served: bool) {
+        let l = [("outcome", if served { "served" } else { "refused" })];
+        self.held.get_or_create(&l).inc();
+    }
+
+    /// Chunk requests held now.
+    pub(crate) fn waiting(&self, n: usize) {
+        self.waiting.set(n as i64);
     }
 
     pub(crate) fn rejected(&self, src: &Source) {

@@ -590,6 +590,19 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
         &self.held
     }
 
+    /// Whether `chunk` is not held yet but on its way: a request for it is
+    /// out to a peer other than `asker` (the HTTP fallback counts). A node
+    /// can promise such a chunk to `asker` before the bytes arrive; one it
+    /// asked `asker` for is not promised back to it.
+    pub fn is_coming(&self, chunk: ChunkIndex, asker: &P) -> bool {
+        let i = chunk as usize;
+        !self.is_held(chunk)
+            && self
+                .pending
+                .get(i)
+                .is_some_and(|reqs| reqs.iter().any(|(p, _)| p != asker))
+    }
+
     /// Whether every chunk is held.
     pub fn is_done(&self) -> bool {
         self.held_count == self.n

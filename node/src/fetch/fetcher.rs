@@ -144,7 +144,9 @@ impl Fetcher {
             .with_peers(opts.peers.clone())
             .with_mdns(opts.mdns)
             .with_dht(opts.mode == Mode::Internet)
-            .with_protocol(opts.protocol);
+            .with_protocol(opts.protocol)
+            // PLASMD_PROMISE=0: no promised chunks (for side-by-side runs).
+            .with_promise(std::env::var("PLASMD_PROMISE").map_or(true, |v| v != "0"));
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }

@@ -56,6 +56,12 @@ pub struct NodeConfig {
     /// A node holding every chunk offers only its least-sent ones
     /// ([`crate::superseed`]), so a seed's upload goes to chunks the swarm lacks.
     pub super_seed: bool,
+    /// A fetching node advertises (v1 have-maps) the chunks it has asked
+    /// another peer for as well as those it holds, and holds a request for
+    /// such a chunk until it arrives (at most [`PARK_MAX`](crate::node) and
+    /// 64 at once), so the next hop's request waits at the holder instead of
+    /// crossing the links' queues after the bytes arrived.
+    pub promise: bool,
     /// What the node counts ([`crate::metrics`]); registered nowhere by default.
     pub metrics: Metrics,
     /// Where libp2p's own metrics go (bandwidth, connections, Kademlia,
@@ -96,6 +102,7 @@ impl Default for NodeConfig {
             scheduler: SchedulerConfig::default(),
             rng_seed: rand::random(),
             super_seed: true,
+            promise: true,
             metrics: Metrics::default(),
             registry: None,
             limits: Limits::default(),
@@ -139,6 +146,11 @@ impl NodeConfig {
     /// Turns super-seeding on or off.
     pub fn with_super_seed(mut self, on: bool) -> Self {
         self.super_seed = on;
+        self
+    }
+    /// Sets [`NodeConfig::promise`].
+    pub fn with_promise(mut self, on: bool) -> Self {
+        self.promise = on;
         self
     }
     /// Sets the global serving cap.

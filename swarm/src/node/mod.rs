@@ -94,6 +94,9 @@ pub struct Node {
     /// Who holds an upload slot ([`crate::serving`]), and each chunk upload's slot.
     policy: crate::serving::ServingPolicy<PeerId>,
     uploads: HashMap<request_response::InboundRequestId, crate::serving::SlotToken<PeerId>>,
+    /// Chunk requests held until the chunk we asked for arrives
+    /// ([`NodeConfig::promise`]).
+    parked: Vec<server::Parked>,
     /// Per peer: start of the current one-second window and busy answers in it.
     busy_log: HashMap<PeerId, (Instant, u32)>,
     connected: HashSet<PeerId>,
@@ -286,6 +289,7 @@ impl Node {
             serving: HashMap::new(),
             policy,
             uploads: HashMap::new(),
+            parked: Vec::new(),
             busy_log: HashMap::new(),
             connected: HashSet::new(),
             banned: HashSet::new(),
@@ -413,6 +417,9 @@ impl Node {
             .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(2));
         if self.fetch.is_some() {
             self.drive(Input::Tick);
+        }
+        if !self.parked.is_empty() {
+            self.release_parked(None);
         }
         self.neighbour_tick();
         self.v2_tick();

@@ -1254,6 +1254,10 @@ impl Node {
                 chunk: index,
             });
         }
+        if new && !self.parked.is_empty() {
+            // Requests that waited for it (`NodeConfig::promise`).
+            self.release_parked(Some((root, index)));
+        }
     }
 
     /// A piece arrived: checked (and stored) off the loop.
