@@ -9,6 +9,8 @@
 //! - **to first ask**: from a node verifying a chunk to the first request
 //!   another node sends it for that chunk (how long a fresh chunk sits
 //!   unasked: the have-map pull or the pushed HAVE, and the asker's queue).
+//!   Requests sent after the node asked for the chunk itself count, so a
+//!   promised chunk (asked for before it arrived) gives a negative wait.
 //! - **ask to got**: from a request to the chunk verified at the asker (the
 //!   request's way there, the wait for an upload slot, the transfer).
 //!
@@ -32,7 +34,8 @@ pub struct HopInterval {
     /// Chunks the mean node holds by `t`.
     pub held_mean: f64,
     /// Median seconds from a node verifying a chunk in this interval to
-    /// the first request for it to that node (None: no such pair).
+    /// the first request for it to that node, sent after the node asked for
+    /// it itself (negative: asked before it arrived; None: no such pair).
     pub to_first_ask_s: Option<f64>,
     /// Median seconds from a request sent in this interval to that chunk
     /// verified from that peer (None: none answered).
@@ -112,6 +115,8 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
         }
     }
     let mut got: HashMap<(usize, u32), f64> = HashMap::new();
+    // (node, chunk) -> when the node first asked anyone for it.
+    let mut own_ask: HashMap<(usize, u32), f64> = HashMap::new();
     let mut first_got: HashMap<u32, f64> = HashMap::new();
     // (asked node, chunk) -> times it was asked.
     let mut asked: HashMap<(usize, u32), Vec<f64>> = HashMap::new();
@@ -130,6 +135,7 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
             match kind {
                 Kind::Req => {
                     open.insert((peer, chunk), *t);
+                    own_ask.entry((i, chunk)).or_insert(*t);
                     if let Some(&j) = who.get(peer) {
                         asked.entry((j, chunk)).or_default().push(*t);
                     }
@@ -165,10 +171,11 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
     // A fresh chunk's wait for its first ask.
     let mut to_first: Vec<(f64, f64)> = Vec::new();
     for (&(i, chunk), &t) in &got {
+        let from = own_ask.get(&(i, chunk)).copied().unwrap_or(t).min(t);
         let first = asked.get(&(i, chunk)).and_then(|ts| {
             ts.iter()
                 .copied()
-                .filter(|&a| a >= t)
+                .filter(|&a| a >= from)
                 .min_by(f64::total_cmp)
         });
         if let Some(a) = first {
@@ -275,6 +282,22 @@ mod tests {
         assert!(close(s.seed_last_new_s, 0.2));
         assert!(close(s.last_done_s, 0.95));
         assert_eq!((s.busy, s.do_not_have, s.failed), (0, 1, 0));
+    }
+
+    /// B asks A for a chunk A has asked the seed for and not yet got (a
+    /// promise): the wait is negative.
+    #[test]
+    fn a_promised_chunk_is_asked_before_it_arrives() {
+        let a = vec![ev(0.0, "me A 0"), ev(0.1, "req S 0"), ev(0.4, "got S 0")];
+        let b = vec![ev(0.0, "me B 0"), ev(0.2, "req A 0"), ev(0.5, "got A 0")];
+        let (iv, _) = analyse(&Vec::new(), &[a, b], 1.0);
+        let w = iv[0].to_first_ask_s.unwrap();
+        assert!((w + 0.2).abs() < 1e-9, "asked 0.2 s before it arrived: {w}");
+        // An ask before A asked anyone is no promise and does not count.
+        let a = vec![ev(0.0, "me A 0"), ev(0.3, "req S 0"), ev(0.4, "got S 0")];
+        let b = vec![ev(0.0, "me B 0"), ev(0.2, "req A 0"), ev(0.25, "dnh A 0")];
+        let (iv, _) = analyse(&Vec::new(), &[a, b], 1.0);
+        assert_eq!(iv[0].to_first_ask_s, None);
     }
 
     #[test]
