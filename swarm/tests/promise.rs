@@ -23,11 +23,10 @@ use libp2p::{Multiaddr, PeerId};
 use phase_content::{ChunkStore, Hash, MemStore};
 use phase_swarm::metrics::{Metrics, Registry};
 use phase_swarm::protocol::{
-    Piece, Request, Response, decode_request, decode_response, encode_request, encode_response,
-    pack_bits, unpack_bits,
+    Piece, Request, Response, decode_response, encode_request, encode_response, unpack_bits,
 };
 use phase_swarm::{Node, NodeConfig};
-use support::{Raw, addr, hashes, loopback, manifest, peer};
+use support::{Raw, addr, claim_all, hashes, loopback, manifest, peer, request_of};
 use tokio::sync::mpsc;
 
 const CHUNK: u32 = 16 << 10;
@@ -60,21 +59,14 @@ async fn holding_seed(
         loop {
             tokio::select! {
                 ev = s.select_next_some() => {
-                    let SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Request { request, channel, .. },
-                        ..
-                    }) = ev else { continue };
-                    let resp = match decode_request(&request) {
-                        Ok(Request::HaveMap { .. }) => Response::HaveMap {
-                            chunks: CHUNKS as u32,
-                            bits: pack_bits(&[true; CHUNKS]),
-                        },
-                        Ok(Request::Chunk { index, .. }) => {
+                    let Some((request, channel)) = request_of(ev) else { continue };
+                    let resp = match claim_all(CHUNKS, &request) {
+                        Ok(resp) => resp,
+                        Err(index) => {
                             held.push((channel, index));
                             let _ = asked_tx.try_send(index);
                             continue;
                         }
-                        _ => Response::DoNotHave,
                     };
                     let _ = s.behaviour_mut().send_response(channel, encode_response(&resp).unwrap());
                 }
@@ -139,11 +131,8 @@ async fn until_metric(b: &mut B, r: &Mutex<Registry>, line: &str) {
 
 type B = libp2p::Swarm<request_response::Behaviour<Raw>>;
 
-/// Sends `req` from B to A and returns A's answer.
-async fn ask(b: &mut B, a: PeerId, req: &Request) -> Response {
-    let id = b
-        .behaviour_mut()
-        .send_request(&a, encode_request(req).unwrap());
+/// A's answer to B's request `id` (B's swarm driven until it comes).
+async fn response(b: &mut B, id: request_response::OutboundRequestId) -> Response {
     tokio::time::timeout(WAIT, async {
         loop {
             match b.select_next_some().await {
@@ -165,7 +154,15 @@ async fn ask(b: &mut B, a: PeerId, req: &Request) -> Response {
         }
     })
     .await
-    .expect("A answered")
+    .expect("A answered B")
+}
+
+/// Sends `req` from B to A and returns A's answer.
+async fn ask(b: &mut B, a: PeerId, req: &Request) -> Response {
+    let id = b
+        .behaviour_mut()
+        .send_request(&a, encode_request(req).unwrap());
+    response(b, id).await
 }
 
 /// B connected to A, and the index A asked the seed for first.
@@ -234,24 +231,7 @@ async fn a_request_for_a_chunk_on_its_way_waits_for_it() {
     until_metric(&mut b, &registry, "plasmd_chunk_requests_waiting 1").await;
     // ... until the seed lets A's copy go; then A serves it.
     let_how.as_ref().unwrap().send(Let::Serve).await.unwrap();
-    let resp = tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::Behaviour(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            }) = b.select_next_some().await
-                && request_id == id
-            {
-                return decode_response(&response).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("A answered B");
+    let resp = response(&mut b, id).await;
     let want = store.get(&hs[c as usize]).unwrap().unwrap().to_vec();
     match resp {
         Response::Chunks(p) => {
@@ -282,24 +262,7 @@ async fn a_promise_not_kept_is_refused_not_left_hanging() {
     // The seed refuses A: the chunk is no longer on its way (or A asks the
     // seed again, and B's wait ends at its bound): B hears do-not-have.
     let_how.as_ref().unwrap().send(Let::Refuse).await.unwrap();
-    let resp = tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::Behaviour(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            }) = b.select_next_some().await
-                && request_id == id
-            {
-                return decode_response(&response).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("A answered B");
+    let resp = response(&mut b, id).await;
     assert!(
         matches!(resp, Response::DoNotHave),
         "a promise A could not keep: {resp:?}"

@@ -161,6 +161,36 @@ pub enum Claim {
     },
 }
 
+/// An inbound request and its channel, from a raw peer's event.
+pub fn request_of(
+    ev: SwarmEvent<request_response::Event<Vec<u8>, Vec<u8>>>,
+) -> Option<(Vec<u8>, ResponseChannel<Vec<u8>>)> {
+    match ev {
+        SwarmEvent::Behaviour(request_response::Event::Message {
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
+            ..
+        }) => Some((request, channel)),
+        _ => None,
+    }
+}
+
+/// A peer claiming all of `chunks` chunks answers `request`: its have-map
+/// says every chunk, anything but a chunk request is do-not-have, and a
+/// chunk request is handed back (`Err(index)`) for the caller to answer.
+pub fn claim_all(chunks: usize, request: &[u8]) -> Result<Response, u32> {
+    match decode_request(request) {
+        Ok(Request::HaveMap { .. }) => Ok(Response::HaveMap {
+            chunks: chunks as u32,
+            bits: pack_bits(&vec![true; chunks]),
+        }),
+        Ok(Request::Chunk { index, .. }) => Err(index),
+        _ => Ok(Response::DoNotHave),
+    }
+}
+
 /// Spawns a peer that claims every one of `chunks` chunks and answers chunk
 /// requests as `claim` says; returns its full address.
 pub async fn spawn_claimer(chunks: usize, claim: Claim) -> Multiaddr {
@@ -181,23 +211,16 @@ pub async fn spawn_claimer(chunks: usize, claim: Claim) -> Multiaddr {
         loop {
             tokio::select! {
                 ev = s.select_next_some() => {
-                    let SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Request { request, channel, .. },
-                        ..
-                    }) = ev else { continue };
-                    let resp = match decode_request(&request) {
-                        Ok(Request::HaveMap { .. }) => Response::HaveMap {
-                            chunks: chunks as u32,
-                            bits: pack_bits(&vec![true; chunks]),
-                        },
-                        Ok(Request::Chunk { index, .. }) => match claim {
+                    let Some((request, channel)) = request_of(ev) else { continue };
+                    let resp = match claim_all(chunks, &request) {
+                        Ok(resp) => resp,
+                        Err(index) => match claim {
                             Claim::Busy => Response::Busy,
                             Claim::Trickle { .. } => {
                                 queue.push_back((channel, index));
                                 continue;
                             }
                         },
-                        _ => Response::DoNotHave,
                     };
                     let _ = s.behaviour_mut().send_response(channel, encode_response(&resp).unwrap());
                 }
