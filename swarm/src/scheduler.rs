@@ -268,13 +268,13 @@ pub enum Action<P> {
 /// A set of chunk indices below a fixed length, one bit each: the scheduler
 /// walks the chunks a peer holds and it misses a word (64 chunks) at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Bits {
+pub(crate) struct Bits {
     words: Vec<u64>,
     len: usize,
 }
 
 impl Bits {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         Bits {
             words: vec![0; len.div_ceil(64)],
             len,
@@ -302,12 +302,17 @@ impl Bits {
         b
     }
 
-    fn get(&self, i: usize) -> bool {
+    /// Indices below this can be set.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, i: usize) -> bool {
         i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
     }
 
     /// Sets or clears index `i` (below `len`).
-    fn put(&mut self, i: usize, on: bool) {
+    pub(crate) fn put(&mut self, i: usize, on: bool) {
         let (w, b) = (i / 64, 1u64 << (i % 64));
         if on {
             self.words[w] |= b;

@@ -81,7 +81,7 @@ use std::fmt::Debug;
 use std::hash::Hash as StdHash;
 use std::time::Duration;
 
-use crate::scheduler::{ChunkIndex, Time};
+use crate::scheduler::{Bits, ChunkIndex, Time};
 use crate::superseed::SendCounts;
 
 /// Tunables. `Default` gives the node's values.
@@ -244,7 +244,7 @@ pub struct ServingPolicy<P> {
     served_at: HashMap<P, Time>,
     /// With [`ServingConfig::second_ask`]: per peer, the chunks withheld
     /// from it (one bit per chunk of the manifest).
-    withheld: HashMap<P, Vec<u64>>,
+    withheld: HashMap<P, Bits>,
 }
 
 impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
@@ -345,13 +345,12 @@ impl<P: Clone + Eq + StdHash + Debug> ServingPolicy<P> {
         let bits = self
             .withheld
             .entry(peer.clone())
-            .or_insert_with(|| vec![0; chunks.div_ceil(64)]);
-        let (word, bit) = (i / 64, 1u64 << (i % 64));
-        let Some(w) = bits.get_mut(word) else {
-            return false;
-        };
-        let again = *w & bit != 0;
-        *w |= bit;
+            .or_insert_with(|| Bits::new(chunks));
+        if i >= bits.len() {
+            return false; // a bitset of another manifest's length
+        }
+        let again = bits.get(i);
+        bits.put(i, true);
         again
     }
 

@@ -165,74 +165,104 @@ async fn ask(b: &mut B, a: PeerId, req: &Request) -> Response {
     response(b, id).await
 }
 
-/// B connected to A, and the index A asked the seed for first.
-async fn setup(
-    let_how: &mut Option<mpsc::Sender<Let>>,
-) -> (
-    B,
-    PeerId,
-    u32,
-    [u8; 32],
-    Arc<MemStore>,
-    Vec<Hash>,
-    Arc<Mutex<Registry>>,
-    phase_swarm::Handle,
-) {
-    let store = Arc::new(MemStore::new());
-    let m = manifest(&store, CHUNKS * CHUNK as usize, CHUNK);
-    let hs = hashes(&m);
-    let (seed, mut asked, let_tx) = holding_seed(store.clone(), hs.clone()).await;
-    *let_how = Some(let_tx);
-    let (a, registry) = node_a(seed, &m).await;
-    let c = tokio::time::timeout(WAIT, asked.recv())
-        .await
-        .expect("A asked the seed for a chunk")
-        .unwrap();
-    let mut b = peer(Raw::default(), ProtocolSupport::Outbound);
-    let a_addr = addr(&a).await;
-    b.dial(a_addr).unwrap();
-    let a_id = a.peer_id();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = b.select_next_some().await
-                && peer_id == a_id
-            {
-                return;
+/// The seed holding A's request for chunk `c`, node A, and B connected to A.
+struct Scene {
+    b: B,
+    a: PeerId,
+    c: u32,
+    root: [u8; 32],
+    store: Arc<MemStore>,
+    hashes: Vec<Hash>,
+    registry: Arc<Mutex<Registry>>,
+    seed: mpsc::Sender<Let>,
+    _node: phase_swarm::Handle,
+}
+
+impl Scene {
+    async fn start() -> Scene {
+        let store = Arc::new(MemStore::new());
+        let m = manifest(&store, CHUNKS * CHUNK as usize, CHUNK);
+        let hashes = hashes(&m);
+        let (seed_addr, mut asked, seed) = holding_seed(store.clone(), hashes.clone()).await;
+        let (node, registry) = node_a(seed_addr, &m).await;
+        let c = tokio::time::timeout(WAIT, asked.recv())
+            .await
+            .expect("A asked the seed for a chunk")
+            .unwrap();
+        let mut b = peer(Raw::default(), ProtocolSupport::Outbound);
+        b.dial(addr(&node).await).unwrap();
+        let a = node.peer_id();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                    b.select_next_some().await
+                    && peer_id == a
+                {
+                    return;
+                }
             }
+        })
+        .await
+        .expect("B connected to A");
+        Scene {
+            b,
+            a,
+            c,
+            root: *m.root().as_bytes(),
+            store,
+            hashes,
+            registry,
+            seed,
+            _node: node,
         }
-    })
-    .await
-    .expect("B connected to A");
-    let root = *m.root().as_bytes();
-    (b, a_id, c, root, store, hs, registry, a)
+    }
+
+    /// B asks A for chunk `c`, and A holds the request (its gauge says so).
+    async fn ask_held(&mut self) -> request_response::OutboundRequestId {
+        let req = Request::Chunk {
+            root: self.root,
+            index: self.c,
+        };
+        let id = self
+            .b
+            .behaviour_mut()
+            .send_request(&self.a, encode_request(&req).unwrap());
+        self.until("plasmd_chunk_requests_waiting 1").await;
+        id
+    }
+
+    async fn until(&mut self, line: &str) {
+        until_metric(&mut self.b, &self.registry, line).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_a_chunk_on_its_way_waits_for_it() {
-    let mut let_how = None;
-    let (mut b, a, c, root, store, hs, registry, _a) = setup(&mut let_how).await;
+    let mut s = Scene::start().await;
+    let c = s.c;
 
-    // The seed holds the only copy, and A lists the chunk anyway.
-    let Response::HaveMap { chunks, bits } = ask(&mut b, a, &Request::HaveMap { root }).await
+    // The seed holds the only copy, and A lists exactly the chunk it asked
+    // the seed for (it holds none).
+    let (a, root) = (s.a, s.root);
+    let Response::HaveMap { chunks, bits } = ask(&mut s.b, a, &Request::HaveMap { root }).await
     else {
         panic!("no have-map from A");
     };
     let have = unpack_bits(chunks, &bits).unwrap();
-    assert!(
-        have[c as usize],
-        "chunk {c} on its way is promised: {have:?}"
-    );
+    let want: Vec<bool> = (0..CHUNKS).map(|i| i == c as usize).collect();
+    assert_eq!(have, want, "only chunk {c}, on its way, is promised");
 
     // B's request waits at A ...
-    let id = b.behaviour_mut().send_request(
-        &a,
-        encode_request(&Request::Chunk { root, index: c }).unwrap(),
-    );
-    until_metric(&mut b, &registry, "plasmd_chunk_requests_waiting 1").await;
+    let id = s.ask_held().await;
     // ... until the seed lets A's copy go; then A serves it.
-    let_how.as_ref().unwrap().send(Let::Serve).await.unwrap();
-    let resp = response(&mut b, id).await;
-    let want = store.get(&hs[c as usize]).unwrap().unwrap().to_vec();
+    s.seed.send(Let::Serve).await.unwrap();
+    let resp = response(&mut s.b, id).await;
+    let want = s
+        .store
+        .get(&s.hashes[c as usize])
+        .unwrap()
+        .unwrap()
+        .to_vec();
     match resp {
         Response::Chunks(p) => {
             assert_eq!(p.len(), 1);
@@ -241,36 +271,23 @@ async fn a_request_for_a_chunk_on_its_way_waits_for_it() {
         }
         other => panic!("A did not serve the chunk it promised: {other:?}"),
     }
-    until_metric(
-        &mut b,
-        &registry,
-        "plasmd_chunk_requests_held_total{outcome=\"served\"} 1",
-    )
-    .await;
-    assert!(metric(&registry, "plasmd_chunk_requests_waiting 0"));
+    s.until("plasmd_chunk_requests_held_total{outcome=\"served\"} 1")
+        .await;
+    assert!(metric(&s.registry, "plasmd_chunk_requests_waiting 0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promise_not_kept_is_refused_not_left_hanging() {
-    let mut let_how = None;
-    let (mut b, a, c, root, _store, _hs, registry, _a) = setup(&mut let_how).await;
-    let id = b.behaviour_mut().send_request(
-        &a,
-        encode_request(&Request::Chunk { root, index: c }).unwrap(),
-    );
-    until_metric(&mut b, &registry, "plasmd_chunk_requests_waiting 1").await;
+    let mut s = Scene::start().await;
+    let id = s.ask_held().await;
     // The seed refuses A: the chunk is no longer on its way (or A asks the
     // seed again, and B's wait ends at its bound): B hears do-not-have.
-    let_how.as_ref().unwrap().send(Let::Refuse).await.unwrap();
-    let resp = response(&mut b, id).await;
+    s.seed.send(Let::Refuse).await.unwrap();
+    let resp = response(&mut s.b, id).await;
     assert!(
         matches!(resp, Response::DoNotHave),
         "a promise A could not keep: {resp:?}"
     );
-    until_metric(
-        &mut b,
-        &registry,
-        "plasmd_chunk_requests_held_total{outcome=\"refused\"} 1",
-    )
-    .await;
+    s.until("plasmd_chunk_requests_held_total{outcome=\"refused\"} 1")
+        .await;
 }

@@ -347,18 +347,21 @@ impl Node {
             Request::HaveMap { root } => match self.held.get(&root) {
                 Some(h) => {
                     // What we hold, and (promising) what is on its way.
-                    let mut have = h.sched.held().to_vec();
-                    if self.cfg.promise && !h.sched.is_done() {
+                    let promised: Vec<bool>;
+                    let have = if self.cfg.promise && !h.sched.is_done() {
                         let asker = Source::Peer(peer);
-                        for (i, b) in have.iter_mut().enumerate() {
-                            *b = *b || h.sched.is_coming(i as u32, &asker);
-                        }
-                    }
+                        promised = (0..h.hashes.len() as u32)
+                            .map(|i| h.sched.is_held(i) || h.sched.is_coming(i, &asker))
+                            .collect();
+                        &promised
+                    } else {
+                        h.sched.held()
+                    };
                     Response::HaveMap {
                         chunks: h.hashes.len() as u32,
                         bits: pack_bits(&self.policy.advertise(
                             &peer,
-                            &have,
+                            have,
                             h.sched.is_done(),
                             &h.sent,
                             self.now(),
