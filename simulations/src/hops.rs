@@ -60,6 +60,10 @@ pub struct HopSummary {
     pub do_not_have: usize,
     /// See [`HopSummary::busy`].
     pub failed: usize,
+    /// Have-maps pulled (requests sent), over all nodes.
+    pub map_pulls: usize,
+    /// Have-maps that came with a chunk, over all nodes.
+    pub maps_with_chunks: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,8 @@ enum Kind {
     Fail,
     Serve,
     Done,
+    Pull,
+    Map,
 }
 
 /// (kind, peer, chunk) from a line holding the mark.
@@ -87,6 +93,8 @@ fn parse(line: &str) -> Option<(Kind, &str, u32)> {
         "fail" => Kind::Fail,
         "serve" => Kind::Serve,
         "done" => Kind::Done,
+        "pull" => Kind::Pull,
+        "map" => Kind::Map,
         _ => return None,
     };
     let peer = it.next()?;
@@ -123,6 +131,7 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
     let mut ask_to_got: Vec<(f64, f64)> = Vec::new();
     let mut got_times: Vec<f64> = Vec::new();
     let (mut busy, mut dnh, mut failed) = (0, 0, 0);
+    let (mut pulls, mut maps) = (0, 0);
     let mut last_done: Option<f64> = None;
     let mut end = 0.0f64;
     for (i, lines) in nodes.iter().enumerate() {
@@ -164,6 +173,8 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
                     }
                 }
                 Kind::Done => last_done = Some(last_done.unwrap_or(0.0).max(*t)),
+                Kind::Pull => pulls += 1,
+                Kind::Map => maps += 1,
                 Kind::Me | Kind::Serve => {}
             }
         }
@@ -225,6 +236,8 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
         busy,
         do_not_have: dnh,
         failed,
+        map_pulls: pulls,
+        maps_with_chunks: maps,
     };
     (out, summary)
 }

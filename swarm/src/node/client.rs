@@ -19,7 +19,7 @@ use super::v2::{Verdict, check};
 use super::{Fallback, FetchProgress, FetchReport, Node, PeerStats, RescueVerdict, Source, Span};
 use crate::Error;
 use crate::codec::Inbound;
-use crate::protocol::{Request, Response, Root, unpack_bits};
+use crate::protocol::{MAX_REQUEST_MAP_BYTES, Request, Response, Root, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
 
 /// A manifest this node holds chunks of.
@@ -264,6 +264,7 @@ impl Node {
             Input::Tick => {}
             Input::PeerFound(p)
             | Input::HaveMap { peer: p, .. }
+            | Input::MapWithChunk { peer: p, .. }
             | Input::Have { peer: p, .. }
             | Input::ChunkOk { peer: p, .. }
             | Input::ChunkBad { peer: p, .. }
@@ -315,11 +316,12 @@ impl Node {
                     peer: Source::Peer(p),
                     chunk,
                 } => {
+                    let req = self.chunk_request(p, root, chunk);
                     let id = self
                         .swarm
                         .behaviour_mut()
                         .rr
-                        .send_request(&p, Inbound::Ok(Request::Chunk { root, index: chunk }));
+                        .send_request(&p, Inbound::Ok(req));
                     self.outbound
                         .insert(id, (p, Outbound::Chunk { root, index: chunk }));
                 }
@@ -330,6 +332,7 @@ impl Node {
                 // A v2 peer pushes its haves.
                 Action::AskHaveMap(Source::Peer(_)) if self.wire.is_some() => {}
                 Action::AskHaveMap(Source::Peer(p)) => {
+                    events::log("pull", p, 0);
                     let id = self
                         .swarm
                         .behaviour_mut()
@@ -522,6 +525,26 @@ impl Node {
         }
     }
 
+    /// A request for chunk `index` of `root` to `p`: with our have-map if
+    /// `p` reads it ([`NodeConfig::maps_with_chunks`]).
+    fn chunk_request(&self, p: PeerId, root: Root, index: u32) -> Request {
+        let map = self
+            .maps_peers
+            .contains(&p)
+            .then(|| self.have_map_for(p, &root))
+            .flatten()
+            .filter(|(_, bits)| bits.len() <= MAX_REQUEST_MAP_BYTES);
+        match map {
+            Some((chunks, bits)) => Request::ChunkWithMap {
+                root,
+                index,
+                chunks,
+                bits,
+            },
+            None => Request::Chunk { root, index },
+        }
+    }
+
     pub(super) fn on_response(&mut self, peer: PeerId, what: Outbound, resp: Response) {
         match what {
             Outbound::Chunk { root, index } => {
@@ -534,6 +557,18 @@ impl Node {
                         self.on_chunk(src, root, index, data);
                     }
                     Response::Chunks(_) => self.on_chunk(src, root, index, None),
+                    Response::ChunksWithMap {
+                        mut pieces,
+                        chunks,
+                        bits,
+                    } => {
+                        // The chunk is handled as if it came alone; the map
+                        // spares the next pull.
+                        let data = (pieces.len() == 1 && pieces[0].index == index)
+                            .then(|| pieces.remove(0).data);
+                        self.on_chunk(src, root, index, data);
+                        self.map_with_chunk(peer, root, index, chunks, &bits);
+                    }
                     Response::DoNotHave if fetching => self.drive(Input::DoNotHave {
                         peer: src,
                         chunk: index,
