@@ -14,14 +14,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{PeerId, StreamProtocol, Swarm, identify, noise, tcp, yamux};
+use libp2p::{PeerId, StreamProtocol, Swarm, identify};
 use phase_content::{ChunkStore, MemStore};
 use phase_swarm::protocol::{
     MAPS_PROTOCOL, PROTOCOL, Request, Response, decode_request, decode_response, encode_request,
     encode_response, pack_bits, unpack_bits,
 };
 use phase_swarm::{Node, NodeConfig};
-use support::{Claim, Raw, addr, hashes, loopback, manifest, peer, spawn_claimer};
+use support::{
+    Claim, Raw, addr, hashes, loopback, loopback_swarm, manifest, peer, response, spawn_claimer,
+};
 
 const CHUNK: u32 = 16 << 10;
 const CHUNKS: usize = 8;
@@ -35,34 +37,43 @@ struct Reads {
 }
 
 fn reader() -> Swarm<Reads> {
-    let mut s = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|key| Reads {
-            rr: request_response::Behaviour::with_codec(
-                Raw::default(),
-                [
-                    (StreamProtocol::new(PROTOCOL), ProtocolSupport::Full),
-                    (StreamProtocol::new(MAPS_PROTOCOL), ProtocolSupport::Inbound),
-                ],
-                request_response::Config::default(),
-            ),
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/phase/id/1".into(),
-                key.public(),
-            )),
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    s.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-        .unwrap();
-    s
+    loopback_swarm(|key| Reads {
+        rr: request_response::Behaviour::with_codec(
+            Raw::default(),
+            [
+                (StreamProtocol::new(PROTOCOL), ProtocolSupport::Full),
+                (StreamProtocol::new(MAPS_PROTOCOL), ProtocolSupport::Inbound),
+            ],
+            request_response::Config::default(),
+        ),
+        identify: identify::Behaviour::new(identify::Config::new(
+            "/phase/id/1".into(),
+            key.public(),
+        )),
+    })
+}
+
+/// The answer to the reader's request `id` (its swarm driven until it
+/// comes, bounded).
+async fn answer(b: &mut Swarm<Reads>, id: request_response::OutboundRequestId) -> Response {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let SwarmEvent::Behaviour(ReadsEvent::Rr(request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            })) = b.select_next_some().await
+                && request_id == id
+            {
+                return decode_response(&response).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("an answer")
 }
 
 fn node_cfg() -> NodeConfig {
@@ -107,24 +118,7 @@ async fn a_seed_sends_its_map_with_chunks_to_peers_that_read_it() {
         &seed_id,
         encode_request(&Request::Chunk { root, index: 0 }).unwrap(),
     );
-    let resp = tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::Behaviour(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            }) = old.select_next_some().await
-                && request_id == id
-            {
-                return decode_response(&response).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("the seed answered");
+    let resp = response(&mut old, id).await;
     let Response::Chunks(pieces) = resp else {
         panic!("a peer that does not read maps got {resp:?}");
     };
@@ -138,45 +132,26 @@ async fn a_seed_sends_its_map_with_chunks_to_peers_that_read_it() {
     // (each sent once, so super-seeding serves it) until a map comes.
     let mut b = reader();
     connect(&mut b, seed_addr, seed_id).await;
-    let mut asked = 0u32;
-    let mut id = None;
-    let (pieces, chunks, bits) = tokio::time::timeout(WAIT, async {
-        loop {
-            if id.is_none() {
-                let index = asked % CHUNKS as u32;
-                asked += 1;
-                let req = encode_request(&Request::Chunk { root, index }).unwrap();
-                id = Some((b.behaviour_mut().rr.send_request(&seed_id, req), index));
+    let mut with_map = None;
+    for asked in 0..500u32 {
+        let index = asked % CHUNKS as u32;
+        let req = encode_request(&Request::Chunk { root, index }).unwrap();
+        let id = b.behaviour_mut().rr.send_request(&seed_id, req);
+        match answer(&mut b, id).await {
+            Response::ChunksWithMap {
+                pieces,
+                chunks,
+                bits,
+            } => {
+                assert_eq!(pieces[0].index, index);
+                with_map = Some((pieces, chunks, bits));
+                break;
             }
-            if let SwarmEvent::Behaviour(ReadsEvent::Rr(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            })) = b.select_next_some().await
-                && let Some((want, index)) = id
-                && request_id == want
-            {
-                id = None;
-                match decode_response(&response).unwrap() {
-                    Response::ChunksWithMap {
-                        pieces,
-                        chunks,
-                        bits,
-                    } => {
-                        assert_eq!(pieces[0].index, index);
-                        return (pieces, chunks, bits);
-                    }
-                    Response::Chunks(_) | Response::DoNotHave => {}
-                    other => panic!("unexpected answer {other:?}"),
-                }
-            }
+            Response::Chunks(_) | Response::DoNotHave => {}
+            other => panic!("unexpected answer {other:?}"),
         }
-    })
-    .await
-    .expect("a chunk with the seed's map");
+    }
+    let (pieces, chunks, bits) = with_map.expect("a chunk with the seed's map in 500 asks");
     let i = pieces[0].index as usize;
     assert_eq!(
         pieces[0].data,
@@ -186,24 +161,7 @@ async fn a_seed_sends_its_map_with_chunks_to_peers_that_read_it() {
     // chunks it has sent least, so not every chunk).
     let req = encode_request(&Request::HaveMap { root }).unwrap();
     let id = b.behaviour_mut().rr.send_request(&seed_id, req);
-    let pulled = tokio::time::timeout(WAIT, async {
-        loop {
-            if let SwarmEvent::Behaviour(ReadsEvent::Rr(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            })) = b.select_next_some().await
-                && request_id == id
-            {
-                return decode_response(&response).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("the seed answered the pull");
+    let pulled = answer(&mut b, id).await;
     assert_eq!(
         pulled,
         Response::HaveMap {

@@ -528,13 +528,7 @@ impl Node {
     /// A request for chunk `index` of `root` to `p`: with our have-map if
     /// `p` reads it ([`NodeConfig::maps_with_chunks`]).
     fn chunk_request(&self, p: PeerId, root: Root, index: u32) -> Request {
-        let map = self
-            .maps_peers
-            .contains(&p)
-            .then(|| self.have_map_for(p, &root))
-            .flatten()
-            .filter(|(_, bits)| bits.len() <= MAX_REQUEST_MAP_BYTES);
-        match map {
+        match self.map_to_send(p, &root, MAX_REQUEST_MAP_BYTES) {
             Some((chunks, bits)) => Request::ChunkWithMap {
                 root,
                 index,

@@ -353,7 +353,7 @@ impl Node {
     /// map sent with a chunk): what we hold, what is on its way to us
     /// (promised, not from `peer`), cut to what a super-seeding complete node
     /// offers. `None` if we hold nothing of `root`.
-    pub(super) fn have_map_for(&self, peer: PeerId, root: &Root) -> Option<(u32, Vec<u8>)> {
+    fn have_map_for(&self, peer: PeerId, root: &Root) -> Option<(u32, Vec<u8>)> {
         let h = self.held.get(root)?;
         let promised: Vec<bool>;
         let have = if self.cfg.promise && !h.sched.is_done() {
@@ -372,6 +372,22 @@ impl Node {
                     .advertise(&peer, have, h.sched.is_done(), &h.sent, self.now()),
             );
         Some((h.hashes.len() as u32, bits))
+    }
+
+    /// Our have-map of `root` to send `peer` with a chunk or a request: if
+    /// it reads them ([`crate::protocol::MAPS_PROTOCOL`]) and the map is at
+    /// most `max` bytes.
+    pub(super) fn map_to_send(
+        &self,
+        peer: PeerId,
+        root: &Root,
+        max: usize,
+    ) -> Option<(u32, Vec<u8>)> {
+        if !self.maps_peers.contains(&peer) {
+            return None;
+        }
+        self.have_map_for(peer, root)
+            .filter(|(_, bits)| bits.len() <= max)
     }
 
     /// `peer`'s have-map of `root` that came with chunk `index` (its request
@@ -456,13 +472,7 @@ impl Node {
                         events::log("serve", peer, index);
                         self.uploads.insert(id, token);
                         let pieces = vec![Piece { index, data }];
-                        let map = self
-                            .maps_peers
-                            .contains(&peer)
-                            .then(|| self.have_map_for(peer, &root))
-                            .flatten()
-                            .filter(|(_, bits)| bits.len() <= MAX_PIGGYBACK_MAP_BYTES);
-                        match map {
+                        match self.map_to_send(peer, &root, MAX_PIGGYBACK_MAP_BYTES) {
                             Some((chunks, bits)) => Response::ChunksWithMap {
                                 pieces,
                                 chunks,
