@@ -71,6 +71,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// Complete hosts offer only their least-sent chunks (the node's super-seeding).
     pub super_seed: bool,
+    /// v1: a host's have-map travels with every chunk it serves and every
+    /// chunk request it sends, and counts as a pull (the node's
+    /// `maps_with_chunks`, on by default).
+    pub maps_with_chunks: bool,
     /// The chunk protocol modelled: `None` is today's node (`/phase/chunk/1`:
     /// have-maps pulled, busy answers, a full mesh of every peer heard of);
     /// `Some` is the planned stream protocol (issue 10).
@@ -156,6 +160,7 @@ impl Default for SimConfig {
             efficiency: 0.953,
             seed: 1,
             super_seed: node.super_seed,
+            maps_with_chunks: node.maps_with_chunks,
             v2: None,
             fair_share: false,
             fair_interval: Duration::from_millis(1),
@@ -1069,10 +1074,17 @@ impl World {
                 server,
                 client,
                 chunk,
-            } => match self.ask(server, client, chunk) {
-                Answer::Serve(token) => self.start_flow(server, client, chunk, token),
-                refusal => self.refuse(server, client, chunk, &refusal),
-            },
+            } => {
+                if self.cfg.maps_with_chunks {
+                    // The asker's map came with its request.
+                    let have = self.bitfield(client, server);
+                    self.drive(server, Input::MapWithChunk { peer: client, have });
+                }
+                match self.ask(server, client, chunk) {
+                    Answer::Serve(token) => self.start_flow(server, client, chunk, token),
+                    refusal => self.refuse(server, client, chunk, &refusal),
+                }
+            }
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
                     return 1;
@@ -1093,6 +1105,14 @@ impl World {
                     self.now + lat,
                     Ev::Deliver(to, Input::ChunkOk { peer: from, chunk }),
                 );
+                if self.cfg.maps_with_chunks && self.cfg.v2.is_none() {
+                    // The server's map came with the chunk.
+                    let have = self.bitfield(from, to);
+                    self.at(
+                        self.now + lat,
+                        Ev::Deliver(to, Input::MapWithChunk { peer: from, have }),
+                    );
+                }
                 if self.cfg.v2.is_some() {
                     self.start_queued(from);
                     let now = Duration::from_secs_f64(self.now);

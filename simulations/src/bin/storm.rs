@@ -106,9 +106,11 @@ fn print_trace(mode: &str, tmin: f64, r: &ModeResult) {
         );
     }
     println!(
-        "  run: to first ask {} ms, ask to got {} ms; the seed's last new chunk at {} s, last node done at {} s; answers busy {}, do-not-have {}, failed {}; have-maps pulled {}, with a chunk {}",
+        "  run: to first ask {} ms, ask to got {} ms (to the upload's start {} ms, then to got {} ms); the seed's last new chunk at {} s, last node done at {} s; answers busy {}, do-not-have {}, failed {}; have-maps pulled {}, with a chunk {}",
         ms(sum.to_first_ask_s),
         ms(sum.ask_to_got_s),
+        ms(sum.ask_to_serve_s),
+        ms(sum.serve_to_got_s),
         s(sum.seed_last_new_s),
         s(sum.last_done_s),
         sum.busy,
