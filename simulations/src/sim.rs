@@ -221,6 +221,13 @@ impl SimResult {
 type Peer = usize;
 const SEED: Peer = 0;
 
+/// Whether host `h` offers only its least-sent chunks once complete: the
+/// seed does, a node that completed its fetch does not (the node's
+/// `Held::super_seeds`: it held every chunk before fetching).
+fn super_seeds(h: Peer, sched: &phase_swarm::scheduler::Scheduler<Peer>) -> bool {
+    h == SEED && sched.is_done()
+}
+
 /// v2: how long a client waits after a neighbour withdrew a chunk, for
 /// another neighbour to announce it, before it asks the withdrawing one
 /// again (the node's `REASK_AFTER`).
@@ -807,11 +814,12 @@ impl World {
     /// What `h` advertises to `to`: its offer map when it super-seeds (and
     /// others contend for its upload or were served lately), else what it holds.
     fn bitfield(&self, h: Peer, to: Peer) -> Vec<bool> {
+        let seeds = super_seeds(h, &self.hosts[h].sched);
         let h = &self.hosts[h];
         h.serving.advertise(
             &to,
             h.sched.held(),
-            h.sched.is_done(),
+            seeds,
             &h.sent,
             Duration::from_secs_f64(self.now),
         )
@@ -819,10 +827,11 @@ impl World {
 
     /// The serving policy's answer to `client`'s request for `chunk` at `server`.
     fn ask(&mut self, server: Peer, client: Peer, chunk: u32) -> Answer<Peer> {
+        let seeds = super_seeds(server, &self.hosts[server].sched);
         let h = &mut self.hosts[server];
         let holding = Holding {
             held: h.sched.is_held(chunk),
-            complete: h.sched.is_done(),
+            complete: seeds,
             sent: &mut h.sent,
         };
         let now = Duration::from_secs_f64(self.now);
@@ -882,7 +891,7 @@ impl World {
         };
         let h = &mut self.hosts[server];
         h.queue.push_back((client, chunk, token));
-        if self.cfg.super_seed && h.sched.is_done() && h.sent.round() > round {
+        if self.cfg.super_seed && super_seeds(server, &h.sched) && h.sent.round() > round {
             // Every chunk is on offer again: tell the neighbours.
             let have = h.sent.offer_map();
             for i in 0..self.hosts[server].nbrs.len() {

@@ -37,6 +37,9 @@ pub(super) struct Held {
     pub(super) announced: bool,
     /// What this node has sent of each chunk (super-seeding once complete).
     pub(super) sent: crate::superseed::SendCounts,
+    /// We held every chunk before any fetch of it here (seeded, or all in
+    /// the store when the fetch began): only then do we super-seed.
+    pub(super) seeded: bool,
 }
 
 /// The chunk size `SchedulerConfig::fallback_in_flight` and a capped
@@ -116,7 +119,19 @@ impl Held {
             done,
             announced: false,
             sent: crate::superseed::SendCounts::new(n),
+            seeded: false,
         }
+    }
+
+    /// Whether a complete holder offers only its least-sent chunks: it
+    /// holds every chunk and held them before fetching here. A node that
+    /// completed a fetch in a storm is one holder among many: offering
+    /// only the chunks it sent least (it relayed the rest while fetching)
+    /// left the last fetchers refused by every complete peer until each
+    /// had been idle for `ServingConfig::idle_after` (N = 32: 4 nodes 2 s
+    /// after the rest).
+    pub(super) fn super_seeds(&self) -> bool {
+        self.seeded && self.sched.is_done()
     }
 
     /// Marks chunk `i` held and counts its bytes, once.
@@ -220,6 +235,9 @@ impl Node {
             if self.store.has(&held.hashes[i]) {
                 held.mark(i);
             }
+        }
+        if held.sched.is_done() {
+            held.seeded = true;
         }
         let need_announce = held.sched.held_count() > 0 && !held.announced;
         let mm = held.manifest.manifest();

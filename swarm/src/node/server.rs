@@ -369,7 +369,7 @@ impl Node {
             pack_bits(
                 &self
                     .policy
-                    .advertise(&peer, have, h.sched.is_done(), &h.sent, self.now()),
+                    .advertise(&peer, have, h.super_seeds(), &h.sent, self.now()),
             );
         Some((h.hashes.len() as u32, bits))
     }
@@ -458,7 +458,7 @@ impl Node {
                 }
                 let holding = Holding {
                     held: h.sched.is_held(index),
-                    complete: h.sched.is_done(),
+                    complete: h.super_seeds(),
                     sent: &mut h.sent,
                 };
                 let token = match self.policy.on_request(peer, index, holding, now) {
