@@ -220,7 +220,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
 
     // Report the median run of each mode (by max completion).
     println!(
-        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9} {:>12}",
+        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9} {:>9} {:>12}",
         "mode",
         "p50 s",
         "p99 s",
@@ -230,6 +230,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         "seed copies",
         "ok",
         "cpu mean",
+        "cpu s",
         "node rss MiB"
     );
     let mut valid = true;
@@ -241,7 +242,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         let r = &rs[idx[idx.len() / 2]];
         valid &= rs.iter().all(|r| !r.cpu.saturated());
         println!(
-            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}% {:>12}",
+            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}% {:>9.1} {:>12}",
             mode.name(),
             r.p50_s,
             r.p99_s,
@@ -251,6 +252,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
             r.seed_copies,
             rs.iter().all(|r| r.ok),
             r.cpu.mean * 100.0,
+            r.cpu.core_s,
             rs.iter()
                 .filter_map(|r| r.node_peak_rss_mib)
                 .reduce(f64::max)
