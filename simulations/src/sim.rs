@@ -122,10 +122,11 @@ pub struct V2 {
 impl Default for V2 {
     fn default() -> Self {
         V2 {
-            // Best of the grid in simulations/README.md ("Protocol v2 in the simulator").
+            // Best of the grid in simulations/README.md ("Four uploads, four
+            // unchoked"; 6 and 6 before).
             neighbours: 40,
-            upload_slots: 6,
-            unchoked: 6,
+            upload_slots: 4,
+            unchoked: 4,
             depth: 2,
             choke_wait: Duration::from_secs(1),
             have_delay: Duration::from_millis(2),
