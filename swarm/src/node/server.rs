@@ -19,26 +19,12 @@ use crate::protocol::{
 use crate::scheduler::Input;
 use crate::serving::{Answer, Holding, ServingConfig};
 
-/// A v2 node's uploads at once, at most (`NodeConfig::max_serving` may set
-/// fewer), and peers it serves at once. The simulator's v2 model does best
-/// with 4 and 4 (N = 1,000: 1.331 x T_min against 1.419 with 6 and 6), and
-/// so did the real v2 node in 3 interleaved 16-node storms (7.80, 8.17,
-/// 7.82 s against 8.10, 8.45, 8.16 s with v1's 6 and 6; simulations/README.md).
-const V2_UPLOADS: usize = 4;
-const V2_PEERS: usize = 4;
-
 /// The serving policy's tunables from the node's (v1: no choking).
 pub(super) fn serving_config(cfg: &NodeConfig) -> ServingConfig {
-    let c = ServingConfig::default()
+    ServingConfig::default()
         .with_slots(cfg.max_serving)
         .with_per_peer(cfg.per_peer_serving)
-        .with_super_seed(cfg.super_seed);
-    if cfg.protocol == super::Protocol::V2 {
-        c.with_slots(cfg.max_serving.min(V2_UPLOADS))
-            .with_peers(V2_PEERS)
-    } else {
-        c
-    }
+        .with_super_seed(cfg.super_seed)
 }
 
 /// Requests held for chunks on their way at most at once; more are answered
