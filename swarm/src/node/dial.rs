@@ -35,7 +35,6 @@ impl Node {
                 held.mark(i);
             }
         }
-        held.seeded = true;
         if !held.sched.is_done() {
             return Err(Error::Fetch {
                 root: Hash::from_bytes(root).to_hex(),
