@@ -529,10 +529,15 @@ fn idle_sockets_and_slow_readers_do_not_stop_an_honest_fetch() {
         HEADER_TIMEOUT.as_secs_f64()
     );
     // 200 sockets per address against a cap of 64: the seed fills the cap
-    // and lets in no more.
-    assert_eq!(
-        held.peak_per_addr, CONNECTIONS_PER_ADDR,
-        "the most idle connections from one address the seed held at once (its cap)"
+    // and lets in no more. A sample may also catch the one socket its accept
+    // loop has just accepted to close (over the cap), and a socket accepted
+    // into a freed slot while the descriptor list was being read (the list
+    // is not one atomic snapshot): 65 seen once in 6 local runs.
+    assert!(
+        (CONNECTIONS_PER_ADDR..=CONNECTIONS_PER_ADDR + 2).contains(&held.peak_per_addr),
+        "the most idle connections from one address the seed held at once: {}, its cap {}",
+        held.peak_per_addr,
+        CONNECTIONS_PER_ADDR
     );
     // And as the clients saw it: connections past the cap were closed, and
     // those let in were closed by the header timeout, not left open.

@@ -25,6 +25,7 @@ mod dial;
 mod events;
 mod handle;
 mod server;
+mod transport;
 mod v2;
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::kad;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -192,11 +194,16 @@ impl Node {
         };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)?;
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    transport::FreshPortDials(tcp)
+                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
             .map_err(|e| Error::Transport(e.to_string()))?
             .with_bandwidth_metrics(lib)
             .with_behaviour(|key| {
@@ -476,8 +483,11 @@ impl Node {
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
-                ..
-            } => self.neighbour_dial_failed(peer_id, connection_id),
+                error,
+            } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+                self.neighbour_dial_failed(peer_id, connection_id)
+            }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused or failed");
             }
