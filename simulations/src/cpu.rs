@@ -24,6 +24,10 @@ pub struct CpuUse {
     pub mean: f64,
     /// Busiest 1 s window, 0..1.
     pub peak: f64,
+    /// CPU-seconds spent over the run, all cores together (busy ticks of
+    /// `/proc/stat` at USER_HZ = 100). Unlike `mean`, this does not grow
+    /// when the same work finishes sooner: compare modes by it.
+    pub core_s: f64,
 }
 
 impl CpuUse {
@@ -52,7 +56,8 @@ impl Sampler {
                 std::thread::park_timeout(Duration::from_secs(1));
                 if let Some(now) = read() {
                     let (dt, di) = (now.0.saturating_sub(prev.0), now.1.saturating_sub(prev.1));
-                    if dt > 0 {
+                    // A window cut short by the stop is no peak.
+                    if dt > 0 && !s.load(Ordering::Relaxed) {
                         peak = peak.max(1.0 - di as f64 / dt as f64);
                     }
                     prev = now;
@@ -69,6 +74,8 @@ impl Sampler {
                     0.0
                 },
                 peak,
+                // USER_HZ is 100 in every Linux ABI.
+                core_s: dt.saturating_sub(di) as f64 / 100.0,
             }
         });
         Sampler { stop, handle }

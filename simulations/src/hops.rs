@@ -54,12 +54,23 @@ pub struct HopSummary {
     pub to_first_ask_s: Option<f64>,
     /// See [`HopInterval::ask_to_got_s`].
     pub ask_to_got_s: Option<f64>,
+    /// Median seconds from a request to the holder starting that upload
+    /// (waiting for a promised chunk or an upload slot, and the request's
+    /// own trip), over the requests answered with the chunk.
+    pub ask_to_serve_s: Option<f64>,
+    /// Median seconds from the upload's start to the chunk verified at the
+    /// asker (the bytes' trip through the queues and links).
+    pub serve_to_got_s: Option<f64>,
     /// Answers other than a chunk: busy, do-not-have, failed.
     pub busy: usize,
     /// See [`HopSummary::busy`].
     pub do_not_have: usize,
     /// See [`HopSummary::busy`].
     pub failed: usize,
+    /// Have-maps pulled (requests sent), over all nodes.
+    pub map_pulls: usize,
+    /// Have-maps that came with a chunk, over all nodes.
+    pub maps_with_chunks: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +83,8 @@ enum Kind {
     Fail,
     Serve,
     Done,
+    Pull,
+    Map,
 }
 
 /// (kind, peer, chunk) from a line holding the mark.
@@ -87,6 +100,8 @@ fn parse(line: &str) -> Option<(Kind, &str, u32)> {
         "fail" => Kind::Fail,
         "serve" => Kind::Serve,
         "done" => Kind::Done,
+        "pull" => Kind::Pull,
+        "map" => Kind::Map,
         _ => return None,
     };
     let peer = it.next()?;
@@ -104,7 +119,11 @@ fn median(v: &mut [f64]) -> Option<f64> {
 
 /// The intervals (every `every` seconds up to the last event) and the
 /// summary, from the seed's lines and each node's.
-pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, HopSummary) {
+pub fn analyse<'a>(
+    seed: &'a Lines,
+    nodes: &'a [Lines],
+    every: f64,
+) -> (Vec<HopInterval>, HopSummary) {
     // Peer id -> node index, from each node's "me" line.
     let mut who: HashMap<&str, usize> = HashMap::new();
     for (i, lines) in nodes.iter().enumerate() {
@@ -114,6 +133,24 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
             }
         }
     }
+    // (holder id, asker id, chunk) -> when the holder started the upload.
+    let me_of = |lines: &'a Lines| {
+        lines.iter().find_map(|(_, l)| match parse(l) {
+            Some((Kind::Me, id, _)) => Some(id),
+            _ => None,
+        })
+    };
+    let mut serves: HashMap<(&str, &str, u32), f64> = HashMap::new();
+    for lines in nodes.iter().chain(std::iter::once(seed)) {
+        let Some(holder) = me_of(lines) else { continue };
+        for (t, l) in lines {
+            if let Some((Kind::Serve, asker, chunk)) = parse(l) {
+                serves.entry((holder, asker, chunk)).or_insert(*t);
+            }
+        }
+    }
+    let mut ask_to_serve: Vec<f64> = Vec::new();
+    let mut serve_to_got: Vec<f64> = Vec::new();
     let mut got: HashMap<(usize, u32), f64> = HashMap::new();
     // (node, chunk) -> when the node first asked anyone for it.
     let mut own_ask: HashMap<(usize, u32), f64> = HashMap::new();
@@ -123,6 +160,7 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
     let mut ask_to_got: Vec<(f64, f64)> = Vec::new();
     let mut got_times: Vec<f64> = Vec::new();
     let (mut busy, mut dnh, mut failed) = (0, 0, 0);
+    let (mut pulls, mut maps) = (0, 0);
     let mut last_done: Option<f64> = None;
     let mut end = 0.0f64;
     for (i, lines) in nodes.iter().enumerate() {
@@ -153,6 +191,14 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
                     *f = f.min(*t);
                     if let Some(at) = at {
                         ask_to_got.push((at, t - at));
+                        let me = me_of(lines).unwrap_or("");
+                        if let Some(&ts) = serves.get(&(peer, me, chunk))
+                            && ts >= at
+                            && ts <= *t
+                        {
+                            ask_to_serve.push(ts - at);
+                            serve_to_got.push(t - ts);
+                        }
                     }
                 }
                 Kind::Busy | Kind::Dnh | Kind::Fail => {
@@ -164,6 +210,8 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
                     }
                 }
                 Kind::Done => last_done = Some(last_done.unwrap_or(0.0).max(*t)),
+                Kind::Pull => pulls += 1,
+                Kind::Map => maps += 1,
                 Kind::Me | Kind::Serve => {}
             }
         }
@@ -222,9 +270,13 @@ pub fn analyse(seed: &Lines, nodes: &[Lines], every: f64) -> (Vec<HopInterval>, 
         last_done_s: last_done,
         to_first_ask_s: all(&to_first),
         ask_to_got_s: all(&ask_to_got),
+        ask_to_serve_s: median(&mut ask_to_serve),
+        serve_to_got_s: median(&mut serve_to_got),
         busy,
         do_not_have: dnh,
         failed,
+        map_pulls: pulls,
+        maps_with_chunks: maps,
     };
     (out, summary)
 }
@@ -282,6 +334,10 @@ mod tests {
         assert!(close(s.seed_last_new_s, 0.2));
         assert!(close(s.last_done_s, 0.95));
         assert_eq!((s.busy, s.do_not_have, s.failed), (0, 1, 0));
+        // Only A's ask for chunk 0 has the upload it got (the seed's at
+        // 0.1; chunk 1's upload started before A's logged ask).
+        assert!(close(s.ask_to_serve_s, 0.05), "{s:?}");
+        assert!(close(s.serve_to_got_s, 0.2), "{s:?}");
     }
 
     /// B asks A for a chunk A has asked the seed for and not yet got (a

@@ -71,6 +71,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// Complete hosts offer only their least-sent chunks (the node's super-seeding).
     pub super_seed: bool,
+    /// v1: a host's have-map travels with every chunk it serves and every
+    /// chunk request it sends, and counts as a pull (the node's
+    /// `maps_with_chunks`, on by default).
+    pub maps_with_chunks: bool,
     /// The chunk protocol modelled: `None` is today's node (`/phase/chunk/1`:
     /// have-maps pulled, busy answers, a full mesh of every peer heard of);
     /// `Some` is the planned stream protocol (issue 10).
@@ -118,10 +122,11 @@ pub struct V2 {
 impl Default for V2 {
     fn default() -> Self {
         V2 {
-            // Best of the grid in simulations/README.md ("Protocol v2 in the simulator").
+            // Best of the grid in simulations/README.md ("Four uploads, four
+            // unchoked"; 6 and 6 before).
             neighbours: 40,
-            upload_slots: 6,
-            unchoked: 6,
+            upload_slots: 4,
+            unchoked: 4,
             depth: 2,
             choke_wait: Duration::from_secs(1),
             have_delay: Duration::from_millis(2),
@@ -156,6 +161,7 @@ impl Default for SimConfig {
             efficiency: 0.953,
             seed: 1,
             super_seed: node.super_seed,
+            maps_with_chunks: node.maps_with_chunks,
             v2: None,
             fair_share: false,
             fair_interval: Duration::from_millis(1),
@@ -215,6 +221,13 @@ impl SimResult {
 
 type Peer = usize;
 const SEED: Peer = 0;
+
+/// Whether host `h` offers only its least-sent chunks once complete: the
+/// seed does, a node that completed its fetch does not (the node's
+/// `Held::super_seeds`: it held every chunk before fetching).
+fn super_seeds(h: Peer, sched: &phase_swarm::scheduler::Scheduler<Peer>) -> bool {
+    h == SEED && sched.is_done()
+}
 
 /// v2: how long a client waits after a neighbour withdrew a chunk, for
 /// another neighbour to announce it, before it asks the withdrawing one
@@ -802,11 +815,12 @@ impl World {
     /// What `h` advertises to `to`: its offer map when it super-seeds (and
     /// others contend for its upload or were served lately), else what it holds.
     fn bitfield(&self, h: Peer, to: Peer) -> Vec<bool> {
+        let seeds = super_seeds(h, &self.hosts[h].sched);
         let h = &self.hosts[h];
         h.serving.advertise(
             &to,
             h.sched.held(),
-            h.sched.is_done(),
+            seeds,
             &h.sent,
             Duration::from_secs_f64(self.now),
         )
@@ -814,10 +828,11 @@ impl World {
 
     /// The serving policy's answer to `client`'s request for `chunk` at `server`.
     fn ask(&mut self, server: Peer, client: Peer, chunk: u32) -> Answer<Peer> {
+        let seeds = super_seeds(server, &self.hosts[server].sched);
         let h = &mut self.hosts[server];
         let holding = Holding {
             held: h.sched.is_held(chunk),
-            complete: h.sched.is_done(),
+            complete: seeds,
             sent: &mut h.sent,
         };
         let now = Duration::from_secs_f64(self.now);
@@ -877,7 +892,7 @@ impl World {
         };
         let h = &mut self.hosts[server];
         h.queue.push_back((client, chunk, token));
-        if self.cfg.super_seed && h.sched.is_done() && h.sent.round() > round {
+        if self.cfg.super_seed && super_seeds(server, &h.sched) && h.sent.round() > round {
             // Every chunk is on offer again: tell the neighbours.
             let have = h.sent.offer_map();
             for i in 0..self.hosts[server].nbrs.len() {
@@ -1069,10 +1084,17 @@ impl World {
                 server,
                 client,
                 chunk,
-            } => match self.ask(server, client, chunk) {
-                Answer::Serve(token) => self.start_flow(server, client, chunk, token),
-                refusal => self.refuse(server, client, chunk, &refusal),
-            },
+            } => {
+                if self.cfg.maps_with_chunks {
+                    // The asker's map came with its request.
+                    let have = self.bitfield(client, server);
+                    self.drive(server, Input::MapWithChunk { peer: client, have });
+                }
+                match self.ask(server, client, chunk) {
+                    Answer::Serve(token) => self.start_flow(server, client, chunk, token),
+                    refusal => self.refuse(server, client, chunk, &refusal),
+                }
+            }
             Ev::FlowEnd { flow, version } => {
                 let Some(f) = self.flows[flow].as_ref() else {
                     return 1;
@@ -1093,6 +1115,14 @@ impl World {
                     self.now + lat,
                     Ev::Deliver(to, Input::ChunkOk { peer: from, chunk }),
                 );
+                if self.cfg.maps_with_chunks && self.cfg.v2.is_none() {
+                    // The server's map came with the chunk.
+                    let have = self.bitfield(from, to);
+                    self.at(
+                        self.now + lat,
+                        Ev::Deliver(to, Input::MapWithChunk { peer: from, have }),
+                    );
+                }
                 if self.cfg.v2.is_some() {
                     self.start_queued(from);
                     let now = Duration::from_secs_f64(self.now);

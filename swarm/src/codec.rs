@@ -187,6 +187,18 @@ mod tests {
             any::<[u8; 32]>().prop_map(|root| Request::HaveMap { root }),
             any::<[u8; 32]>().prop_map(|root| Request::Manifest { root }),
             (".{0,20}", ".{0,20}").prop_map(|(channel, arch)| Request::Latest { channel, arch }),
+            (
+                any::<[u8; 32]>(),
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..3072)
+            )
+                .prop_map(|(root, index, chunks, bits)| Request::ChunkWithMap {
+                    root,
+                    index,
+                    chunks,
+                    bits
+                }),
         ]
     }
 
@@ -207,6 +219,23 @@ mod tests {
                 .prop_map(|(chunks, bits)| Response::HaveMap { chunks, bits }),
             proptest::collection::vec(any::<u8>(), 0..500).prop_map(Response::Manifest),
             ".{0,30}".prop_map(Response::Refused),
+            (
+                proptest::collection::vec(
+                    (
+                        any::<u32>(),
+                        proptest::collection::vec(any::<u8>(), 0..2000)
+                    )
+                        .prop_map(|(index, data)| Piece { index, data }),
+                    0..2
+                ),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..100)
+            )
+                .prop_map(|(pieces, chunks, bits)| Response::ChunksWithMap {
+                    pieces,
+                    chunks,
+                    bits
+                }),
         ]
     }
 

@@ -234,7 +234,7 @@ impl Metrics {
             Response::Busy => {
                 self.busy.get_or_create(&[("direction", "sent")]).inc();
             }
-            Response::Chunks(pieces) => {
+            Response::Chunks(pieces) | Response::ChunksWithMap { pieces, .. } => {
                 let l = [("via", "swarm")];
                 let bytes: usize = pieces.iter().map(|p| p.data.len()).sum();
                 self.chunks_sent

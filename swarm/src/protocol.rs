@@ -11,6 +11,20 @@ use serde::{Deserialize, Serialize};
 /// The protocol name.
 pub const PROTOCOL: &str = "/phase/chunk/1";
 
+/// A name a node lists (through identify) when it reads
+/// [`Response::ChunksWithMap`]; streams on it carry the same messages as on
+/// [`PROTOCOL`]. A node sends that answer only to peers that list it, so
+/// older peers keep getting [`Response::Chunks`].
+pub const MAPS_PROTOCOL: &str = "/phase/chunk/1/maps";
+
+/// The largest have-map sent along with a chunk: a larger manifest's map is
+/// pulled as before.
+pub const MAX_PIGGYBACK_MAP_BYTES: usize = 16 << 10;
+
+/// The largest have-map sent along with a chunk request (under
+/// [`MAX_REQUEST_BYTES`] with the rest of the request).
+pub const MAX_REQUEST_MAP_BYTES: usize = 3 << 10;
+
 /// The largest request accepted (bytes after the length prefix).
 pub const MAX_REQUEST_BYTES: usize = 4 << 10;
 
@@ -66,6 +80,19 @@ pub enum Request {
         /// The arch, e.g. `x86_64`.
         arch: String,
     },
+    /// [`Request::Chunk`] with the asker's have-map, so the peer asked need
+    /// not pull it. Sent only to peers that list [`MAPS_PROTOCOL`].
+    ChunkWithMap {
+        /// The manifest root.
+        root: Root,
+        /// The chunk's index.
+        index: u32,
+        /// The number of chunks in the manifest.
+        chunks: u32,
+        /// `ceil(chunks / 8)` bytes, least significant bit first.
+        #[serde(with = "serde_bytes")]
+        bits: Vec<u8>,
+    },
 }
 
 /// One chunk in a [`Response::Chunks`].
@@ -99,6 +126,29 @@ pub enum Response {
     Manifest(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request was malformed (out of range, oversize).
     Refused(String),
+    /// [`Response::Chunks`] with the sender's have-map as its
+    /// [`Response::HaveMap`] answer would give it now, so the asker need not
+    /// pull the map while chunks flow. Sent only to peers that list
+    /// [`MAPS_PROTOCOL`].
+    ChunksWithMap {
+        /// The chunks asked for.
+        pieces: Vec<Piece>,
+        /// The number of chunks in the manifest.
+        chunks: u32,
+        /// `ceil(chunks / 8)` bytes, least significant bit first.
+        #[serde(with = "serde_bytes")]
+        bits: Vec<u8>,
+    },
+}
+
+impl Response {
+    /// The chunks a [`Response::Chunks`] or [`Response::ChunksWithMap`] carries.
+    pub fn pieces(&self) -> Option<&[Piece]> {
+        match self {
+            Response::Chunks(p) | Response::ChunksWithMap { pieces: p, .. } => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// A request as it goes on the wire (length prefix included), for other

@@ -192,6 +192,16 @@ pub enum Input<P> {
         /// One flag per chunk.
         have: Vec<bool>,
     },
+    /// A peer's have-map that came unasked, with a chunk it sent: as
+    /// [`Input::HaveMap`], and it counts as a pull, so the next
+    /// [`Action::AskHaveMap`] for this peer waits
+    /// [`SchedulerConfig::have_refresh`] from now.
+    MapWithChunk {
+        /// The peer.
+        peer: P,
+        /// One flag per chunk.
+        have: Vec<bool>,
+    },
     /// A peer now also holds `chunk`.
     Have {
         /// The peer.
@@ -698,6 +708,12 @@ impl<P: Clone + Eq + StdHash + Debug> Scheduler<P> {
                 }
             }
             Input::HaveMap { peer, have } => self.have_map(peer, have),
+            Input::MapWithChunk { peer, have } => {
+                if let Some(&k) = self.index.get(&peer) {
+                    self.peers[k].last_map_ask = Some(now);
+                }
+                self.have_map(peer, have);
+            }
             Input::Have { peer, chunk } => {
                 let i = chunk as usize;
                 if i < self.n
@@ -1993,6 +2009,30 @@ mod tests {
         assert_eq!(s.refused_since[0], Some(ms(10)), "re-claim: clock runs on");
         add(&mut s, "b", vec![true]);
         assert_eq!(s.refused_since[0], None, "a new holder restarts it");
+    }
+
+    #[test]
+    fn a_map_with_a_chunk_counts_as_a_pull() {
+        let mut s = sched(3);
+        add(&mut s, "a", vec![true, false, false]);
+        // At 400 ms a's map comes with a chunk: it now holds chunk 1 too,
+        // and the next pull waits 500 ms from then.
+        s.handle(
+            Input::MapWithChunk {
+                peer: "a",
+                have: vec![true, true, false],
+            },
+            ms(400),
+        );
+        assert!(s.peer_has(&"a", 1));
+        assert!(
+            !s.handle(Input::Tick, ms(899))
+                .contains(&Action::AskHaveMap("a"))
+        );
+        assert!(
+            s.handle(Input::Tick, ms(900))
+                .contains(&Action::AskHaveMap("a"))
+        );
     }
 
     #[test]

@@ -23,10 +23,10 @@ use libp2p::{Multiaddr, PeerId};
 use phase_content::{ChunkStore, Hash, MemStore};
 use phase_swarm::metrics::{Metrics, Registry};
 use phase_swarm::protocol::{
-    Piece, Request, Response, decode_response, encode_request, encode_response, unpack_bits,
+    Piece, Request, Response, encode_request, encode_response, unpack_bits,
 };
 use phase_swarm::{Node, NodeConfig};
-use support::{Raw, addr, claim_all, hashes, loopback, manifest, peer, request_of};
+use support::{Raw, addr, claim_all, hashes, loopback, manifest, peer, request_of, response};
 use tokio::sync::mpsc;
 
 const CHUNK: u32 = 16 << 10;
@@ -130,32 +130,6 @@ async fn until_metric(b: &mut B, r: &Mutex<Registry>, line: &str) {
 }
 
 type B = libp2p::Swarm<request_response::Behaviour<Raw>>;
-
-/// A's answer to B's request `id` (B's swarm driven until it comes).
-async fn response(b: &mut B, id: request_response::OutboundRequestId) -> Response {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match b.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                }) if request_id == id => return decode_response(&response).unwrap(),
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                    request_id,
-                    error,
-                    ..
-                }) if request_id == id => panic!("request to A failed: {error}"),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("A answered B")
-}
 
 /// Sends `req` from B to A and returns A's answer.
 async fn ask(b: &mut B, a: PeerId, req: &Request) -> Response {

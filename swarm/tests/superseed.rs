@@ -14,9 +14,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use libp2p::request_response::ProtocolSupport;
 use phase_content::{ChunkStore, MemStore};
+use phase_swarm::protocol::{Request, Response, encode_request, unpack_bits};
 use phase_swarm::{Node, NodeConfig, Source};
-use support::{addr, artifacts, hashes, loopback, manifest};
+use support::{Raw, addr, artifacts, hashes, loopback, manifest, peer, response};
 
 const CHUNK: u32 = 16 << 10;
 const CHUNKS: usize = 16;
@@ -81,4 +83,62 @@ async fn the_last_fetcher_gets_a_chunk_its_only_holder_sent_more_than_others() {
         vec![Source::Peer(seed.peer_id())]
     );
     assert_eq!(artifacts(last_store.as_ref(), &m), want, "byte-identical");
+}
+
+/// A node that completed its fetch does not super-seed: it is one holder
+/// among many, and the chunks it relayed while fetching are the ones it
+/// would withhold. Here node A fetched everything from the seed, then
+/// served chunk 0 to peer B; peer C, asking right after (A's upload was
+/// busy within the last 2 s), sees every chunk in A's have-map and gets
+/// chunk 0. (Were A super-seeding, chunk 0, sent once while the others
+/// were never sent, would be left out of the map and refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_fetched_does_not_super_seed() {
+    let seed_store = MemStore::new();
+    let m = manifest(&seed_store, CHUNKS * CHUNK as usize, CHUNK);
+    let hashes = hashes(&m);
+    let root = *m.root().as_bytes();
+    let seed_store = Arc::new(seed_store);
+    let seed = Node::spawn(cfg(Vec::new()), seed_store.clone()).unwrap();
+    seed.seed(m.clone()).await.unwrap();
+    let a = Node::spawn(cfg(vec![addr(&seed).await]), Arc::new(MemStore::new())).unwrap();
+    tokio::time::timeout(WAIT, a.fetch(m.clone(), None, None))
+        .await
+        .expect("A's fetch finished within 30 s")
+        .unwrap();
+    let (a_addr, a_id) = (addr(&a).await, a.peer_id());
+
+    let chunk0 = seed_store.get(&hashes[0]).unwrap().unwrap().to_vec();
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let mut p = peer(Raw::default(), ProtocolSupport::Outbound);
+        p.dial(a_addr.clone()).unwrap();
+        peers.push(p);
+    }
+    let ask = async |p: &mut support::Peer, req: Request| {
+        let id = p
+            .behaviour_mut()
+            .send_request(&a_id, encode_request(&req).unwrap());
+        response(p, id).await
+    };
+    let [b, c] = &mut peers[..] else {
+        unreachable!()
+    };
+    let Response::Chunks(got) = ask(b, Request::Chunk { root, index: 0 }).await else {
+        panic!("A did not serve B chunk 0");
+    };
+    assert_eq!(got[0].data, chunk0);
+
+    let Response::HaveMap { chunks, bits } = ask(c, Request::HaveMap { root }).await else {
+        panic!("no have-map from A");
+    };
+    assert_eq!(
+        unpack_bits(chunks, &bits).unwrap(),
+        vec![true; CHUNKS],
+        "A offers every chunk, chunk 0 included"
+    );
+    let Response::Chunks(got) = ask(c, Request::Chunk { root, index: 0 }).await else {
+        panic!("A refused C chunk 0");
+    };
+    assert_eq!(got[0].data, chunk0);
 }

@@ -146,7 +146,11 @@ impl Fetcher {
             .with_dht(opts.mode == Mode::Internet)
             .with_protocol(opts.protocol)
             // PLASMD_PROMISE=0: no promised chunks (for side-by-side runs).
-            .with_promise(std::env::var("PLASMD_PROMISE").map_or(true, |v| v != "0"));
+            .with_promise(std::env::var("PLASMD_PROMISE").map_or(true, |v| v != "0"))
+            // PLASMD_MAPS_WITH_CHUNKS=0: have-maps only pulled (side by side).
+            .with_maps_with_chunks(
+                std::env::var("PLASMD_MAPS_WITH_CHUNKS").map_or(true, |v| v != "0"),
+            );
         if let Some(k) = &opts.keypair {
             cfg = cfg.with_keypair(k.clone());
         }

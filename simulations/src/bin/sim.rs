@@ -48,6 +48,10 @@ struct Args {
     /// Turn the node's super-seeding off (complete hosts offer every chunk).
     #[arg(long)]
     no_super_seed: bool,
+    /// v1: have-maps only pulled, none sent with chunks and requests (as
+    /// `PLASMD_MAPS_WITH_CHUNKS=0`).
+    #[arg(long)]
+    no_maps_with_chunks: bool,
     /// Share links max-min fairly (progressive filling over all flows, each
     /// held by its sender's upload and its receiver's download, as TCP flows
     /// converge to) instead of an equal split at each end of every flow.
@@ -150,6 +154,7 @@ fn main() {
         };
         let mut cfg = cfg;
         cfg.super_seed = !a.no_super_seed;
+        cfg.maps_with_chunks = !a.no_maps_with_chunks;
         if let Some(v) = a.in_flight {
             cfg.sched.per_peer_in_flight = v;
         }

@@ -106,14 +106,18 @@ fn print_trace(mode: &str, tmin: f64, r: &ModeResult) {
         );
     }
     println!(
-        "  run: to first ask {} ms, ask to got {} ms; the seed's last new chunk at {} s, last node done at {} s; answers busy {}, do-not-have {}, failed {}",
+        "  run: to first ask {} ms, ask to got {} ms (to the upload's start {} ms, then to got {} ms); the seed's last new chunk at {} s, last node done at {} s; answers busy {}, do-not-have {}, failed {}; have-maps pulled {}, with a chunk {}",
         ms(sum.to_first_ask_s),
         ms(sum.ask_to_got_s),
+        ms(sum.ask_to_serve_s),
+        ms(sum.serve_to_got_s),
         s(sum.seed_last_new_s),
         s(sum.last_done_s),
         sum.busy,
         sum.do_not_have,
-        sum.failed
+        sum.failed,
+        sum.map_pulls,
+        sum.maps_with_chunks
     );
 }
 
@@ -216,7 +220,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
 
     // Report the median run of each mode (by max completion).
     println!(
-        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9} {:>12}",
+        "\n{:<11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11} {:>6} {:>9} {:>9} {:>12}",
         "mode",
         "p50 s",
         "p99 s",
@@ -226,6 +230,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         "seed copies",
         "ok",
         "cpu mean",
+        "cpu s",
         "node rss MiB"
     );
     let mut valid = true;
@@ -237,7 +242,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         let r = &rs[idx[idx.len() / 2]];
         valid &= rs.iter().all(|r| !r.cpu.saturated());
         println!(
-            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}% {:>12}",
+            "{:<11} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>10.3} {:>11.2} {:>6} {:>8.0}% {:>9.1} {:>12}",
             mode.name(),
             r.p50_s,
             r.p99_s,
@@ -247,6 +252,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
             r.seed_copies,
             rs.iter().all(|r| r.ok),
             r.cpu.mean * 100.0,
+            r.cpu.core_s,
             rs.iter()
                 .filter_map(|r| r.node_peak_rss_mib)
                 .reduce(f64::max)

@@ -19,7 +19,7 @@ use super::v2::{Verdict, check};
 use super::{Fallback, FetchProgress, FetchReport, Node, PeerStats, RescueVerdict, Source, Span};
 use crate::Error;
 use crate::codec::Inbound;
-use crate::protocol::{Request, Response, Root, unpack_bits};
+use crate::protocol::{MAX_REQUEST_MAP_BYTES, Request, Response, Root, unpack_bits};
 use crate::scheduler::{Action, Input, Scheduler, SchedulerConfig};
 
 /// A manifest this node holds chunks of.
@@ -37,6 +37,9 @@ pub(super) struct Held {
     pub(super) announced: bool,
     /// What this node has sent of each chunk (super-seeding once complete).
     pub(super) sent: crate::superseed::SendCounts,
+    /// We held every chunk before any fetch of it here (seeded, or all in
+    /// the store when the fetch began): only then do we super-seed.
+    pub(super) seeded: bool,
 }
 
 /// The chunk size `SchedulerConfig::fallback_in_flight` and a capped
@@ -116,7 +119,19 @@ impl Held {
             done,
             announced: false,
             sent: crate::superseed::SendCounts::new(n),
+            seeded: false,
         }
+    }
+
+    /// Whether a complete holder offers only its least-sent chunks: it
+    /// holds every chunk and held them before fetching here. A node that
+    /// completed a fetch in a storm is one holder among many: offering
+    /// only the chunks it sent least (it relayed the rest while fetching)
+    /// left the last fetchers refused by every complete peer until each
+    /// had been idle for `ServingConfig::idle_after` (N = 32: 4 nodes 2 s
+    /// after the rest).
+    pub(super) fn super_seeds(&self) -> bool {
+        self.seeded && self.sched.is_done()
     }
 
     /// Marks chunk `i` held and counts its bytes, once.
@@ -221,6 +236,9 @@ impl Node {
                 held.mark(i);
             }
         }
+        if held.sched.is_done() {
+            held.seeded = true;
+        }
         let need_announce = held.sched.held_count() > 0 && !held.announced;
         let mm = held.manifest.manifest();
         self.metrics.serving(&mm.channel, &mm.arch, mm.sequence);
@@ -264,6 +282,7 @@ impl Node {
             Input::Tick => {}
             Input::PeerFound(p)
             | Input::HaveMap { peer: p, .. }
+            | Input::MapWithChunk { peer: p, .. }
             | Input::Have { peer: p, .. }
             | Input::ChunkOk { peer: p, .. }
             | Input::ChunkBad { peer: p, .. }
@@ -315,11 +334,12 @@ impl Node {
                     peer: Source::Peer(p),
                     chunk,
                 } => {
+                    let req = self.chunk_request(p, root, chunk);
                     let id = self
                         .swarm
                         .behaviour_mut()
                         .rr
-                        .send_request(&p, Inbound::Ok(Request::Chunk { root, index: chunk }));
+                        .send_request(&p, Inbound::Ok(req));
                     self.outbound
                         .insert(id, (p, Outbound::Chunk { root, index: chunk }));
                 }
@@ -330,6 +350,7 @@ impl Node {
                 // A v2 peer pushes its haves.
                 Action::AskHaveMap(Source::Peer(_)) if self.wire.is_some() => {}
                 Action::AskHaveMap(Source::Peer(p)) => {
+                    events::log("pull", p, 0);
                     let id = self
                         .swarm
                         .behaviour_mut()
@@ -522,6 +543,20 @@ impl Node {
         }
     }
 
+    /// A request for chunk `index` of `root` to `p`: with our have-map if
+    /// `p` reads it ([`NodeConfig::maps_with_chunks`]).
+    fn chunk_request(&self, p: PeerId, root: Root, index: u32) -> Request {
+        match self.map_to_send(p, &root, MAX_REQUEST_MAP_BYTES) {
+            Some((chunks, bits)) => Request::ChunkWithMap {
+                root,
+                index,
+                chunks,
+                bits,
+            },
+            None => Request::Chunk { root, index },
+        }
+    }
+
     pub(super) fn on_response(&mut self, peer: PeerId, what: Outbound, resp: Response) {
         match what {
             Outbound::Chunk { root, index } => {
@@ -534,6 +569,18 @@ impl Node {
                         self.on_chunk(src, root, index, data);
                     }
                     Response::Chunks(_) => self.on_chunk(src, root, index, None),
+                    Response::ChunksWithMap {
+                        mut pieces,
+                        chunks,
+                        bits,
+                    } => {
+                        // The chunk is handled as if it came alone; the map
+                        // spares the next pull.
+                        let data = (pieces.len() == 1 && pieces[0].index == index)
+                            .then(|| pieces.remove(0).data);
+                        self.on_chunk(src, root, index, data);
+                        self.map_with_chunk(peer, root, index, chunks, &bits);
+                    }
                     Response::DoNotHave if fetching => self.drive(Input::DoNotHave {
                         peer: src,
                         chunk: index,

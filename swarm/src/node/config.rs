@@ -62,6 +62,12 @@ pub struct NodeConfig {
     /// 64 at once), so the next hop's request waits at the holder instead of
     /// crossing the links' queues after the bytes arrived.
     pub promise: bool,
+    /// Send our have-map along with every chunk we serve to a peer that
+    /// reads it ([`crate::protocol::MAPS_PROTOCOL`]), and read theirs: a
+    /// peer's map that came with a chunk counts as a pull, so while chunks
+    /// flow between two nodes neither pulls the other's map (the pulls were
+    /// most of the requests at N = 32).
+    pub maps_with_chunks: bool,
     /// What the node counts ([`crate::metrics`]); registered nowhere by default.
     pub metrics: Metrics,
     /// Where libp2p's own metrics go (bandwidth, connections, Kademlia,
@@ -103,6 +109,7 @@ impl Default for NodeConfig {
             rng_seed: rand::random(),
             super_seed: true,
             promise: true,
+            maps_with_chunks: true,
             metrics: Metrics::default(),
             registry: None,
             limits: Limits::default(),
@@ -151,6 +158,11 @@ impl NodeConfig {
     /// Sets [`NodeConfig::promise`].
     pub fn with_promise(mut self, on: bool) -> Self {
         self.promise = on;
+        self
+    }
+    /// Sets [`NodeConfig::maps_with_chunks`].
+    pub fn with_maps_with_chunks(mut self, on: bool) -> Self {
+        self.maps_with_chunks = on;
         self
     }
     /// Sets the global serving cap.

@@ -35,6 +35,7 @@ impl Node {
                 held.mark(i);
             }
         }
+        held.seeded = true;
         if !held.sched.is_done() {
             return Err(Error::Fetch {
                 root: Hash::from_bytes(root).to_hex(),

@@ -10,6 +10,8 @@
 //! - `busy PEER i`, `dnh PEER i`, `fail PEER i`: PEER answered busy, do
 //!   not have (a withheld chunk included), or the request failed;
 //! - `serve PEER i`: we started uploading chunk i to PEER;
+//! - `pull PEER 0`: we asked PEER for its have-map;
+//! - `map PEER i`: PEER's have-map came with chunk i (no pull needed);
 //! - `done - 0`: every chunk held.
 //!
 //! The message is fixed so a harness can find it whatever the subscriber

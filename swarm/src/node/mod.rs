@@ -47,7 +47,7 @@ use crate::codec::ChunkCodec;
 use crate::limits::{DialQueue, IpBans, Target, ip_of};
 use crate::metrics::Metrics;
 use crate::neighbours::{NeighbourConfig, Neighbours, Origin};
-use crate::protocol::{MAX_NAME, PROTOCOL, Root};
+use crate::protocol::{MAPS_PROTOCOL, MAX_NAME, PROTOCOL, Root};
 use crate::scheduler::Input;
 use client::{Fetch, Find, Held, Outbound};
 use dial::{latest_key, root_key};
@@ -102,6 +102,9 @@ pub struct Node {
     /// Per peer: start of the current one-second window and busy answers in it.
     busy_log: HashMap<PeerId, (Instant, u32)>,
     connected: HashSet<PeerId>,
+    /// Connected peers that read `ChunksWithMap` (identify lists
+    /// [`MAPS_PROTOCOL`]; [`NodeConfig::maps_with_chunks`]).
+    maps_peers: HashSet<PeerId>,
     /// Peers that sent bytes failing verification, for the life of the
     /// process: the one ban list (schedulers forget a banned peer).
     banned: HashSet<PeerId>,
@@ -174,6 +177,7 @@ impl Node {
             // rather than silently refused stream by stream.
             .with_max_concurrent_streams(cfg.flood_limit * 2);
         let (mdns_on, dht_on) = (cfg.mdns, cfg.dht);
+        let maps_on = cfg.maps_with_chunks;
         let limits = cfg.limits.clone();
         // A node that dials nobody at start is where others bootstrap: it
         // answers the DHT from the start. Any other node is a DHT client
@@ -238,7 +242,13 @@ impl Node {
                     memory: limits.memory_limits(),
                     rr: request_response::Behaviour::with_codec(
                         ChunkCodec,
-                        [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
+                        std::iter::once((StreamProtocol::new(PROTOCOL), ProtocolSupport::Full))
+                            .chain(maps_on.then_some((
+                                // Listed (identify) so peers know we read
+                                // `ChunksWithMap`; we never open it.
+                                StreamProtocol::new(MAPS_PROTOCOL),
+                                ProtocolSupport::Inbound,
+                            ))),
                         rr_cfg,
                     ),
                     kad: Toggle::from(kad),
@@ -299,6 +309,7 @@ impl Node {
             parked: Vec::new(),
             busy_log: HashMap::new(),
             connected: HashSet::new(),
+            maps_peers: HashSet::new(),
             banned: HashSet::new(),
             blocked: HashMap::new(),
             listen: Vec::new(),
@@ -549,6 +560,7 @@ impl Node {
                 self.nbrs.closed(peer_id, self.now());
                 self.fill_neighbours();
                 self.peer_ips.remove(&peer_id);
+                self.maps_peers.remove(&peer_id);
                 if !self.connected.remove(&peer_id) {
                     // Refused at K: never a neighbour, nothing to undo.
                     return;
@@ -565,6 +577,12 @@ impl Node {
                 info,
                 ..
             })) => {
+                if self.cfg.maps_with_chunks
+                    && self.connected.contains(&peer_id)
+                    && info.protocols.iter().any(|p| p.as_ref() == MAPS_PROTOCOL)
+                {
+                    self.maps_peers.insert(peer_id);
+                }
                 let Some(kad) = self.kad() else { return };
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     for a in info.listen_addrs {

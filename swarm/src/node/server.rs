@@ -13,7 +13,9 @@ use super::client::{Held, Outbound};
 use super::events;
 use super::{Node, NodeConfig, Source};
 use crate::codec::Inbound;
-use crate::protocol::{Piece, Request, Response, Root, pack_bits};
+use crate::protocol::{
+    MAX_PIGGYBACK_MAP_BYTES, Piece, Request, Response, Root, pack_bits, unpack_bits,
+};
 use crate::scheduler::Input;
 use crate::serving::{Answer, Holding, ServingConfig};
 
@@ -156,6 +158,19 @@ impl Node {
                     self.offence(peer, "flood", "request flood");
                     return;
                 }
+                // The asker's map came with its request: it spares our pull.
+                let request = match request {
+                    Request::ChunkWithMap {
+                        root,
+                        index,
+                        chunks,
+                        bits,
+                    } => {
+                        self.map_with_chunk(peer, root, index, chunks, &bits);
+                        Request::Chunk { root, index }
+                    }
+                    r => r,
+                };
                 // A chunk on its way to us: the request waits for it.
                 if let Request::Chunk { root, index } = &request
                     && self.cfg.promise
@@ -307,7 +322,7 @@ impl Node {
                 keep.push(p);
                 continue;
             }
-            self.metrics.held(matches!(resp, Response::Chunks(_)));
+            self.metrics.held(resp.pieces().is_some());
             self.metrics.answered(&resp);
             self.respond(p.channel, resp);
         }
@@ -334,6 +349,74 @@ impl Node {
         }
     }
 
+    /// Our have-map of `root` as `peer` is told it (a pull's answer, or the
+    /// map sent with a chunk): what we hold, what is on its way to us
+    /// (promised, not from `peer`), cut to what a super-seeding complete node
+    /// offers. `None` if we hold nothing of `root`.
+    fn have_map_for(&self, peer: PeerId, root: &Root) -> Option<(u32, Vec<u8>)> {
+        let h = self.held.get(root)?;
+        let promised: Vec<bool>;
+        let have = if self.cfg.promise && !h.sched.is_done() {
+            let asker = Source::Peer(peer);
+            promised = (0..h.hashes.len() as u32)
+                .map(|i| h.sched.is_held(i) || h.sched.is_coming(i, &asker))
+                .collect();
+            &promised
+        } else {
+            h.sched.held()
+        };
+        let bits =
+            pack_bits(
+                &self
+                    .policy
+                    .advertise(&peer, have, h.super_seeds(), &h.sent, self.now()),
+            );
+        Some((h.hashes.len() as u32, bits))
+    }
+
+    /// Our have-map of `root` to send `peer` with a chunk or a request: if
+    /// it reads them ([`crate::protocol::MAPS_PROTOCOL`]) and the map is at
+    /// most `max` bytes.
+    pub(super) fn map_to_send(
+        &self,
+        peer: PeerId,
+        root: &Root,
+        max: usize,
+    ) -> Option<(u32, Vec<u8>)> {
+        if !self.maps_peers.contains(&peer) {
+            return None;
+        }
+        self.have_map_for(peer, root)
+            .filter(|(_, bits)| bits.len() <= max)
+    }
+
+    /// `peer`'s have-map of `root` that came with chunk `index` (its request
+    /// or its answer): fed to our fetch of `root` as a pull's answer would
+    /// be, if we fetch it and the map fits the manifest.
+    pub(super) fn map_with_chunk(
+        &mut self,
+        peer: PeerId,
+        root: Root,
+        index: u32,
+        chunks: u32,
+        bits: &[u8],
+    ) {
+        if !self.cfg.maps_with_chunks || self.fetch.as_ref().is_none_or(|f| f.root != root) {
+            return;
+        }
+        let n = self.held.get(&root).map(|h| h.hashes.len());
+        if n != Some(chunks as usize) {
+            return;
+        }
+        if let Some(have) = unpack_bits(chunks, bits) {
+            events::log("map", peer, index);
+            self.drive(Input::MapWithChunk {
+                peer: Source::Peer(peer),
+                have,
+            });
+        }
+    }
+
     /// The answer to request `id`; a chunk upload's slot is kept in
     /// `uploads` until [`Node::inbound_done`].
     pub(super) fn answer(
@@ -344,30 +427,8 @@ impl Node {
     ) -> Response {
         let refused = |s: &str| Response::Refused(s.to_owned());
         match req {
-            Request::HaveMap { root } => match self.held.get(&root) {
-                Some(h) => {
-                    // What we hold, and (promising) what is on its way.
-                    let promised: Vec<bool>;
-                    let have = if self.cfg.promise && !h.sched.is_done() {
-                        let asker = Source::Peer(peer);
-                        promised = (0..h.hashes.len() as u32)
-                            .map(|i| h.sched.is_held(i) || h.sched.is_coming(i, &asker))
-                            .collect();
-                        &promised
-                    } else {
-                        h.sched.held()
-                    };
-                    Response::HaveMap {
-                        chunks: h.hashes.len() as u32,
-                        bits: pack_bits(&self.policy.advertise(
-                            &peer,
-                            have,
-                            h.sched.is_done(),
-                            &h.sent,
-                            self.now(),
-                        )),
-                    }
-                }
+            Request::HaveMap { root } => match self.have_map_for(peer, &root) {
+                Some((chunks, bits)) => Response::HaveMap { chunks, bits },
                 None => Response::DoNotHave,
             },
             Request::Manifest { root } => match self.held.get(&root) {
@@ -397,7 +458,7 @@ impl Node {
                 }
                 let holding = Holding {
                     held: h.sched.is_held(index),
-                    complete: h.sched.is_done(),
+                    complete: h.super_seeds(),
                     sent: &mut h.sent,
                 };
                 let token = match self.policy.on_request(peer, index, holding, now) {
@@ -410,13 +471,25 @@ impl Node {
                     Some(data) => {
                         events::log("serve", peer, index);
                         self.uploads.insert(id, token);
-                        Response::Chunks(vec![Piece { index, data }])
+                        let pieces = vec![Piece { index, data }];
+                        match self.map_to_send(peer, &root, MAX_PIGGYBACK_MAP_BYTES) {
+                            Some((chunks, bits)) => Response::ChunksWithMap {
+                                pieces,
+                                chunks,
+                                bits,
+                            },
+                            None => Response::Chunks(pieces),
+                        }
                     }
                     None => {
                         self.policy.on_done(token);
                         Response::DoNotHave
                     }
                 }
+            }
+            // (Its map was read on arrival.)
+            Request::ChunkWithMap { root, index, .. } => {
+                self.answer(peer, Request::Chunk { root, index }, id)
             }
             // Nothing asks for ranges (the scheduler asks chunk by chunk),
             // and one range holds an upload slot eight times as long as a

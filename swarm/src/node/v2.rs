@@ -711,7 +711,7 @@ impl Node {
     /// Whether we offer only our least-sent chunks of `h`: a complete node
     /// with super-seeding on.
     fn super_seeding(&self, h: &super::client::Held) -> bool {
-        self.cfg.super_seed && h.sched.is_done()
+        self.cfg.super_seed && h.super_seeds()
     }
 
     /// Chunks of `root` back on offer: every session about it hears `Have`
@@ -1386,7 +1386,7 @@ impl Node {
                 let Some(h) = self.held.get_mut(&key.1) else {
                     continue;
                 };
-                let seeding = super_seed && h.sched.is_done();
+                let seeding = super_seed && h.super_seeds();
                 let withheld = seeding
                     && !asked_again
                     && !h.sent.offer(chunk as usize)

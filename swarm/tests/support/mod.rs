@@ -18,7 +18,7 @@ use phase_content::{ChunkStore, Hash, MemStore, SecretKey, SignedManifest};
 use phase_swarm::Fallback;
 use phase_swarm::protocol::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, PROTOCOL, Piece, Request, Response, decode_request,
-    encode_response, pack_bits,
+    decode_response, encode_response, pack_bits,
 };
 
 /// Frames as raw bytes (length prefix included) both ways. `unread`: never
@@ -93,8 +93,11 @@ impl request_response::Codec for Raw {
 
 pub type Peer = Swarm<request_response::Behaviour<Raw>>;
 
-/// A raw libp2p peer with a fresh identity, listening on loopback.
-pub fn peer(codec: Raw, support: ProtocolSupport) -> Peer {
+/// A swarm with a fresh identity over tcp + noise + yamux, listening on
+/// loopback, running `behaviour`.
+pub fn loopback_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> Swarm<B> {
     let mut s = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -103,21 +106,53 @@ pub fn peer(codec: Raw, support: ProtocolSupport) -> Peer {
             yamux::Config::default,
         )
         .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new(PROTOCOL), support)],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(300))
-                    .with_max_concurrent_streams(1000),
-            )
-        })
+        .with_behaviour(behaviour)
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
     s.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
         .unwrap();
     s
+}
+
+/// A raw libp2p peer with a fresh identity, listening on loopback.
+pub fn peer(codec: Raw, support: ProtocolSupport) -> Peer {
+    loopback_swarm(|_| {
+        request_response::Behaviour::with_codec(
+            codec,
+            [(StreamProtocol::new(PROTOCOL), support)],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(300))
+                .with_max_concurrent_streams(1000),
+        )
+    })
+}
+
+/// The answer to `b`'s request `id` (its swarm driven until it comes,
+/// at most 20 s).
+pub async fn response(b: &mut Peer, id: request_response::OutboundRequestId) -> Response {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match b.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) if request_id == id => return decode_response(&response).unwrap(),
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    ..
+                }) if request_id == id => panic!("request failed: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an answer within 20 s")
 }
 
 /// A manifest of `len` pseudo-random bytes in `chunk`-byte chunks, all in `store`.
