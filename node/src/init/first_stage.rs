@@ -285,7 +285,7 @@ pub(crate) fn first_stage(
     provider: Option<&str>,
     pubkey: PublicKey,
 ) -> anyhow::Result<Ready> {
-    let rt = crate::runtime()?;
+    let rt = crate::node_runtime()?;
     let fetch = rt.block_on(fetch(cfg, provider, pubkey));
     if let Some(secs) = cfg.linger {
         rt.block_on(linger(&fetch, secs));

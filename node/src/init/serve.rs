@@ -108,7 +108,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .collect();
     let listen = phase_swarm::addr::tcp([0, 0, 0, 0].into(), first_stage::P2P_PORT);
     let metrics = own_metrics.or(c.params.metrics);
-    crate::runtime()?.block_on(serve(c, store, liar, listen, peers, token, metrics))
+    crate::node_runtime()?.block_on(serve(c, store, liar, listen, peers, token, metrics))
 }
 
 async fn serve(
