@@ -86,8 +86,14 @@ pub struct NeighbourConfig {
     /// Candidates waiting at most; beyond, new ones (not given) are ignored.
     pub max_candidates: usize,
     /// How long a peer that was dropped, refused us or went away waits
-    /// before it is dialed again.
+    /// before it is dialed again; also the longest a given peer whose dials
+    /// keep failing waits.
     pub retry_after: Duration,
+    /// How long a given peer waits after its first failed dial; each
+    /// failure in a row doubles it, up to [`NeighbourConfig::retry_after`].
+    /// A given peer is one the user named, often a node that is still
+    /// starting: a second try a second later finds it.
+    pub given_retry_first: Duration,
     /// A dial handed out and not yet connected is forgotten after this long.
     pub dial_timeout: Duration,
 }
@@ -99,6 +105,7 @@ impl Default for NeighbourConfig {
             rotate_every: Duration::from_secs(10),
             max_candidates: 256,
             retry_after: Duration::from_secs(10),
+            given_retry_first: Duration::from_secs(1),
             dial_timeout: Duration::from_secs(15),
         }
     }
@@ -123,6 +130,11 @@ impl NeighbourConfig {
     /// Sets how long a dropped or refused peer waits before a new dial.
     pub fn with_retry_after(mut self, d: Duration) -> Self {
         self.retry_after = d;
+        self
+    }
+    /// Sets how long a given peer waits after its first failed dial.
+    pub fn with_given_retry_first(mut self, d: Duration) -> Self {
+        self.given_retry_first = d;
         self
     }
     /// Sets how long a dial handed out is remembered.
@@ -180,6 +192,9 @@ pub struct Neighbours<P, T> {
     /// Dials handed out, not yet connected: their origin, and since when.
     dialing: VecDeque<(Candidate<P, T>, Duration)>,
     held: HashMap<P, Neighbour<T>>,
+    /// Given targets whose dials failed, with how many failed in a row
+    /// (bounded like the waiting candidates).
+    given_failures: VecDeque<(T, u32)>,
     complete: bool,
     last_rotate: Duration,
     peak: usize,
@@ -203,6 +218,7 @@ where
             waiting: VecDeque::new(),
             dialing: VecDeque::new(),
             held: HashMap::new(),
+            given_failures: VecDeque::new(),
             complete: false,
             last_rotate: Duration::ZERO,
             peak: 0,
@@ -342,8 +358,10 @@ where
         Some(w.cand)
     }
 
-    /// A dial failed: it waits [`NeighbourConfig::retry_after`] before it
-    /// is tried again (given ones only; others come back when rediscovered).
+    /// A dial failed: a given one is tried again after
+    /// [`NeighbourConfig::given_retry_first`], doubled for each failure in
+    /// a row up to [`NeighbourConfig::retry_after`]; others come back when
+    /// rediscovered.
     pub fn dial_failed(&mut self, peer: Option<P>, target: Option<&T>, now: Duration) {
         let hit = self.dialing.iter().position(|(d, _)| {
             (peer.is_some() && d.peer == peer) || target.is_some_and(|t| *t == d.target)
@@ -352,8 +370,32 @@ where
             && let Some((c, _)) = self.dialing.remove(i)
             && c.origin == Origin::Given
         {
-            self.offer_at(c, now + self.cfg.retry_after);
+            let wait = self.given_failed(&c.target);
+            self.offer_at(c, now + wait);
         }
+    }
+
+    /// Counts one more failed dial of given `t`; returns the wait before
+    /// the next.
+    fn given_failed(&mut self, t: &T) -> Duration {
+        let fails = match self.given_failures.iter_mut().find(|(g, _)| g == t) {
+            Some((_, n)) => {
+                *n = n.saturating_add(1);
+                *n
+            }
+            None => {
+                if self.given_failures.len() >= self.cfg.max_candidates.max(1) {
+                    self.given_failures.pop_front();
+                }
+                self.given_failures.push_back((t.clone(), 1));
+                1
+            }
+        };
+        let doubled = self
+            .cfg
+            .given_retry_first
+            .saturating_mul(1u32 << (fails - 1).min(16));
+        doubled.min(self.cfg.retry_after)
     }
 
     fn victim(&self, now: Duration, grace: bool, idle_only: bool) -> Option<P> {
@@ -377,6 +419,9 @@ where
             d.peer == Some(peer) || (!inbound && remote.is_some_and(|r| *r == d.target))
         });
         let dialed = hit.and_then(|i| self.dialing.remove(i)).map(|(c, _)| c);
+        if let Some(c) = &dialed {
+            self.given_failures.retain(|(g, _)| *g != c.target);
+        }
         let mut queued = None;
         self.waiting.retain(|w| {
             let same = w.cand.peer == Some(peer);
@@ -675,8 +720,43 @@ mod tests {
         let mut n = N::new(NeighbourConfig::default().with_max(4));
         n.dialing_given(1, Some(1), s(0));
         n.dial_failed(Some(1), None, s(0));
-        assert!(n.dial_next(s(5), 0).is_none());
-        assert_eq!(n.dial_next(s(10), 0).unwrap().origin, Origin::Given);
+        assert!(n.dial_next(Duration::from_millis(900), 0).is_none());
+        assert_eq!(n.dial_next(s(1), 0).unwrap().origin, Origin::Given);
+    }
+
+    #[test]
+    fn a_given_peer_that_keeps_failing_waits_twice_as_long_each_time_up_to_retry_after() {
+        let mut n = N::new(NeighbourConfig::default().with_max(4));
+        n.dialing_given(1, Some(1), s(0));
+        let mut now = s(0);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            n.dial_failed(Some(1), None, now);
+            let mut t = now;
+            let c = loop {
+                t += Duration::from_millis(100);
+                if let Some(c) = n.dial_next(t, 0) {
+                    break c;
+                }
+                assert!(t < now + s(60), "never retried");
+            };
+            assert_eq!(c.peer, Some(1));
+            waits.push((t - now).as_millis());
+            now = t;
+        }
+        assert_eq!(waits, vec![1000, 2000, 4000, 8000, 10_000, 10_000]);
+        // Connected at last: the next failure starts again at a second.
+        assert_eq!(n.admit(1, false, Some(&1), now), Admit::Accept);
+        n.closed(1, now);
+        let back = loop {
+            now += Duration::from_millis(100);
+            if let Some(c) = n.dial_next(now, 0) {
+                break c;
+            }
+        };
+        n.dial_failed(back.peer, None, now);
+        assert!(n.dial_next(now + Duration::from_millis(900), 0).is_none());
+        assert!(n.dial_next(now + s(1), 0).is_some());
     }
 
     #[derive(Debug, Clone)]
