@@ -321,20 +321,29 @@ impl Proc {
         })
     }
 
+    /// The first line ever printed (still kept) that satisfies `pred`, if
+    /// one comes within `timeout`; like [`Proc::wait_for_first`], it leaves
+    /// the cursor alone.
+    pub fn try_wait_for_first(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<Line> {
+        self.scan(0, timeout, &pred).map(|(_, l)| l)
+    }
+
     /// The first line ever printed (still kept) that satisfies `pred`, waiting
     /// up to `timeout`; panics with the output on timeout. It ignores and
     /// does not move [`Proc::wait_for`]'s cursor: for a line that is printed
     /// once and may reach us out of order with the other stream's lines.
     pub fn wait_for_first(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Line {
-        self.scan(0, timeout, &pred)
-            .map(|(_, l)| l)
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: no expected line within {timeout:?}; output:\n{}",
-                    self.name,
-                    self.output()
-                )
-            })
+        self.try_wait_for_first(timeout, pred).unwrap_or_else(|| {
+            panic!(
+                "{}: no expected line within {timeout:?}; output:\n{}",
+                self.name,
+                self.output()
+            )
+        })
     }
 
     fn scan(

@@ -98,7 +98,25 @@ pub fn fetcher(name: &str, provider: &str, pubkey: &str, out: &Path, extra: &[&s
 /// Waits for the one-line JSON summary of a fetcher (on stdout: it may reach
 /// us before or after stderr lines printed around it, hence `wait_for_first`).
 pub fn summary(p: &Proc) -> serde_json::Value {
-    let line = p.wait_for_first(STEP, |l| l.starts_with('{') && l.contains("\"ok\""));
+    summary_beside(p, &[])
+}
+
+/// [`summary`]; on a timeout the panic also shows the output of `peers`, the
+/// processes `p` should have reached: a fetcher that never reached its peers
+/// is explained by their side as much as by its own.
+pub fn summary_beside(p: &Proc, peers: &[&Proc]) -> serde_json::Value {
+    let Some(line) = p.try_wait_for_first(STEP, |l| l.starts_with('{') && l.contains("\"ok\""))
+    else {
+        let theirs: String = peers
+            .iter()
+            .map(|q| format!("\n--- {} ---\n{}", q.name(), q.output()))
+            .collect();
+        panic!(
+            "{}: no summary within {STEP:?}; output:\n{}{theirs}",
+            p.name(),
+            p.output()
+        );
+    };
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {line}"))
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use phase_content::{CorruptingStore, FsStore, PublicKey, SignedManifest};
 use phase_swarm::{Node, NodeConfig};
-use phase_tests::swarm::{STEP, SeedSetup, fetcher, peer_of, seeding_addr, sources, summary};
+use phase_tests::swarm::{
+    STEP, SeedSetup, fetcher, peer_of, seeding_addr, sources, summary, summary_beside,
+};
 
 /// A peer that serves corrupted chunks is banned on its first bad chunk and
 /// the fetch completes byte-identical from the honest ones.
@@ -60,7 +62,7 @@ fn lying_peer_is_banned_and_fetch_completes() {
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert_eq!(banned, vec![liar.as_str()], "{sum}");
+    assert_eq!(banned, vec![liar.as_str()], "{sum}\n{}", f.output());
     assert!(
         !sources(&sum).contains(&liar),
         "no bytes counted from the liar: {sum}"
@@ -134,13 +136,14 @@ fn provider_killed_mid_transfer() {
         "the fetch had all {TOTAL} chunks before p1 was killed: the transfer is too short"
     );
 
-    let sum = summary(&f);
+    let sum = summary_beside(&f, &[&p1, &p2]);
     s.assert_same(&o3);
     assert_eq!(sum["ok"], serde_json::Value::Bool(true), "{sum}");
     let served = sum["peers"][&killed]["bytes"].as_u64().unwrap_or(0);
     assert!(
         served > 0,
-        "the killed provider {killed} served nothing before the kill: {sum}"
+        "the killed provider {killed} served nothing before the kill: {sum}\n{}",
+        f.output()
     );
     let bytes = sum["bytes"].as_u64().expect("bytes in summary");
     assert!(
@@ -176,7 +179,7 @@ fn seed_gone_fetch_from_first_fetcher_alone() {
         &o2,
         &["--peer", &addr, "--manifest-wait", "20"],
     );
-    let sum = summary(&second);
+    let sum = summary_beside(&second, &[&first]);
     s.assert_same(&o2);
     assert_eq!(sources(&sum), vec![peer_of(&addr)], "{sum}");
     assert!(second.wait_exit(Duration::from_secs(30)).success());
