@@ -748,11 +748,16 @@ mod tests {
         // Connected at last: the next failure starts again at a second.
         assert_eq!(n.admit(1, false, Some(&1), now), Admit::Accept);
         n.closed(1, now);
+        let closed_at = now;
         let back = loop {
             now += Duration::from_millis(100);
             if let Some(c) = n.dial_next(now, 0) {
                 break c;
             }
+            assert!(
+                now < closed_at + s(60),
+                "never dialed again after the close"
+            );
         };
         n.dial_failed(back.peer, None, now);
         assert!(n.dial_next(now + Duration::from_millis(900), 0).is_none());
