@@ -132,11 +132,6 @@ impl NeighbourConfig {
         self.retry_after = d;
         self
     }
-    /// Sets how long a given peer waits after its first failed dial.
-    pub fn with_given_retry_first(mut self, d: Duration) -> Self {
-        self.given_retry_first = d;
-        self
-    }
     /// Sets how long a dial handed out is remembered.
     pub fn with_dial_timeout(mut self, d: Duration) -> Self {
         self.dial_timeout = d;

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
 use phase_content::MemStore;
-use phase_swarm::{Keypair, Multiaddr, Node, NodeConfig};
-use support::{addr, loopback};
+use phase_swarm::{Keypair, Multiaddr, Node, NodeConfig, addr};
+use support::loopback;
 use tokio::net::TcpListener;
 
 fn tcp_port(a: &Multiaddr) -> u16 {
@@ -36,14 +36,13 @@ fn tcp_port(a: &Multiaddr) -> u16 {
 async fn dials_come_from_a_fresh_port_not_the_listening_one() {
     // The "peer": a plain TCP listener, enough to see where a dial comes from.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
     let someone = Keypair::generate_ed25519().public().to_peer_id();
-    let peer: Multiaddr = format!(
-        "/ip4/127.0.0.1/tcp/{}/p2p/{someone}",
-        l.local_addr().unwrap().port()
-    )
-    .parse()
-    .unwrap();
-
+    let peer = addr::with_peer(addr::tcp(at.ip(), at.port()), someone);
+    // Listening on loopback, not the default 0.0.0.0: from 0.0.0.0 libp2p
+    // binds dials to the port only once it has listed the interfaces'
+    // addresses, after this first dial, so that path passed without the
+    // fix too (checked); later dials (retries, the DHT's) were bound.
     let node = Node::spawn(
         NodeConfig::default()
             .with_mdns(false)
@@ -52,7 +51,7 @@ async fn dials_come_from_a_fresh_port_not_the_listening_one() {
         Arc::new(MemStore::new()),
     )
     .unwrap();
-    let listening = tcp_port(&addr(&node).await);
+    let listening = tcp_port(&support::addr(&node).await);
 
     let (_conn, from) = tokio::time::timeout(Duration::from_secs(10), l.accept())
         .await
