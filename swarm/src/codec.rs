@@ -187,6 +187,13 @@ mod tests {
             any::<[u8; 32]>().prop_map(|root| Request::HaveMap { root }),
             any::<[u8; 32]>().prop_map(|root| Request::Manifest { root }),
             (".{0,20}", ".{0,20}").prop_map(|(channel, arch)| Request::Latest { channel, arch }),
+            (".{0,20}", ".{0,20}", any::<u64>()).prop_map(|(channel, arch, sequence)| {
+                Request::LatestAbove {
+                    channel,
+                    arch,
+                    sequence,
+                }
+            }),
             (
                 any::<[u8; 32]>(),
                 any::<u32>(),

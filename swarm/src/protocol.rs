@@ -17,6 +17,13 @@ pub const PROTOCOL: &str = "/phase/chunk/1";
 /// older peers keep getting [`Response::Chunks`].
 pub const MAPS_PROTOCOL: &str = "/phase/chunk/1/maps";
 
+/// A name a node lists (through identify) when it answers
+/// [`Request::LatestAbove`]; streams on it carry the same messages as on
+/// [`PROTOCOL`]. A node sends that request only to peers that list it (an
+/// older node would take the unknown request for a malformed one), and
+/// [`Request::Latest`] to the others.
+pub const ABOVE_PROTOCOL: &str = "/phase/chunk/1/above";
+
 /// The largest have-map sent along with a chunk: a larger manifest's map is
 /// pulled as before.
 pub const MAX_PIGGYBACK_MAP_BYTES: usize = 16 << 10;
@@ -92,6 +99,19 @@ pub enum Request {
         /// `ceil(chunks / 8)` bytes, least significant bit first.
         #[serde(with = "serde_bytes")]
         bits: Vec<u8>,
+    },
+    /// [`Request::Latest`] from a node that holds `sequence` already: the
+    /// answer is the manifest only if it is newer, else
+    /// [`Response::DoNotHave`], so a manifest the asker holds (often 10 KB
+    /// and more) does not cross the link again. Sent only to peers that
+    /// list [`ABOVE_PROTOCOL`].
+    LatestAbove {
+        /// The channel, e.g. `stable`.
+        channel: String,
+        /// The arch, e.g. `x86_64`.
+        arch: String,
+        /// The sequence the asker holds.
+        sequence: u64,
     },
 }
 

@@ -271,7 +271,11 @@ impl Fetcher {
     }
 
     /// `seed`'s manifest, or a newer one a connected peer offers within the
-    /// offer window. No peer connected: the seed's at once.
+    /// offer window. Peers are asked only for a manifest newer than the
+    /// seed's (`LatestAbove`): the seed's own swarm node, asked too (the
+    /// HTTP answer may come from a stale proxy), does not send the same
+    /// manifest again over the uplink a storm waits for. No peer connected:
+    /// the seed's at once.
     async fn newer_from_peers(&self, seed: SignedManifest) -> (SignedManifest, Via) {
         let o = &self.opts;
         if o.offer_window.is_zero() {
@@ -283,7 +287,7 @@ impl Fetcher {
         }
         match self
             .node
-            .find_manifest(&o.channel, &o.arch, o.pubkey, o.offer_window)
+            .newer_manifest(seed.clone(), o.pubkey, o.offer_window)
             .await
         {
             Ok(p) if p.manifest().sequence > seed.manifest().sequence => {

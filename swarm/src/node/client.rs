@@ -522,13 +522,21 @@ impl Node {
         if self.banned.contains(&p) || !find.asked.insert(p) {
             return;
         }
-        let id = self.swarm.behaviour_mut().rr.send_request(
-            &p,
-            Inbound::Ok(Request::Latest {
-                channel: find.channel.clone(),
-                arch: find.arch.clone(),
-            }),
-        );
+        let (channel, arch) = (find.channel.clone(), find.arch.clone());
+        let req = match &find.best {
+            // What we hold need not come back.
+            Some(b) if self.above_peers.contains(&p) => Request::LatestAbove {
+                channel,
+                arch,
+                sequence: b.manifest().sequence,
+            },
+            _ => Request::Latest { channel, arch },
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&p, Inbound::Ok(req));
         find.outstanding += 1;
         self.outbound.insert(id, (p, Outbound::Latest));
     }

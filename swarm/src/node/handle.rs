@@ -136,6 +136,9 @@ pub(super) enum Command {
         arch: String,
         pinned: PublicKey,
         wait: Duration,
+        /// A manifest the caller holds: the answer unless a peer offers a
+        /// newer one.
+        known: Option<Box<SignedManifest>>,
         reply: oneshot::Sender<Result<SignedManifest, Error>>,
     },
     Fetch {
@@ -196,6 +199,32 @@ impl Handle {
             arch,
             pinned,
             wait,
+            known: None,
+            reply,
+        })
+        .await?
+    }
+
+    /// `known`, or a newer manifest of its channel and arch (verified against
+    /// `pinned`) that a connected (or later connecting) peer offers; answers
+    /// once every peer asked has answered, or after `wait`, and at once with
+    /// no peer connected. Peers that list
+    /// [`crate::protocol::ABOVE_PROTOCOL`] are asked only for a manifest
+    /// newer than `known`, so one that holds the same sends no manifest back.
+    pub async fn newer_manifest(
+        &self,
+        known: SignedManifest,
+        pinned: PublicKey,
+        wait: Duration,
+    ) -> Result<SignedManifest, Error> {
+        let m = known.manifest();
+        let (channel, arch) = (m.channel.clone(), m.arch.clone());
+        self.ask(|reply| Command::FindManifest {
+            channel,
+            arch,
+            pinned,
+            wait,
+            known: Some(Box::new(known)),
             reply,
         })
         .await?

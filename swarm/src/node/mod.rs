@@ -47,7 +47,7 @@ use crate::codec::ChunkCodec;
 use crate::limits::{DialQueue, IpBans, Target, ip_of};
 use crate::metrics::Metrics;
 use crate::neighbours::{NeighbourConfig, Neighbours, Origin};
-use crate::protocol::{MAPS_PROTOCOL, MAX_NAME, PROTOCOL, Root};
+use crate::protocol::{ABOVE_PROTOCOL, MAPS_PROTOCOL, MAX_NAME, PROTOCOL, Root};
 use crate::scheduler::Input;
 use client::{Fetch, Find, Held, Outbound};
 use dial::{latest_key, root_key};
@@ -105,6 +105,9 @@ pub struct Node {
     /// Connected peers that read `ChunksWithMap` (identify lists
     /// [`MAPS_PROTOCOL`]; [`NodeConfig::maps_with_chunks`]).
     maps_peers: HashSet<PeerId>,
+    /// Connected peers that answer [`Request::LatestAbove`] (they list
+    /// [`ABOVE_PROTOCOL`]).
+    above_peers: HashSet<PeerId>,
     /// Peers that sent bytes failing verification, for the life of the
     /// process: the one ban list (schedulers forget a banned peer).
     banned: HashSet<PeerId>,
@@ -248,6 +251,12 @@ impl Node {
                                 // `ChunksWithMap`; we never open it.
                                 StreamProtocol::new(MAPS_PROTOCOL),
                                 ProtocolSupport::Inbound,
+                            )))
+                            .chain(std::iter::once((
+                                // Listed so peers know we answer
+                                // `LatestAbove`; never opened.
+                                StreamProtocol::new(ABOVE_PROTOCOL),
+                                ProtocolSupport::Inbound,
                             ))),
                         rr_cfg,
                     ),
@@ -310,6 +319,7 @@ impl Node {
             busy_log: HashMap::new(),
             connected: HashSet::new(),
             maps_peers: HashSet::new(),
+            above_peers: HashSet::new(),
             banned: HashSet::new(),
             blocked: HashMap::new(),
             listen: Vec::new(),
@@ -388,6 +398,7 @@ impl Node {
                 arch,
                 pinned,
                 wait,
+                known,
                 reply,
             } => {
                 if channel.len() > MAX_NAME || arch.len() > MAX_NAME {
@@ -406,13 +417,15 @@ impl Node {
                     deadline: Instant::now() + wait,
                     asked: HashSet::new(),
                     outstanding: 0,
-                    best: None,
+                    best: known.map(|m| *m),
                     reply,
                 };
                 for p in self.connected.clone() {
                     self.ask_latest(&mut find, p);
                 }
                 self.find = Some(find);
+                // Nobody to ask and a manifest known: the answer is ready.
+                self.find_check();
             }
             Command::Fetch {
                 manifest,
@@ -561,6 +574,7 @@ impl Node {
                 self.fill_neighbours();
                 self.peer_ips.remove(&peer_id);
                 self.maps_peers.remove(&peer_id);
+                self.above_peers.remove(&peer_id);
                 if !self.connected.remove(&peer_id) {
                     // Refused at K: never a neighbour, nothing to undo.
                     return;
@@ -582,6 +596,11 @@ impl Node {
                     && info.protocols.iter().any(|p| p.as_ref() == MAPS_PROTOCOL)
                 {
                     self.maps_peers.insert(peer_id);
+                }
+                if self.connected.contains(&peer_id)
+                    && info.protocols.iter().any(|p| p.as_ref() == ABOVE_PROTOCOL)
+                {
+                    self.above_peers.insert(peer_id);
                 }
                 let Some(kad) = self.kad() else { return };
                 if info.protocols.contains(&KAD_PROTOCOL) {

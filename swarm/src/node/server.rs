@@ -331,6 +331,19 @@ impl Node {
         self.metrics.waiting(self.parked.len());
     }
 
+    /// The newest manifest held for `channel`/`arch`, if newer than `above`.
+    fn latest(&self, channel: &str, arch: &str, above: Option<u64>) -> Response {
+        self.held
+            .values()
+            .map(|h| &h.manifest)
+            .filter(|m| m.manifest().channel == channel && m.manifest().arch == arch)
+            .max_by_key(|m| m.manifest().sequence)
+            .filter(|m| above.is_none_or(|s| m.manifest().sequence > s))
+            .map_or(Response::DoNotHave, |m| {
+                Response::Manifest(m.envelope().to_vec())
+            })
+    }
+
     pub(super) fn respond(&mut self, ch: ResponseChannel<Response>, r: Response) {
         let _ = self.swarm.behaviour_mut().rr.send_response(ch, r);
     }
@@ -435,17 +448,12 @@ impl Node {
                 Some(h) => Response::Manifest(h.manifest.envelope().to_vec()),
                 None => Response::DoNotHave,
             },
-            Request::Latest { channel, arch } => self
-                .held
-                .values()
-                .filter(|h| {
-                    let m = h.manifest.manifest();
-                    m.channel == channel && m.arch == arch
-                })
-                .max_by_key(|h| h.manifest.manifest().sequence)
-                .map_or(Response::DoNotHave, |h| {
-                    Response::Manifest(h.manifest.envelope().to_vec())
-                }),
+            Request::Latest { channel, arch } => self.latest(&channel, &arch, None),
+            Request::LatestAbove {
+                channel,
+                arch,
+                sequence,
+            } => self.latest(&channel, &arch, Some(sequence)),
             Request::Chunk { root, index } => {
                 let now = self.now();
                 let Some(h) = self.held.get_mut(&root) else {
