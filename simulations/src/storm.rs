@@ -84,6 +84,10 @@ pub struct StormConfig {
     /// Swarm modes: the seed and the nodes log their chunk events
     /// ([`crate::hops`]), read into [`ModeResult::hops`].
     pub chunk_events: bool,
+    /// Swarm modes: the nodes' `plasmd fetch --mode` (`internet`, the
+    /// default, also asks the DHT; `lan` finds peers only through the seed
+    /// and mDNS).
+    pub fetch_mode: phase_boot::cmdline::Mode,
 }
 
 /// `RUST_LOG` for the swarm's processes when chunk events are on: plasmd's
@@ -265,6 +269,7 @@ pub fn run_mode(
             let url = format!("http://{seed_ip}:8080");
             if mode != Mode::Http {
                 let plasmd = plasmd.clone();
+                let fetch_mode = cfg.fetch_mode;
                 Box::new(move |_, out: &Path| {
                     let mut argv = log.clone();
                     argv.extend([
@@ -280,6 +285,7 @@ pub fn run_mode(
                         "--json".into(),
                     ]);
                     argv.extend(v2.iter().cloned());
+                    argv.push(format!("--mode={}", fetch_mode));
                     argv
                 })
             } else {

@@ -41,6 +41,10 @@ struct Args {
     /// Swarm chunk size in bytes.
     #[arg(long, default_value_t = phase_content::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// The swarm nodes' `plasmd fetch --mode`: internet (also the DHT, plasmd's default) or lan
+    /// (only the seed and mDNS; how much the DHT costs a LAN storm)
+    #[arg(long, default_value = "internet", value_parser = |s: &str| s.parse::<phase_boot::cmdline::Mode>().map_err(|()| "expected lan or internet".to_owned()))]
+    fetch_mode: phase_boot::cmdline::Mode,
     /// Give up on a mode after this many seconds (default: 3 x the HTTP time + 60).
     #[arg(long)]
     timeout_s: Option<u64>,
@@ -180,10 +184,11 @@ fn run(a: Args) -> anyhow::Result<bool> {
         work: work.clone(),
         chunk_size: a.chunk_size,
         chunk_events: a.trace,
+        fetch_mode: a.fetch_mode,
     };
     let (artifacts, want) = make_artifacts(&cfg)?;
     println!(
-        "storm: {} nodes + seed, {:.1} MB, links {} Mbit/s (seed {}), {}; T_min {:.2} s, HTTP bound {:.1} s",
+        "storm: {} nodes + seed, {:.1} MB, links {} Mbit/s (seed {}), {}, fetch --mode {}; T_min {:.2} s, HTTP bound {:.1} s",
         a.nodes,
         total as f64 / 1e6,
         a.rate_mbit,
@@ -193,6 +198,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         } else {
             format!("staggered {} ms", a.stagger_ms)
         },
+        a.fetch_mode,
         tmin,
         thttp
     );
