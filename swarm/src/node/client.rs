@@ -179,6 +179,11 @@ pub(super) struct Fetch {
     pub(super) progress: Option<watch::Sender<FetchProgress>>,
     pub(super) reply: oneshot::Sender<Result<FetchReport, Error>>,
     pub(super) last_lookup: Instant,
+    /// The wait before the next lookup (`NodeConfig::lookup_interval`,
+    /// doubled after each lookup that found nobody new).
+    pub(super) lookup_every: std::time::Duration,
+    /// A lookup since the last one found a provider we were not connected to.
+    pub(super) lookup_found: bool,
 }
 
 pub(super) struct Find {
@@ -255,6 +260,8 @@ impl Node {
             progress,
             reply,
             last_lookup: Instant::now(),
+            lookup_every: self.cfg.lookup_interval,
+            lookup_found: false,
         });
         if need_announce {
             self.announce(root);

@@ -47,7 +47,12 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// How often provider records are re-announced.
     pub provide_interval: Duration,
-    /// How often the DHT is asked for providers while fetching.
+    /// How often the DHT is asked for providers while fetching, at first
+    /// and again after a lookup that found a provider we were not connected
+    /// to. Each lookup that finds none doubles the wait, up to 32 s: once a
+    /// node is connected to every provider (in a LAN storm mDNS and the seed
+    /// find them all), a lookup every 2 s only loads the DHT's servers, all
+    /// of which every lookup asks.
     pub lookup_interval: Duration,
     /// The fetch scheduler's tunables.
     pub scheduler: SchedulerConfig,
@@ -83,6 +88,20 @@ pub struct NodeConfig {
     /// Sessions of [`Protocol::V2`]: depth (requests pipelined per peer),
     /// timeouts, limits.
     pub session: crate::v2::SessionConfig,
+}
+
+/// The longest wait between two provider lookups of one fetch.
+pub(super) const MAX_LOOKUP_INTERVAL: Duration = Duration::from_secs(32);
+
+/// The wait after a lookup: back to `first` if the lookups since the last
+/// one found a provider we were not connected to, else twice `now` (at most
+/// [`MAX_LOOKUP_INTERVAL`]).
+pub(super) fn next_lookup_wait(now: Duration, first: Duration, found: bool) -> Duration {
+    if found {
+        first
+    } else {
+        now.saturating_mul(2).min(MAX_LOOKUP_INTERVAL).max(first)
+    }
 }
 
 impl Default for NodeConfig {
@@ -256,5 +275,22 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, b"garbage").unwrap();
         assert!(matches!(load_or_create_key(&path), Err(Error::Key { .. })));
+    }
+
+    #[test]
+    fn lookups_back_off_while_they_find_nobody_new() {
+        let first = NodeConfig::default().lookup_interval;
+        let mut w = first;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            w = next_lookup_wait(w, first, false);
+            waits.push(w.as_secs());
+        }
+        assert_eq!(waits, [4, 8, 16, 32, 32, 32]);
+        assert_eq!(
+            next_lookup_wait(w, first, true),
+            first,
+            "a new provider: ask often again"
+        );
     }
 }

@@ -54,6 +54,7 @@ use dial::{latest_key, root_key};
 pub use events::MARK as CHUNK_EVENT_MARK;
 use handle::Command;
 
+use config::next_lookup_wait;
 pub use config::{NodeConfig, load_or_create_key};
 pub use handle::{
     Fallback, FetchProgress, FetchReport, Handle, PeerStats, Source, Span, span_by_chunks,
@@ -454,18 +455,20 @@ impl Node {
         }
         self.neighbour_tick();
         self.v2_tick();
-        let lookup = self
-            .fetch
-            .as_ref()
-            .filter(|f| f.last_lookup.elapsed() >= self.cfg.lookup_interval)
-            .map(|f| f.root);
-        if let Some(root) = lookup {
-            if let Some(f) = self.fetch.as_mut() {
-                f.last_lookup = now;
+        let first = self.cfg.lookup_interval;
+        let lookup = self.fetch.as_mut().and_then(|f| {
+            if f.last_lookup.elapsed() < f.lookup_every {
+                return None;
             }
-            if let Some(kad) = self.kad() {
-                kad.get_providers(root_key(&root));
-            }
+            f.last_lookup = now;
+            f.lookup_every = next_lookup_wait(f.lookup_every, first, f.lookup_found);
+            f.lookup_found = false;
+            Some(f.root)
+        });
+        if let Some(root) = lookup
+            && let Some(kad) = self.kad()
+        {
+            kad.get_providers(root_key(&root));
         }
         if self.last_provide.elapsed() >= self.cfg.provide_interval {
             self.last_provide = now;
@@ -648,6 +651,9 @@ impl Node {
                     } else if self.connected.contains(&p) {
                         self.drive(Input::PeerFound(Source::Peer(p)));
                     } else {
+                        if let Some(f) = self.fetch.as_mut() {
+                            f.lookup_found = true;
+                        }
                         // The query still knows its addresses.
                         self.candidate(Target::Peer(p), Some(p), Origin::Dht);
                     }
