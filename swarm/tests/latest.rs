@@ -1,16 +1,18 @@
 //! Freshness without resending: `Request::LatestAbove` answers a manifest
 //! only when it is newer than the asker's, and `Handle::newer_manifest` keeps
 //! the manifest a fetcher holds (the seed's, from HTTP) unless a connected
-//! peer offers a newer one.
+//! peer offers a newer one. A holder of the same manifest sends no bytes of
+//! it back (its outbound byte count, against the manifest's size).
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::request_response::ProtocolSupport;
 use phase_content::publish::{chunk_bytes, sign_artifacts};
 use phase_content::{MemStore, SecretKey, SignedManifest};
+use phase_swarm::metrics::{Metrics, Registry};
 use phase_swarm::protocol::{Request, Response, encode_request};
 use phase_swarm::{Handle, Multiaddr, Node, NodeConfig, PeerId};
 use support::{Raw, peer, response};
@@ -155,4 +157,88 @@ async fn with_no_peer_connected_the_known_manifest_answers_at_once() {
     let c = Node::spawn(cfg(), Arc::new(MemStore::new())).unwrap();
     let known = manifest(&MemStore::new(), 4);
     assert_eq!(newer(&c, &known).await, 4);
+}
+
+/// A registry the node counts into, libp2p's metrics (bandwidth, identify)
+/// included.
+fn registry() -> (Metrics, Arc<Mutex<Registry>>) {
+    let m = Metrics::new();
+    let mut r = Registry::with_prefix("plasmd");
+    m.register(&mut r);
+    (m, Arc::new(Mutex::new(r)))
+}
+
+/// The value of the first sample whose line starts with `name`.
+fn sample(r: &Mutex<Registry>, name: &str) -> Option<u64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &r.lock().unwrap()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+const SENT: &str =
+    "plasmd_libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Outbound\"}";
+
+#[tokio::test]
+async fn a_holder_of_the_same_manifest_does_not_send_it_back() {
+    // A manifest of 2,048 chunks: its envelope (about 150 KB) dwarfs
+    // everything else on the connection, so the holder's outbound bytes
+    // show whether it crossed.
+    let store = MemStore::new();
+    let data: Vec<u8> = (0..8 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    let art = chunk_bytes("kernel", &data, &store, 4 << 10).unwrap();
+    let m = sign_artifacts(&key(), "stable", "x86_64", 1, vec![art]).unwrap();
+    let envelope = m.envelope().len() as u64;
+    assert!(envelope > 100_000, "a big envelope: {envelope} bytes");
+
+    let (hm, hr) = registry();
+    let h = Node::spawn(cfg().with_metrics(hm, hr.clone()), Arc::new(store)).unwrap();
+    h.seed(m.clone()).await.unwrap();
+    let h_addr = h.listen_addrs().await.unwrap()[0]
+        .clone()
+        .with_p2p(h.peer_id())
+        .unwrap();
+    let (cm, cr) = registry();
+    let c = Node::spawn(
+        cfg().with_metrics(cm, cr.clone()),
+        Arc::new(MemStore::new()),
+    )
+    .unwrap();
+    connect(&c, &[(h.peer_id(), h_addr)]).await;
+    // C learns what H lists (identify) before it asks: the node records
+    // the event and handles it in one step of its loop.
+    let start = tokio::time::Instant::now();
+    let mut look = tokio::time::interval(Duration::from_millis(10));
+    while sample(&cr, "plasmd_libp2p_identify_received_total").unwrap_or(0) == 0 {
+        assert!(start.elapsed() < WAIT, "no identify from the holder");
+        look.tick().await;
+    }
+
+    let before = sample(&hr, SENT).unwrap();
+    assert_eq!(newer(&c, &m).await, 1);
+    let above = sample(&hr, SENT).unwrap() - before;
+    assert!(
+        above < envelope / 10,
+        "the holder sent {above} bytes for a manifest of {envelope} the asker holds"
+    );
+
+    // The same question without a known manifest (`Latest`) brings it all:
+    // the count above would have seen it.
+    let before = sample(&hr, SENT).unwrap();
+    let got = tokio::time::timeout(
+        WAIT,
+        c.find_manifest("stable", "x86_64", key().public(), OFFER_WINDOW),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    assert_eq!(got.manifest().sequence, 1);
+    let latest = sample(&hr, SENT).unwrap() - before;
+    assert!(
+        latest >= envelope,
+        "Latest sent {latest} of {envelope} bytes"
+    );
 }
